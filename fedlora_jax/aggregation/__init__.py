@@ -1,0 +1,1 @@
+"""fedlora_jax.aggregation (see docs/architecture.md)."""

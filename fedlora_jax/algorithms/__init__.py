@@ -1,0 +1,1 @@
+"""fedlora_jax.algorithms (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""fedlora_jax.data (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""fedlora_jax.devices (see docs/architecture.md)."""

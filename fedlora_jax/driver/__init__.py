@@ -1,0 +1,1 @@
+"""fedlora_jax.driver (see docs/architecture.md)."""

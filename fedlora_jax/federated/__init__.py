@@ -1,0 +1,1 @@
+"""fedlora_jax.federated (see docs/architecture.md)."""

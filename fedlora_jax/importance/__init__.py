@@ -1,0 +1,1 @@
+"""fedlora_jax.importance (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""fedlora_jax.linalg (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""fedlora_jax.models (see docs/architecture.md)."""
