@@ -1,0 +1,246 @@
+"""Tokenization to static ``[E, T]`` arrays, with an on-disk ``.npz`` cache.
+
+The tokenizer is any object with the Hugging Face ``__call__`` API (``tokenizer(texts,
+truncation=True, max_length=T)`` returning ``input_ids``). Sequences are truncated to
+``T = max_length`` and right-padded with ``pad_token_id`` (0 when the tokenizer has none; the
+attention mask hides it).
+
+Cache key: the dataset fingerprint (content hash of texts, labels / prompts), the tokenizer
+fingerprint (hash of its ``tokenizer.json`` state or vocabulary, plus its class and padding
+side) and ``max_length``. Files are written atomically (temporary file + ``os.replace``) and
+read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fedlora_jax.data.loading import CausalLMDataset, TextDataset
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_CACHE_FORMAT_VERSION = "1"
+_ARRAY_FIELDS = ("input_ids", "attention_mask", "labels")
+
+
+class TokenizedDataset(NamedTuple):
+    """Static-shape token arrays for ``E`` examples of ``T`` tokens.
+
+    Attributes:
+      input_ids: ``[E, T]`` int32, right-padded.
+      attention_mask: ``[E, T]`` int32, 1 = real token.
+      labels: ``[E]`` int32 class ids (classification), or ``[E, T]`` int32 token targets for
+        causal LM (``input_ids`` with :data:`IGNORE_INDEX` on padding and prompt tokens; not
+        shifted: the loss shifts).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class CacheInfo(NamedTuple):
+    """What :func:`tokenize` did with the cache.
+
+    Attributes:
+      hit: True when the arrays came from the cache file.
+      path: the cache file (``None`` without ``cache_dir``).
+      key: the cache key (hex digest).
+    """
+
+    hit: bool
+    path: Path | None
+    key: str
+
+
+def dataset_fingerprint(dataset: TextDataset | CausalLMDataset) -> str:
+    """SHA-256 of the dataset content (texts, labels or prompts), independent of object id."""
+    h = hashlib.sha256()
+    h.update(type(dataset).__name__.encode())
+    for text in dataset.texts:
+        raw = text.encode("utf-8")
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    if isinstance(dataset, TextDataset):
+        labels = np.ascontiguousarray(np.asarray(dataset.labels, np.int64))
+        h.update(str(labels.shape).encode())
+        h.update(labels.tobytes())
+        h.update(json.dumps(list(dataset.label_names)).encode())
+    elif dataset.prompts is not None:
+        for prompt in dataset.prompts:
+            raw = prompt.encode("utf-8")
+            h.update(len(raw).to_bytes(8, "little"))
+            h.update(raw)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 identifying a tokenizer's behaviour.
+
+    Uses, in order of preference: the fast tokenizer's serialized state
+    (``backend_tokenizer.to_str()`` without its mutable ``truncation``/``padding`` settings),
+    the vocabulary (``get_vocab()``), or ``name_or_path``; always plus the class name,
+    padding side and pad id.
+    """
+    h = hashlib.sha256()
+    h.update(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    elif hasattr(tokenizer, "get_vocab"):
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    else:
+        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    h.update(str(getattr(tokenizer, "pad_token_id", None)).encode())
+    h.update(str(getattr(tokenizer, "padding_side", "right")).encode())
+    return h.hexdigest()
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int, chunk: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer(
+            texts[start : start + chunk], truncation=True, max_length=max_length, padding=False
+        )
+        out.extend(list(ids) for ids in enc["input_ids"])
+    return out
+
+
+def _pad(ids: list[list[int]], max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    input_ids = np.full((len(ids), max_length), pad_id, np.int32)
+    attention_mask = np.zeros((len(ids), max_length), np.int32)
+    for i, row in enumerate(ids):
+        n = min(len(row), max_length)
+        input_ids[i, :n] = row[:n]
+        attention_mask[i, :n] = 1
+    return input_ids, attention_mask
+
+
+def tokenize_uncached(
+    dataset: TextDataset | CausalLMDataset, tokenizer: Any, *, max_length: int, chunk: int = 1024
+) -> TokenizedDataset:
+    """Tokenize ``dataset`` to ``[E, T]`` arrays (no cache). See :func:`tokenize`."""
+    if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool):
+        raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not isinstance(dataset, (TextDataset, CausalLMDataset)):
+        raise TypeError(
+            f"dataset must be a TextDataset or CausalLMDataset, got {type(dataset).__name__}"
+        )
+    texts = list(dataset.texts)
+    input_ids, attention_mask = _pad(
+        _encode(tokenizer, texts, max_length, chunk), max_length, _pad_id(tokenizer)
+    )
+    if isinstance(dataset, TextDataset):
+        labels = np.asarray(dataset.labels, np.int32).reshape(-1)
+        if labels.shape[0] != len(texts):
+            raise ValueError(f"{len(texts)} texts but labels of shape {labels.shape}")
+        return TokenizedDataset(input_ids, attention_mask, labels)
+    labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+    if dataset.prompts is not None:
+        prompt_ids = _encode(tokenizer, list(dataset.prompts), max_length, chunk)
+        for i, row in enumerate(prompt_ids):
+            labels[i, : len(row)] = IGNORE_INDEX
+    return TokenizedDataset(input_ids, attention_mask, labels)
+
+
+def cache_key(dataset: TextDataset | CausalLMDataset, tokenizer: Any, *, max_length: int) -> str:
+    """Hex key of (dataset fingerprint, tokenizer fingerprint, ``max_length``, format)."""
+    parts = [
+        _CACHE_FORMAT_VERSION,
+        dataset_fingerprint(dataset),
+        tokenizer_fingerprint(tokenizer),
+        str(int(max_length)),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _save_atomic(path: Path, data: TokenizedDataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **data._asdict())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load(path: Path) -> TokenizedDataset | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return TokenizedDataset(*(np.asarray(z[k]) for k in _ARRAY_FIELDS))
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        logger.warning("ignoring unreadable tokenization cache %s (%s)", path, err)
+        return None
+
+
+def tokenize(
+    dataset: TextDataset | CausalLMDataset,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    cache_dir: str | os.PathLike | None = None,
+    return_info: bool = False,
+) -> TokenizedDataset | tuple[TokenizedDataset, CacheInfo]:
+    """Tokenize to static ``[E, T]`` arrays (``T = max_length``), cached on disk.
+
+    Args:
+      dataset: a :class:`TextDataset` (labels ``[E]``) or :class:`CausalLMDataset`
+        (labels ``[E, T]``, prompt and padding tokens set to :data:`IGNORE_INDEX`).
+      tokenizer: an object with the Hugging Face ``__call__`` API.
+      max_length: ``T``; longer sequences are truncated, shorter ones right-padded.
+      cache_dir: folder for ``tok-<key>.npz`` files; ``None`` disables the cache.
+      return_info: also return a :class:`CacheInfo` (``hit`` tells a cache hit).
+
+    Returns:
+      A :class:`TokenizedDataset`, or ``(TokenizedDataset, CacheInfo)`` with ``return_info``.
+    """
+    key = cache_key(dataset, tokenizer, max_length=max_length) if cache_dir is not None else ""
+    path = Path(cache_dir) / f"tok-{key}.npz" if cache_dir is not None else None
+    result: TokenizedDataset | None = None
+    if path is not None and path.is_file():
+        result = _load(path)
+        if result is not None and result.input_ids.shape != (len(dataset.texts), max_length):
+            logger.warning("ignoring tokenization cache %s of wrong shape", path)
+            result = None
+    hit = result is not None
+    if result is None:
+        result = tokenize_uncached(dataset, tokenizer, max_length=max_length)
+        if path is not None:
+            _save_atomic(path, result)
+    logger.info(
+        "tokenize: %d examples, T=%d, cache %s%s",
+        result.num_examples,
+        max_length,
+        "hit" if hit else ("miss" if path is not None else "off"),
+        f" ({path})" if path is not None else "",
+    )
+    info = CacheInfo(hit, path, key)
+    return (result, info) if return_info else result
