@@ -1,1 +1,27 @@
-"""fedlora_jax.federated (see docs/architecture.md)."""
+"""The federated round: client specs, client update, one-jit round, sharding helpers."""
+
+from fedlora_jax.federated.round import (
+    ClientOutput,
+    RoundConfig,
+    Task,
+    client_update,
+    init_server_state,
+    make_round,
+    round_key,
+)
+from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec, num_clients, pad_clients
+
+__all__ = [
+    "ClientOutput",
+    "ClientSpec",
+    "RoundConfig",
+    "ServerState",
+    "Task",
+    "client_update",
+    "init_server_state",
+    "make_round",
+    "make_spec",
+    "num_clients",
+    "pad_clients",
+    "round_key",
+]
