@@ -90,13 +90,21 @@ def dirichlet_partition(
     seed: int,
     min_size: int = 1,
     max_tries: int = 1000,
+    mode: str = "per_class",
 ) -> list[np.ndarray]:
-    """Label-skew partition: each class is split over clients in ``Dir(alpha * 1_C)`` shares.
+    """Label-skew partition with Dirichlet(``alpha``) shares.
 
-    For each class ``k`` (indices shuffled), shares ``p ~ Dir(alpha, ..., alpha)`` over the
-    ``C`` clients cut the class at ``floor(cumsum(p) * n_k)``. The whole draw is repeated
-    until every client has ``>= min_size`` examples. Small ``alpha`` = strong skew
-    (``alpha -> 0``: about one class per client), large ``alpha`` = close to IID.
+    ``mode="per_class"`` (default, Hsu et al. 2019): for each class ``k`` (indices
+    shuffled), shares ``p ~ Dir(alpha, ..., alpha)`` over the ``C`` clients cut the class at
+    ``floor(cumsum(p) * n_k)``. The whole draw is repeated until every client has
+    ``>= min_size`` examples. Small ``alpha`` = strong skew (``alpha -> 0``: about one class
+    per client), large ``alpha`` = close to IID.
+
+    ``mode="per_client"``: balanced sizes (``n / C`` each, as :func:`iid_partition`); each
+    client draws its class mix ``q_c ~ Dir(alpha * 1_K)`` and takes its examples class by
+    class from what is left (a class that runs out is dropped from ``q_c``). Never leaves a
+    client empty, so it works for ``C`` much larger than the number of classes at tiny
+    ``alpha``, where ``per_class`` cannot give every client an example.
 
     Args:
       labels: ``[E]`` integer class ids.
@@ -104,7 +112,8 @@ def dirichlet_partition(
       alpha: Dirichlet concentration, ``> 0``.
       seed: NumPy seed.
       min_size: the smallest client size accepted.
-      max_tries: draws before giving up.
+      max_tries: draws before giving up (``per_class``).
+      mode: ``"per_class"`` or ``"per_client"`` (see above).
 
     Raises:
       ValueError: ``alpha <= 0``, too many clients, or no draw within ``max_tries`` gives
@@ -119,6 +128,10 @@ def dirichlet_partition(
     max_tries = _check_int("max_tries", max_tries, 1)
     if min_size * num_clients > n:
         raise ValueError(f"min_size={min_size} x num_clients={num_clients} exceeds n={n}")
+    if mode == "per_client":
+        return _dirichlet_per_client(labels, num_clients, alpha=alpha, seed=seed)
+    if mode != "per_class":
+        raise ValueError(f"mode must be 'per_class' or 'per_client', got {mode!r}")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     sizes = np.zeros(num_clients, np.int64)
@@ -136,8 +149,39 @@ def dirichlet_partition(
     raise ValueError(
         f"dirichlet_partition: no draw in {max_tries} tries gave all {num_clients} clients "
         f">= {min_size} examples (alpha={alpha}, {classes.size} classes, n={n}; last sizes "
-        f"min {sizes.min()}); raise alpha, lower num_clients or min_size, or raise max_tries"
+        f"min {sizes.min()}); raise alpha, lower num_clients or min_size, raise max_tries, "
+        f"or use mode='per_client'"
     )
+
+
+def _dirichlet_per_client(
+    labels: np.ndarray, num_clients: int, *, alpha: float, seed: int
+) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = [list(rng.permutation(np.flatnonzero(labels == k))) for k in classes]
+    left = np.array([len(pool) for pool in pools], np.int64)
+    sizes = [len(x) for x in np.array_split(np.arange(labels.size), num_clients)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.full(classes.size, float(alpha)))
+        counts = np.zeros(classes.size, np.int64)
+        need = size
+        while need > 0:
+            avail = left - counts
+            weights = np.where(avail > 0, mix, 0.0)
+            if weights.sum() <= 0:  # the client's classes ran out: draw among the rest
+                weights = (avail > 0).astype(np.float64)
+            draw = rng.multinomial(need, weights / weights.sum())
+            take = np.minimum(draw, avail)
+            counts += take
+            need -= int(take.sum())
+        chunk = []
+        for k, cnt in enumerate(counts):
+            chunk.extend(pools[k][left[k] - cnt : left[k]])
+        left -= counts
+        parts.append(np.asarray(chunk, np.int64))
+    return _finish(parts)
 
 
 def shard_partition(

@@ -178,3 +178,22 @@ def test_partition_summary_and_table():
     assert lines[0].split() == ["client", "size", "a", "b", "c"]
     assert lines[3].split() == ["1", "4", "1", "0", "3"]
     assert "2 clients, 6 examples" in table
+
+
+def test_dirichlet_per_client_mode():
+    labels = np.repeat(np.arange(4), 250)
+    # 40 clients, 4 classes, tiny alpha: per_class cannot fill every client; per_client can.
+    parts = dirichlet_partition(labels, 40, alpha=1e-3, seed=0, mode="per_client")
+    _assert_cover(parts, 1000, 40)
+    assert {len(p) for p in parts} == {25}
+    purity = [np.bincount(labels[p], minlength=4).max() / len(p) for p in parts]
+    assert np.mean(purity) > 0.9
+    again = dirichlet_partition(labels, 40, alpha=1e-3, seed=0, mode="per_client")
+    for a, b in zip(parts, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    big = np.repeat(np.arange(4), 2500)
+    iidish = dirichlet_partition(big, 4, alpha=1e4, seed=0, mode="per_client")
+    for p in iidish:
+        np.testing.assert_allclose(np.bincount(big[p], minlength=4) / len(p), 0.25, atol=0.05)
+    with pytest.raises(ValueError, match="mode"):
+        dirichlet_partition(labels, 4, alpha=1.0, seed=0, mode="bogus")
