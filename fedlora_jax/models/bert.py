@@ -1,0 +1,288 @@
+"""BERT / RoBERTa / MiniLM encoder with a sequence-classification head (Flax NNX).
+
+Architecture (post-LN, as in ``transformers``' ``BertModel``/``RobertaModel``): word +
+absolute position + token-type embeddings -> LayerNorm -> L x [self-attention -> dense ->
+residual -> LayerNorm -> dense -> GELU -> dense -> residual -> LayerNorm] -> pooling ->
+classifier. No dropout (the frozen base is used deterministically; dropout of the LoRA path
+is not modelled).
+
+Adapter module names (``"layer.{i}.{module}"``): ``query, key, value, attn_out, ffn_in,
+ffn_out``.
+
+Pooling (``EncoderConfig.pooling``):
+  * ``"pooler"``: the checkpoint's BERT pooler (dense + tanh on the first token), frozen
+    with the base; requires pooler weights.
+  * ``"cls"``: the first token's final hidden state.
+  * ``"mean"``: mean of the final hidden states over real tokens.
+ASSUMPTION: ``from_pretrained`` picks ``"pooler"`` when the checkpoint has a pooler and
+``"mean"`` otherwise (MiniLM / sentence-transformers checkpoints were trained for mean
+pooling). The classifier ``head.classifier`` (``[D, num_labels]``) is new and trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedlora_jax.lora import LoraTree, MaskTree
+from fedlora_jax.models import common
+from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
+
+Array = jax.Array
+
+MODULES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+MODEL_TYPES = ("bert", "roberta")
+POOLINGS = ("pooler", "cls", "mean")
+_GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
+_HF_SUFFIX = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Static hyperparameters of a BERT-family encoder classifier.
+
+    ``max_len`` is the longest usable sequence: ``max_position_embeddings`` for BERT,
+    ``max_position_embeddings - pad_token_id - 1`` for RoBERTa (positions start after the
+    padding index).
+    """
+
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    gelu_approximate: bool = False
+    num_labels: int = 2
+    pooling: str = "mean"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} not supported by the encoder; "
+                             f"expected one of {MODEL_TYPES}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads "
+                             f"{self.num_heads}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        object.__setattr__(self, "dtype", common.canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", common.canonical_dtype(self.param_dtype))
+
+    @property
+    def max_len(self) -> int:
+        if self.model_type == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> EncoderConfig:
+        """Build from a ``config.json`` dict; ``overrides`` set ``num_labels``, ``pooling``,
+        ``dtype``, ``param_dtype``. Raises ``ValueError`` on an unsupported ``model_type``,
+        activation or position-embedding type."""
+        mt = hf.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"config model_type {mt!r} is not a BERT-family encoder; "
+                             f"supported: {MODEL_TYPES}")
+        act = hf.get("hidden_act", "gelu")
+        if act not in _GELU:
+            raise ValueError(f"hidden_act {act!r} not supported; expected one of {sorted(_GELU)}")
+        pet = hf.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"position_embedding_type {pet!r} not supported (only 'absolute')")
+        num_labels = len(hf["id2label"]) if "id2label" in hf else 2
+        kw = dict(
+            model_type=mt, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            pad_token_id=hf.get("pad_token_id", 0) or 0,
+            gelu_approximate=_GELU[act], num_labels=num_labels,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+class EncoderLayer(nnx.Module):
+    """One post-LN transformer block. Adapted linears are attributes named by module."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.query = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.key = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.value = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.attn_out = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.attn_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.ffn_in = Dense(d, f, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.ffn_out = Dense(f, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.ffn_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.num_heads, self.gelu_approximate = cfg.num_heads, cfg.gelu_approximate
+
+    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                 dtype) -> Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        b, t, d = h.shape
+        lin = lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}",
+                                                 adapter=adapter)
+        heads = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads)
+        q, k, v = heads(lin("query", h)), heads(lin("key", h)), heads(lin("value", h))
+        ctx = common.attention(q, k, v, attention_mask, causal=False).reshape(b, t, d)
+        h = self.attn_norm(h + lin("attn_out", ctx))
+        ff = common.gelu(lin("ffn_in", h), self.gelu_approximate)
+        return self.ffn_norm(h + lin("ffn_out", ff))
+
+
+class ClassifierHead(nnx.Module):
+    """The new, trained part: ``classifier: [D, num_labels]``."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        self.classifier = Dense(cfg.hidden_size, cfg.num_labels, use_bias=True,
+                                param_dtype=cfg.param_dtype, rngs=rngs)
+
+    def __call__(self, pooled: Array) -> Array:
+        """``[B, D] -> [B, num_labels]`` float32."""
+        return self.classifier(pooled.astype(jnp.float32), dtype=jnp.float32)
+
+
+class EncoderClassifier(nnx.Module):
+    """BERT/RoBERTa encoder + pooling + classifier.
+
+    Call: ``model(input_ids [B, T] int, attention_mask [B, T], *, lora=None, masks=None,
+    scale=1.0, grad_cut_layer=None) -> logits [B, num_labels]`` (float32).
+    Token-type ids are all 0 (single-segment inputs).
+    """
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        d, pd = cfg.hidden_size, cfg.param_dtype
+        self.config = cfg
+        self.word_embeddings = Embed(cfg.vocab_size, d, param_dtype=pd, rngs=rngs)
+        self.position_embeddings = Embed(cfg.max_position_embeddings, d, param_dtype=pd, rngs=rngs)
+        self.token_type_embeddings = Embed(cfg.type_vocab_size, d, param_dtype=pd, rngs=rngs)
+        self.embed_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.pooler = (Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
+                       if cfg.pooling == "pooler" else None)
+        self.head = ClassifierHead(cfg, rngs=rngs)
+
+    def adapter_targets(self, modules: Iterable[str] | None = None,
+                        layers: Iterable[int] | None = None) -> dict[str, TargetInfo]:
+        """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers (default all)."""
+        cfg = self.config
+        mods, lays = common.select_targets(MODULES, cfg.num_layers, modules, layers)
+        prefix = "roberta." if cfg.model_type == "roberta" else "bert."
+        out = {}
+        for i in lays:
+            for m in mods:
+                dense = getattr(self.layers[i], m)
+                out[f"layer.{i}.{m}"] = TargetInfo(
+                    i, m, dense.in_features, dense.out_features,
+                    f"{prefix}encoder.layer.{i}.{_HF_SUFFIX[m]}")
+        return out
+
+    def position_ids(self, input_ids: Array) -> Array:
+        """BERT: ``0..T-1``. RoBERTa: ``cumsum(ids != pad) * (ids != pad) + pad`` (``[B, T]``)."""
+        cfg = self.config
+        if cfg.model_type == "roberta":
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+    def encode(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
+               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None) -> Array:
+        """Final hidden states ``[B, T, D]`` in ``config.dtype``."""
+        cfg = self.config
+        common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
+        common.check_grad_cut(grad_cut_layer, cfg.num_layers)
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        dt = cfg.dtype
+        h = (self.word_embeddings(input_ids, dtype=jnp.float32)
+             + self.position_embeddings(self.position_ids(input_ids), dtype=jnp.float32)
+             + self.token_type_embeddings(jnp.zeros_like(input_ids), dtype=jnp.float32))
+        h = self.embed_norm(h).astype(dt)
+        adapter = AdapterCall(lora, masks, scale)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask, i=i, adapter=adapter, dtype=dt)
+            h = common.cut_after_layer(h, i, grad_cut_layer)
+        return h
+
+    def pool(self, hidden: Array, attention_mask: Array) -> Array:
+        """``[B, T, D] -> [B, D]`` float32 by ``config.pooling``."""
+        pooling = self.config.pooling
+        if pooling == "mean":
+            m = (attention_mask != 0).astype(jnp.float32)[..., None]
+            s = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+            return s / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        first = hidden[:, 0]
+        if pooling == "cls":
+            return first.astype(jnp.float32)
+        return jnp.tanh(self.pooler(first, dtype=self.config.dtype).astype(jnp.float32))
+
+    def __call__(self, input_ids: Array, attention_mask: Array, *,
+                 lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
+                 grad_cut_layer=None) -> Array:
+        """Logits ``[B, num_labels]`` float32."""
+        h = self.encode(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
+                        grad_cut_layer=grad_cut_layer)
+        return self.head(self.pool(h, attention_mask))
+
+
+# ------------------------------------------------------------------ Hugging Face key table
+
+def hf_key_table(cfg: EncoderConfig) -> dict[str, tuple[tuple, bool]]:
+    """``{hf_name (without the bert./roberta. prefix): (our state path, transpose)}``.
+
+    Linear weights are ``[out, in]`` in PyTorch and transposed into ``kernel [in, out]``.
+    The pooler entries appear only when ``cfg.pooling == "pooler"``; the classifier is
+    listed under ``classifier.*`` (loaded when present with a matching shape).
+    """
+    t: dict[str, tuple[tuple, bool]] = {
+        "embeddings.word_embeddings.weight": (("word_embeddings", "embedding"), False),
+        "embeddings.position_embeddings.weight": (("position_embeddings", "embedding"), False),
+        "embeddings.token_type_embeddings.weight": (("token_type_embeddings", "embedding"), False),
+        "embeddings.LayerNorm.weight": (("embed_norm", "scale"), False),
+        "embeddings.LayerNorm.bias": (("embed_norm", "bias"), False),
+    }
+    for i in range(cfg.num_layers):
+        hf = f"encoder.layer.{i}."
+        for mod, suffix in _HF_SUFFIX.items():
+            t[f"{hf}{suffix}.weight"] = (("layers", i, mod, "kernel"), True)
+            t[f"{hf}{suffix}.bias"] = (("layers", i, mod, "bias"), False)
+        for norm, suffix in (("attn_norm", "attention.output.LayerNorm"),
+                             ("ffn_norm", "output.LayerNorm")):
+            t[f"{hf}{suffix}.weight"] = (("layers", i, norm, "scale"), False)
+            t[f"{hf}{suffix}.bias"] = (("layers", i, norm, "bias"), False)
+    if cfg.pooling == "pooler":
+        t["pooler.dense.weight"] = (("pooler", "kernel"), True)
+        t["pooler.dense.bias"] = (("pooler", "bias"), False)
+    return t
+
+
+HEAD_KEYS = {
+    "classifier.weight": (("head", "classifier", "kernel"), True),
+    "classifier.bias": (("head", "classifier", "bias"), False),
+}
+PREFIXES = {"bert": ("bert.",), "roberta": ("roberta.",)}
+# Buffers and pre-training / other task heads that a checkpoint may hold and we do not use.
+IGNORED = (r".*position_ids$", r"^cls\..*", r"^lm_head\..*", r"^classifier\.(dense|out_proj)\..*",
+           r".*token_type_ids$")

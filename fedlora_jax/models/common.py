@@ -1,0 +1,342 @@
+"""Pieces shared by the model files: linear layers with an optional LoRA path, norms,
+attention masks, the layer-freezing rule (``grad_cut_layer``), round splitting and merging.
+
+Every adapted linear is an :class:`Dense` stored as an attribute named after its module
+(``layers[i].<module>.kernel``), so the adapter key ``"layer.{i}.{module}"`` maps to the state
+path ``("layers", i, module, "kernel")`` in every architecture.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedlora_jax import lora as lora_lib
+from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree
+
+Array = jax.Array
+
+KEY_RE = re.compile(r"^layer\.(\d+)\.([A-Za-z_]+)$")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TargetInfo(NamedTuple):
+    """One adaptable matrix ``w: [N, M]`` of a model.
+
+    Attributes:
+      layer: layer index ``i``.
+      module: module name (e.g. ``"query"``).
+      in_features: ``N``.
+      out_features: ``M``.
+      hf_path: the module's path in the matching ``transformers`` class (used by PEFT export),
+        e.g. ``"bert.encoder.layer.3.attention.self.query"``.
+    """
+
+    layer: int
+    module: str
+    in_features: int
+    out_features: int
+    hf_path: str = ""
+
+
+class AdapterCall(NamedTuple):
+    """The per-call adapter arguments threaded through the layers."""
+
+    lora: LoraTree | None
+    masks: MaskTree | None
+    scale: Any
+
+
+def canonical_dtype(dtype) -> Any:
+    """Accept ``jnp.float32``/``"bfloat16"``/... and return a numpy dtype; reject non-floats."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dt = jnp.dtype(dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dt}")
+    return dt
+
+
+def cast_dtype(x: Array, dtype) -> Array:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+class Dense(nnx.Module):
+    """A frozen linear map ``y = x @ kernel (+ bias)`` with ``kernel: [N, M]`` (Flax orientation)."""
+
+    def __init__(self, n: int, m: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs,
+                 std: float = 0.02):
+        w = std * jax.random.normal(rngs.params(), (n, m), jnp.float32)
+        self.kernel = nnx.Param(w.astype(param_dtype))
+        self.bias = nnx.Param(jnp.zeros((m,), param_dtype)) if use_bias else None
+        self.in_features, self.out_features = n, m
+
+    def __call__(self, x: Array, *, dtype, key: str | None = None,
+                 adapter: AdapterCall | None = None) -> Array:
+        """``[..., N] -> [..., M]`` in ``dtype``; adds the LoRA path when ``adapter.lora[key]``
+        exists. With a mask, the low-rank matmul runs under ``lax.cond`` and is skipped when the
+        whole mask is zero (an unbatched mask; under ``vmap`` the cond becomes a select)."""
+        w = self.kernel[...]
+        b = None if self.bias is None else self.bias[...]
+        factors = None
+        if adapter is not None and adapter.lora is not None and key is not None:
+            factors = adapter.lora.get(key)
+        if factors is None:
+            y = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
+            return y if b is None else y + cast_dtype(b, dtype)
+        mask = None if adapter.masks is None else adapter.masks.get(key)
+        if mask is None:
+            return lora_lib.apply(x, w, factors, None, scale=adapter.scale, bias=b,
+                                  compute_dtype=dtype)
+        base = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
+        if b is not None:
+            base = base + cast_dtype(b, dtype)
+
+        def low_rank(operands):
+            xx, ff, mm = operands
+            return lora_lib.lora_delta_out(xx, ff, mm, scale=adapter.scale,
+                                           compute_dtype=dtype).astype(base.dtype)
+
+        skip = lambda operands: jnp.zeros_like(base)
+        return base + jax.lax.cond(jnp.any(mask != 0), low_rank, skip, (x, factors, mask))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, statistics in float32, output in the input's dtype."""
+
+    def __init__(self, d: int, *, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((d,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+        y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama RMSNorm: ``w * (x / rms(x))``, normalised in float32 (as ``transformers`` does)."""
+
+    def __init__(self, d: int, *, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((d,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * y.astype(x.dtype).astype(jnp.float32)
+                ).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """A lookup table ``[V, D]``."""
+
+    def __init__(self, v: int, d: int, *, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
+        w = std * jax.random.normal(rngs.params(), (v, d), jnp.float32)
+        self.embedding = nnx.Param(w.astype(param_dtype))
+
+    def __call__(self, ids: Array, *, dtype) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+
+def gelu(x: Array, approximate: bool) -> Array:
+    """GELU in float32 (exact erf or the tanh approximation), returned in ``x.dtype``."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bool) -> Array:
+    """Scaled dot-product attention with key padding (and causal) masking.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hk, D]`` with ``Hq % Hk == 0`` (grouped queries).
+      attention_mask: ``[B, T]``, nonzero = real token (keys with 0 are ignored).
+      causal: add the lower-triangular mask.
+
+    Returns:
+      ``[B, T, Hq, D]`` in ``q.dtype``. Scores and softmax are float32 inside
+      ``jax.nn.dot_product_attention``. Rows with no visible key (a padded query under a
+      causal mask and left padding) get a finite arbitrary value, never NaN.
+    """
+    t = q.shape[1]
+    mask = (attention_mask != 0)[:, None, None, :]            # [B, 1, 1, T]
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def check_inputs(input_ids: Array, attention_mask: Array, *, max_len: int | None) -> None:
+    """Eager shape/dtype checks of the call inputs (static, so they also run under jit)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise TypeError(f"input_ids must be integer, got {input_ids.dtype}")
+    if attention_mask is None or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        got = None if attention_mask is None else tuple(attention_mask.shape)
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {got}")
+    if max_len is not None and input_ids.shape[1] > max_len:
+        raise ValueError(f"sequence length T={input_ids.shape[1]} exceeds the model's maximum of "
+                         f"{max_len} positions; truncate the inputs")
+
+
+def check_adapters(targets: Mapping[str, TargetInfo], lora: LoraTree | None,
+                   masks: MaskTree | None) -> None:
+    """Check adapter keys and shapes against ``targets`` (static information only)."""
+    if lora is None:
+        return
+    if not isinstance(lora, Mapping):
+        raise TypeError(f"lora must be a dict of LoraFactors, got {type(lora).__name__}")
+    unknown = sorted(set(lora) - set(targets))
+    if unknown:
+        raise ValueError(f"lora has keys {unknown[:5]} that are not adapter targets of this model; "
+                         f"valid keys look like {sorted(targets)[:3]}... "
+                         f"(see model.adapter_targets())")
+    for k, f in lora.items():
+        t = targets[k]
+        if f.a.shape[-2] != t.in_features or f.b.shape[-1] != t.out_features:
+            raise ValueError(f"lora[{k!r}]: a {tuple(f.a.shape)} / b {tuple(f.b.shape)} do not fit "
+                             f"the [{t.in_features}, {t.out_features}] kernel "
+                             "(expected a [N, R], b [R, M])")
+        if masks is not None and k in masks and masks[k].shape[-1] != f.a.shape[-1]:
+            raise ValueError(f"masks[{k!r}] has {masks[k].shape[-1]} ranks, lora has {f.a.shape[-1]}")
+
+
+def select_targets(all_modules: tuple[str, ...], n_layers: int, modules: Iterable[str] | None,
+                   layers: Iterable[int] | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Validate ``modules``/``layers`` arguments of ``adapter_targets``."""
+    if isinstance(modules, str):
+        modules = (modules,)
+    mods = all_modules if modules is None else tuple(modules)
+    bad = [m for m in mods if m not in all_modules]
+    if bad:
+        raise ValueError(f"unknown module name(s) {bad}; valid modules for this model: "
+                         f"{list(all_modules)}")
+    lays = tuple(range(n_layers)) if layers is None else tuple(int(i) for i in layers)
+    bad_l = [i for i in lays if not 0 <= i < n_layers]
+    if bad_l:
+        raise ValueError(f"layers {bad_l} out of range: the model has {n_layers} layers "
+                         f"(valid 0..{n_layers - 1})")
+    return mods, lays
+
+
+def check_grad_cut(grad_cut_layer, n_layers: int) -> None:
+    if grad_cut_layer is None:
+        return
+    if isinstance(grad_cut_layer, bool):
+        raise TypeError("grad_cut_layer must be None, an int or an int32 array, got a bool")
+    if isinstance(grad_cut_layer, (int, np.integer)):
+        if not 0 <= grad_cut_layer <= n_layers:
+            raise ValueError(f"grad_cut_layer={grad_cut_layer} out of range [0, {n_layers}]")
+        return
+    arr = jnp.asarray(grad_cut_layer) if not isinstance(grad_cut_layer, jax.Array) else grad_cut_layer
+    if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"grad_cut_layer array must be an integer scalar, got shape "
+                        f"{tuple(arr.shape)} dtype {arr.dtype}")
+
+
+def cut_after_layer(h: Array, i: int, grad_cut_layer) -> Array:
+    """Block gradients into layers ``< k`` after layer ``i`` ran (``k = grad_cut_layer``).
+
+    Static ``k`` (Python int): ``stop_gradient`` once, after layer ``k - 1``, so the backward
+    pass of layers ``< k`` is never built. Dynamic ``k`` (array): ``where(i < k, sg(h), h)``
+    after every layer (same gradients, no recompile when ``k`` changes).
+    """
+    if grad_cut_layer is None:
+        return h
+    if isinstance(grad_cut_layer, (int, np.integer)):
+        return jax.lax.stop_gradient(h) if i == grad_cut_layer - 1 else h
+    return jnp.where(i < grad_cut_layer, jax.lax.stop_gradient(h), h)
+
+
+# ------------------------------------------------------------------- round helpers
+
+HEAD_FILTER = nnx.PathContains("head")
+
+
+def split_for_round(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, base_state, head_state)``: the frozen base and the trainable head.
+
+    The head is the encoder's classifier (``model.head``); decoders return an empty ``State``.
+    """
+    graphdef, head_state, base_state = nnx.split(model, HEAD_FILTER, ...)
+    return graphdef, base_state, head_state
+
+
+def functional_forward(graphdef: nnx.GraphDef, base_state: nnx.State, head_state: nnx.State,
+                       input_ids: Array, attention_mask: Array, *, lora: LoraTree | None,
+                       masks: MaskTree | None, scale, grad_cut_layer=None) -> Array:
+    """Pure forward for ``jit``/``vmap``: merges ``(graphdef, base, head)`` and calls the model.
+
+    Returns the model's output: ``[B, num_labels]`` (encoders) or ``[B, T, V]`` (decoders).
+    """
+    model = nnx.merge(graphdef, base_state, head_state)
+    return model(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
+                 grad_cut_layer=grad_cut_layer)
+
+
+def _kernel_path(key: str) -> tuple:
+    m = KEY_RE.match(key)
+    if m is None:
+        raise ValueError(f"adapter key {key!r} is not of the form 'layer.{{i}}.{{module}}'")
+    return ("layers", int(m.group(1)), m.group(2), "kernel")
+
+
+def merge_lora_into_base(model_or_state, lora: LoraTree, masks: MaskTree | None = None, *,
+                         scale) -> Any:
+    """Fold ``delta_w = scale * a diag(mask*e) b`` into the base kernels (export / eval).
+
+    Args:
+      model_or_state: an NNX model (a new model is returned, the input is untouched) or an
+        ``nnx.State`` of the base (a new ``State`` is returned).
+      lora: unstacked adapter tree ``{key: LoraFactors}`` (``a [N, R]``, ``b [R, M]``).
+      masks: rank masks ``[R]`` per key, or ``None`` (all ranks).
+      scale: LoRA scale.
+
+    Returns:
+      The same kind of object with ``w <- w + delta_w`` (float32 math, stored in ``w.dtype``).
+    """
+    is_model = isinstance(model_or_state, nnx.Module)
+    if is_model:
+        graphdef, state = nnx.split(model_or_state)
+    elif isinstance(model_or_state, nnx.State):
+        state = model_or_state
+    else:
+        raise TypeError(f"model_or_state must be an nnx.Module or nnx.State, got "
+                        f"{type(model_or_state).__name__}")
+    flat = dict(nnx.to_flat_state(state))
+    new_values = {}
+    for key, f in lora.items():
+        if not isinstance(f, LoraFactors):
+            raise TypeError(f"lora[{key!r}] must be LoraFactors, got {type(f).__name__}")
+        path = _kernel_path(key)
+        if path not in flat:
+            raise ValueError(f"lora key {key!r}: no kernel at state path {path}")
+        w = flat[path][...]
+        if f.a.ndim != 2 or (f.a.shape[0], f.b.shape[1]) != w.shape:
+            raise ValueError(f"lora[{key!r}] a {tuple(f.a.shape)} b {tuple(f.b.shape)} does not "
+                             f"fit kernel {tuple(w.shape)} (merge takes one unstacked client)")
+        mask = None if masks is None else masks.get(key)
+        new_values[path] = lora_lib.merge(w, f, mask, scale=scale)
+    pure = nnx.to_pure_dict(state)
+    for path, value in new_values.items():
+        node = pure
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+    new_state = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(new_state, pure)
+    if is_model:
+        return nnx.merge(graphdef, new_state)
+    return new_state

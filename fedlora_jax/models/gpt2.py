@@ -1,0 +1,195 @@
+"""GPT-2 causal language model (Flax NNX).
+
+Pre-LN blocks: ``h += attn_proj(attn(c_attn(ln_1(h))))``, ``h += mlp_proj(gelu(mlp_fc(ln_2(h))))``,
+then ``ln_f`` and the (tied) LM head. GPT-2's ``Conv1D`` weights are ``[in, out]`` already,
+so the checkpoint loads without transposes. Positions are ``0..T-1`` (as ``transformers``
+does when no ``position_ids`` are passed): pad on the right.
+
+Adapter module names: ``c_attn`` (fused q/k/v, ``[D, 3D]``), ``attn_proj``, ``mlp_fc``,
+``mlp_proj``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedlora_jax.lora import LoraTree, MaskTree
+from fedlora_jax.models import common
+from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
+
+Array = jax.Array
+
+MODULES = ("c_attn", "attn_proj", "mlp_fc", "mlp_proj")
+_GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
+_HF_SUFFIX = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "mlp_fc": "mlp.c_fc",
+              "mlp_proj": "mlp.c_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Static hyperparameters of GPT-2."""
+
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 1024
+    layer_norm_eps: float = 1e-5
+    gelu_approximate: bool = True
+    tie_word_embeddings: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads "
+                             f"{self.num_heads}")
+        object.__setattr__(self, "dtype", common.canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", common.canonical_dtype(self.param_dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def model_type(self) -> str:
+        return "gpt2"
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> GPT2Config:
+        """Build from a GPT-2 ``config.json`` dict (``overrides``: ``dtype``, ``param_dtype``)."""
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"config model_type {hf.get('model_type')!r} is not 'gpt2'")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _GELU:
+            raise ValueError(f"activation_function {act!r} not supported; expected one of "
+                             f"{sorted(_GELU)}")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                raise ValueError(f"GPT-2 option {flag}=True is not supported")
+        if hf.get("scale_attn_weights", True) is False:
+            raise ValueError("GPT-2 option scale_attn_weights=False is not supported")
+        d = hf["n_embd"]
+        kw = dict(vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["n_layer"],
+                  num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * d,
+                  max_position_embeddings=hf["n_positions"],
+                  layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                  gelu_approximate=_GELU[act],
+                  tie_word_embeddings=hf.get("tie_word_embeddings", True))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+class GPT2Block(nnx.Module):
+    """One pre-LN GPT-2 block; adapted linears are attributes named by module."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.ln_1 = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.c_attn = Dense(d, 3 * d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.attn_proj = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.ln_2 = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.mlp_fc = Dense(d, f, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.mlp_proj = Dense(f, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        self.num_heads, self.gelu_approximate = cfg.num_heads, cfg.gelu_approximate
+
+    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                 dtype) -> Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        b, t, d = h.shape
+        lin = lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}",
+                                                 adapter=adapter)
+        qkv = lin("c_attn", self.ln_1(h)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        ctx = common.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attention_mask,
+                               causal=True)
+        h = h + lin("attn_proj", ctx.reshape(b, t, d))
+        ff = common.gelu(lin("mlp_fc", self.ln_2(h)), self.gelu_approximate)
+        return h + lin("mlp_proj", ff)
+
+
+class GPT2LM(nnx.Module):
+    """GPT-2 causal LM.
+
+    Call: ``model(input_ids [B, T], attention_mask [B, T], *, lora=None, masks=None, scale=1.0,
+    grad_cut_layer=None) -> logits [B, T, V]`` (float32).
+    """
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        d, pd = cfg.hidden_size, cfg.param_dtype
+        self.config = cfg
+        self.wte = Embed(cfg.vocab_size, d, param_dtype=pd, rngs=rngs)
+        self.wpe = Embed(cfg.max_position_embeddings, d, param_dtype=pd, rngs=rngs, std=0.01)
+        self.layers = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.ln_f = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Dense(d, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
+
+    def adapter_targets(self, modules: Iterable[str] | None = None,
+                        layers: Iterable[int] | None = None) -> dict[str, TargetInfo]:
+        """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers (default all)."""
+        mods, lays = common.select_targets(MODULES, self.config.num_layers, modules, layers)
+        out = {}
+        for i in lays:
+            for m in mods:
+                dense = getattr(self.layers[i], m)
+                out[f"layer.{i}.{m}"] = TargetInfo(i, m, dense.in_features, dense.out_features,
+                                                   f"transformer.h.{i}.{_HF_SUFFIX[m]}")
+        return out
+
+    def hidden(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
+               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None) -> Array:
+        """Final (``ln_f``-normalised) hidden states ``[B, T, D]`` in ``config.dtype``."""
+        cfg = self.config
+        common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
+        common.check_grad_cut(grad_cut_layer, cfg.num_layers)
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        pos = jnp.arange(input_ids.shape[1])[None]
+        h = (self.wte(input_ids, dtype=jnp.float32) + self.wpe(pos, dtype=jnp.float32)
+             ).astype(cfg.dtype)
+        adapter = AdapterCall(lora, masks, scale)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
+            h = common.cut_after_layer(h, i, grad_cut_layer)
+        return self.ln_f(h)
+
+    def __call__(self, input_ids: Array, attention_mask: Array, *,
+                 lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
+                 grad_cut_layer=None) -> Array:
+        """Logits ``[B, T, V]`` float32."""
+        h = self.hidden(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
+                        grad_cut_layer=grad_cut_layer)
+        if self.lm_head is None:
+            w = self.wte.embedding[...].astype(self.config.dtype)
+            return (h @ w.T).astype(jnp.float32)
+        return self.lm_head(h, dtype=self.config.dtype).astype(jnp.float32)
+
+
+def hf_key_table(cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]:
+    """``{hf_name (without "transformer."): (our state path, transpose)}``; Conv1D is ``[in, out]``."""
+    t: dict[str, tuple[tuple, bool]] = {
+        "wte.weight": (("wte", "embedding"), False),
+        "wpe.weight": (("wpe", "embedding"), False),
+        "ln_f.weight": (("ln_f", "scale"), False),
+        "ln_f.bias": (("ln_f", "bias"), False),
+    }
+    for i in range(cfg.num_layers):
+        for mod, suffix in _HF_SUFFIX.items():
+            t[f"h.{i}.{suffix}.weight"] = (("layers", i, mod, "kernel"), False)
+            t[f"h.{i}.{suffix}.bias"] = (("layers", i, mod, "bias"), False)
+        for ln in ("ln_1", "ln_2"):
+            t[f"h.{i}.{ln}.weight"] = (("layers", i, ln, "scale"), False)
+            t[f"h.{i}.{ln}.bias"] = (("layers", i, ln, "bias"), False)
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = (("lm_head", "kernel"), True)
+    return t
+
+
+PREFIXES = ("transformer.",)
+IGNORED = (r".*\.attn\.bias$", r".*\.attn\.masked_bias$", r"^lm_head\.weight$")

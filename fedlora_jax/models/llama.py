@@ -1,0 +1,240 @@
+"""Llama-architecture causal LM covering Qwen2 (Flax NNX).
+
+Pre-norm blocks with RMSNorm, rotary position embeddings (``rope_theta``; the
+``rotate_half`` layout of ``transformers``), grouped-query attention, SwiGLU MLP, optional
+q/k/v bias (Qwen2; Llama's ``attention_bias`` also biases ``o_proj``), tied or untied
+embeddings. Positions are ``0..T-1``: pad on the right.
+
+Adapter module names: ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedlora_jax.lora import LoraTree, MaskTree
+from fedlora_jax.models import common
+from fedlora_jax.models.common import AdapterCall, Dense, Embed, RMSNorm, TargetInfo
+
+Array = jax.Array
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODEL_TYPES = ("llama", "qwen2")
+_HF_SUFFIX = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
+              "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
+              "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static hyperparameters of a Llama / Qwen2 decoder."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} not supported; expected one of "
+                             f"{MODEL_TYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        object.__setattr__(self, "dtype", common.canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", common.canonical_dtype(self.param_dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
+        """Build from a Llama/Qwen2 ``config.json`` dict (``overrides``: ``dtype``, ...).
+
+        Reads ``rope_theta`` (transformers 4) or ``rope_parameters["rope_theta"]``
+        (transformers 5). Raises ``ValueError`` on RoPE scaling, sliding windows, a non-SiLU
+        activation or an unknown ``model_type``.
+        """
+        mt = hf.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"config model_type {mt!r} is not a Llama-architecture decoder; "
+                             f"supported: {MODEL_TYPES}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf.get('hidden_act')!r} not supported (only 'silu')")
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} not supported (only 'default')")
+        if hf.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=True is not supported")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        d, nh = hf["hidden_size"], hf["num_attention_heads"]
+        qwen = mt == "qwen2"
+        attn_bias = bool(hf.get("attention_bias", False))
+        kw = dict(model_type=mt, vocab_size=hf["vocab_size"], hidden_size=d,
+                  num_layers=hf["num_hidden_layers"], num_heads=nh,
+                  num_kv_heads=hf.get("num_key_value_heads") or nh,
+                  head_dim=hf.get("head_dim") or d // nh,
+                  intermediate_size=hf["intermediate_size"],
+                  max_position_embeddings=hf["max_position_embeddings"],
+                  rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                  qkv_bias=qwen or attn_bias, o_bias=(not qwen) and attn_bias,
+                  mlp_bias=bool(hf.get("mlp_bias", False)),
+                  tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def rope(x: Array, positions: Array, *, theta: float) -> Array:
+    """Rotary embedding, ``transformers`` layout (halves rotated). ``x: [B, T, H, D]``,
+    ``positions: [T]``; angles and rotation in float32, result in ``x.dtype``."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None]      # [T, D/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[None, :, None, :]        # [1, T, 1, D]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class LlamaBlock(nnx.Module):
+    """One pre-norm Llama block; adapted linears are attributes named by module."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.input_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.q_proj = Dense(d, hq, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+        self.k_proj = Dense(d, hk, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+        self.v_proj = Dense(d, hk, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+        self.o_proj = Dense(hq, d, use_bias=cfg.o_bias, param_dtype=pd, rngs=rngs)
+        self.post_attention_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.gate_proj = Dense(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+        self.up_proj = Dense(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+        self.down_proj = Dense(f, d, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+
+    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                 dtype) -> Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        b, t, _ = h.shape
+        lin = lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}",
+                                                 adapter=adapter)
+        x = self.input_norm(h)
+        pos = jnp.arange(t)
+        q = rope(lin("q_proj", x).reshape(b, t, self.num_heads, self.head_dim), pos,
+                 theta=self.rope_theta)
+        k = rope(lin("k_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim), pos,
+                 theta=self.rope_theta)
+        v = lin("v_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        ctx = common.attention(q, k, v, attention_mask, causal=True)
+        h = h + lin("o_proj", ctx.reshape(b, t, self.num_heads * self.head_dim))
+        x = self.post_attention_norm(h)
+        gate = jax.nn.silu(lin("gate_proj", x).astype(jnp.float32)).astype(dtype)
+        return h + lin("down_proj", gate * lin("up_proj", x))
+
+
+class LlamaLM(nnx.Module):
+    """Llama / Qwen2 causal LM.
+
+    Call: ``model(input_ids [B, T], attention_mask [B, T], *, lora=None, masks=None, scale=1.0,
+    grad_cut_layer=None) -> logits [B, T, V]`` (float32).
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, pd = cfg.hidden_size, cfg.param_dtype
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, d, param_dtype=pd, rngs=rngs)
+        self.layers = nnx.List([LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Dense(d, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
+
+    def adapter_targets(self, modules: Iterable[str] | None = None,
+                        layers: Iterable[int] | None = None) -> dict[str, TargetInfo]:
+        """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers (default all)."""
+        mods, lays = common.select_targets(MODULES, self.config.num_layers, modules, layers)
+        out = {}
+        for i in lays:
+            for m in mods:
+                dense = getattr(self.layers[i], m)
+                out[f"layer.{i}.{m}"] = TargetInfo(i, m, dense.in_features, dense.out_features,
+                                                   f"model.layers.{i}.{_HF_SUFFIX[m]}")
+        return out
+
+    def hidden(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
+               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None) -> Array:
+        """Final (normalised) hidden states ``[B, T, D]`` in ``config.dtype``."""
+        cfg = self.config
+        common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
+        common.check_grad_cut(grad_cut_layer, cfg.num_layers)
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        h = self.embed_tokens(input_ids, dtype=cfg.dtype)
+        adapter = AdapterCall(lora, masks, scale)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
+            h = common.cut_after_layer(h, i, grad_cut_layer)
+        return self.norm(h)
+
+    def __call__(self, input_ids: Array, attention_mask: Array, *,
+                 lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
+                 grad_cut_layer=None) -> Array:
+        """Logits ``[B, T, V]`` float32."""
+        h = self.hidden(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
+                        grad_cut_layer=grad_cut_layer)
+        if self.lm_head is None:
+            w = self.embed_tokens.embedding[...].astype(self.config.dtype)
+            return (h @ w.T).astype(jnp.float32)
+        return self.lm_head(h, dtype=self.config.dtype).astype(jnp.float32)
+
+
+def hf_key_table(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
+    """``{hf_name (without "model."): (our state path, transpose)}``; ``[out, in]`` -> kernel."""
+    t: dict[str, tuple[tuple, bool]] = {
+        "embed_tokens.weight": (("embed_tokens", "embedding"), False),
+        "norm.weight": (("norm", "scale"), False),
+    }
+    bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,
+            "o_proj": cfg.o_bias, "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias,
+            "down_proj": cfg.mlp_bias}
+    for i in range(cfg.num_layers):
+        for mod, suffix in _HF_SUFFIX.items():
+            t[f"layers.{i}.{suffix}.weight"] = (("layers", i, mod, "kernel"), True)
+            if bias[mod]:
+                t[f"layers.{i}.{suffix}.bias"] = (("layers", i, mod, "bias"), False)
+        t[f"layers.{i}.input_layernorm.weight"] = (("layers", i, "input_norm", "scale"), False)
+        t[f"layers.{i}.post_attention_layernorm.weight"] = (
+            ("layers", i, "post_attention_norm", "scale"), False)
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = (("lm_head", "kernel"), True)
+    return t
+
+
+PREFIXES = ("model.",)
+IGNORED = (r".*rotary_emb\.inv_freq$", r"^lm_head\.weight$")
