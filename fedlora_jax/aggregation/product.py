@@ -177,6 +177,9 @@ def fedex_lora(*, scale: float, averaging: str = "zero_pad",
 
     ASSUMPTION (spec 3.5): ``p_k`` generalises the paper's ``1/K``; heterogeneous ranks by
     padding (either rule keeps exactness); residual added WITHOUT transpose (kernel layout).
+    Slots that no client holds are set to exact zeros (their old contribution is moved into
+    the base by the residual), so a client whose mask covers every held slot starts exactly
+    from the averaged model.
     Downlink: factors + the dense residual (``"dense"``) or its factored form
     (``"factored"``, counted as the client stack). Differentiable in weights and factors.
 
@@ -200,6 +203,7 @@ def fedex_lora(*, scale: float, averaging: str = "zero_pad",
             cd = cm.compute_dtype(f.a)
             w_slot = cm.bcast(p.astype(cd), m) * cm.binary(m, cd)
             bar = cm.factor_mean(g, f, w_slot, renorm=renorm, p=p)
+            bar = cm.truncate(bar, jnp.sum(w_slot, axis=0) > 0)   # unheld slots -> exact zeros
             target = cm.weighted_product_sum(f, m, p)
             resid = scale * (target - cm.global_product(bar))
             prev = state.base_delta[k]
