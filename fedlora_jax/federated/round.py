@@ -28,6 +28,7 @@ import optax
 
 from fedlora_jax import importance as imp
 from fedlora_jax import lora as lora_lib
+from fedlora_jax.aggregation import comm_params
 from fedlora_jax.federated.spec import ClientSpec, ServerState, pad_clients
 
 Array = jax.Array
@@ -61,6 +62,7 @@ class RoundConfig(NamedTuple):
     shared_masks: bool = False
     drop_nonfinite: bool = True
     clip_update_norm: float | None = None
+    frozen_parts: tuple[str, ...] = ()
 
 
 class ClientOutput(NamedTuple):
@@ -77,13 +79,15 @@ def _masked_update(tree_new, tree_old, cond):
     return jax.tree.map(lambda n, o: jnp.where(cond, n, o), tree_new, tree_old)
 
 
-def _mask_lora_updates(updates_lora, update_masks):
+def _mask_lora_updates(updates_lora, update_masks, frozen_parts=()):
     out = {}
     for k, u in updates_lora.items():
         m = update_masks[k]
         a = u.a * m[..., None, :].astype(u.a.dtype)
         b = u.b * m[..., :, None].astype(u.b.dtype)
         e = None if u.e is None else u.e * m.astype(u.e.dtype)
+        a = jnp.zeros_like(a) if "a" in frozen_parts else a
+        b = jnp.zeros_like(b) if "b" in frozen_parts else b
         out[k] = lora_lib.LoraFactors(a, b, e)
     return out
 
@@ -123,7 +127,8 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, config: R
         s, batch = xs
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr, batch, jax.random.fold_in(key, s))
         updates, new_ost = optimizer.update(grads, ost, tr)
-        updates = dict(updates, lora=_mask_lora_updates(updates["lora"], spec.update_masks))
+        updates = dict(updates, lora=_mask_lora_updates(updates["lora"], spec.update_masks,
+                                                        config.frozen_parts))
         new_tr = optax.apply_updates(tr, updates)
         valid = s < spec.num_steps
         new_tr = _masked_update(new_tr, tr, valid)
@@ -173,7 +178,8 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
                chunk_size: int = 8, track_importance: bool = False, beta1: float = 0.85,
                beta2: float = 0.85, shared_masks: bool = False, regularizer: Callable | None = None,
                rank_rule: Callable | None = None, drop_nonfinite: bool = True,
-               clip_update_norm: float | None = None, uplink_bytes_per_param: int = 4,
+               clip_update_norm: float | None = None, frozen_parts: tuple[str, ...] = (),
+               uplink_bytes_per_param: int = 4,
                mesh: jax.sharding.Mesh | None = None, donate: bool = False):
     """Build the one-jit federated round.
 
@@ -195,6 +201,7 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
       drop_nonfinite: a client whose result has NaN/inf gets weight 0 and its result is
         replaced by the start point (so ``0 * nan`` never reaches the average); reported.
       clip_update_norm: optional server-side clip of each client's adapter update norm.
+      frozen_parts: factors no client ever updates, e.g. ``("a",)`` for FFA-LoRA.
       uplink_bytes_per_param: bytes per sent parameter for the communication metrics.
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
@@ -211,7 +218,7 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
     config = RoundConfig(chunk_size, track_importance, beta1, beta2, shared_masks, drop_nonfinite,
-                         clip_update_norm)
+                         clip_update_norm, tuple(frozen_parts))
     if mesh is not None and "clients" not in mesh.axis_names:
         raise ValueError(f"mesh must have a 'clients' axis, got axes {mesh.axis_names}")
     traces = [0]
@@ -307,8 +314,8 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
         up_masks = specs.update_masks
         down_masks = specs.masks if not shared_masks else jax.tree.map(
             lambda m: jnp.broadcast_to(m, (c,) + m.shape), specs.masks)
-        up = lora_lib.count_params(state.lora, up_masks, parts=aggregator.uplink_parts)
-        down = lora_lib.count_params(state.lora, down_masks, parts=aggregator.downlink_parts)
+        up = comm_params(aggregator, state.lora, up_masks, direction="up")
+        down = comm_params(aggregator, state.lora, down_masks, direction="down")
         tot_w = jnp.maximum(jnp.sum(weights), 1e-30)
         count = jnp.maximum(outs.count, 1.0)
         metrics = {
@@ -327,6 +334,7 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
             "train_accuracy": jnp.sum(outs.correct) / jnp.maximum(jnp.sum(outs.count), 1.0),
             "num_dropped_nonfinite": jnp.sum(~finite & (specs.weight > 0)),
             "agg_scores": agg_scores,
+            "client_scores": outs.scores,
         }
         return new_state, metrics
 

@@ -1,0 +1,49 @@
+"""Quickstart: real MiniLM-L6 (installed from PyPI) fine-tuned federatedly on SST-2, on CPU.
+
+Runbook:
+  command:  fedlora train --config experiments/configs/quickstart.py --out runs/quickstart
+  hardware: any CPU (measured on 2 cores, see README)
+  runtime:  about 3 minutes on 2 cores (compile ~30 s, 6 rounds)
+  expected: test accuracy rises from ~0.5 (untrained head) to well above it (see README for the
+            measured value); metrics.jsonl, checkpoints/ and plots/ are written.
+
+Setup: 20 clients with Dirichlet(0.5) label skew over an 8,000-sentence SST-2 subset,
+heterogeneous LoRA ranks (2, 4, 8 round-robin, r_max = 8) on query/value, replication padding
+(Byun & Lee) aggregation, 6 clients per round, 8 local AdamW steps of 16 sentences, 6 rounds.
+"""
+
+from fedlora_jax.driver.config import ExperimentConfig
+
+
+def get_config(variant: str = "full") -> ExperimentConfig:
+    cfg = ExperimentConfig(
+        name="quickstart",
+        model="all-MiniLM-L6-v2",
+        dataset="sst2",
+        max_length=48,
+        train_limit=8000,
+        num_clients=20,
+        clients_per_round=6,
+        rounds=6,
+        local_steps=8,
+        batch_size=16,
+        partition="dirichlet",
+        dirichlet_alpha=0.5,
+        r_max=8,
+        lora_alpha=16.0,
+        target_modules=("query", "value"),
+        client_ranks=(2, 4, 8),
+        algorithm="replication",
+        device_mix=("jetson_agx_orin_64gb", "jetson_orin_nano_8gb", "raspberry_pi_5_8gb"),
+        lr=1e-3,
+        chunk_size=6,
+        eval_batch_size=128,
+        seed=0,
+    )
+    if variant == "smoke":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, name="quickstart-smoke", train_limit=400, test_limit=64, num_clients=4,
+                                  clients_per_round=2, rounds=2, local_steps=2, batch_size=4, max_length=16,
+                                  chunk_size=2, eval_batch_size=32)
+    return cfg

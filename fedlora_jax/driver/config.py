@@ -1,0 +1,262 @@
+"""Experiment configuration: one frozen dataclass, configs as code, safe overrides.
+
+A config file is a Python module in ``experiments/configs/`` that defines
+``get_config(variant: str = "full") -> ExperimentConfig`` (big_vision style: the docstring is
+the runbook). Overrides from the command line are ``key=value`` strings parsed with
+``ast.literal_eval`` (never ``eval``) and checked against the field's type; an unknown key is
+refused with the closest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("fedit", "hetlora", "replication", "hafl", "flexlora", "flora", "fedex", "ffa",
+              "fedara", "legend")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines a federated fine-tuning run.
+
+    Model / data:
+      model: local directory, HF cache name, or ``"all-MiniLM-L6-v2"`` (installed package).
+      dataset: ``"sst2"``, ``"agnews"`` or a local path; ``train_split``/``test_split`` names.
+      max_length: ``T`` tokens per example. ``train_limit``/``test_limit``: use only the first
+        examples (0 = all).
+    Federation:
+      num_clients, clients_per_round, rounds, local_steps (``S``), batch_size (``B``),
+      partition (``iid | dirichlet | shards | quantity``), dirichlet_alpha, shards_per_client,
+      quantity_power, batch_policy (``epoch | exact``).
+    LoRA:
+      r_max (static ``R``), lora_alpha (scale = lora_alpha / r_max), target_modules,
+      client_ranks: ranks assigned round-robin to clients (heterogeneous ranks), or empty
+      for ``r_max`` everywhere.
+    Algorithm:
+      algorithm (one of ``ALGORITHMS``), algo: extra hyperparameters of the algorithm
+      (e.g. ``{"target_rank": 4}`` for FedARA), aggregator_options for the aggregator.
+    Devices:
+      device_mix: device profile names assigned round-robin to clients (cost model);
+      deadline_s: clients slower than this (simulated) are dropped (0 = none);
+      dropout_prob: probability a sampled client fails mid-round.
+    Optimisation / run:
+      lr, weight_decay, seed, chunk_size, eval_every, eval_batch_size, checkpoint_every,
+      dtype (compute dtype ``float32 | bfloat16``).
+    """
+
+    name: str = "experiment"
+    model: str = "all-MiniLM-L6-v2"
+    dataset: str = "sst2"
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str = ""
+    label_column: str = "label"
+    max_length: int = 64
+    train_limit: int = 0
+    test_limit: int = 0
+    num_clients: int = 10
+    clients_per_round: int = 5
+    rounds: int = 5
+    local_steps: int = 10
+    batch_size: int = 16
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    quantity_power: float = 1.5
+    batch_policy: str = "epoch"
+    r_max: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    client_ranks: tuple[int, ...] = ()
+    algorithm: str = "fedit"
+    algo: dict = dataclasses.field(default_factory=dict)
+    aggregator_options: dict = dataclasses.field(default_factory=dict)
+    device_mix: tuple[str, ...] = ("jetson_agx_orin",)
+    deadline_s: float = 0.0
+    dropout_prob: float = 0.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    chunk_size: int = 8
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    checkpoint_every: int = 1
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale ``lora_alpha / r_max`` (one scale for every client)."""
+        return self.lora_alpha / self.r_max
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes the numbers (not ``name``, ``rounds``,
+        ``eval_every``, ``checkpoint_every``, ``eval_batch_size``): a checkpoint is only resumed
+        under a config with the same fingerprint."""
+        d = self.to_dict()
+        for k in ("name", "rounds", "eval_every", "checkpoint_every", "eval_batch_size"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _fail(field: str, value, allowed: str):
+    raise ValueError(f"config field {field!r} = {value!r} is invalid: expected {allowed}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
+    pos_int = ("max_length", "num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
+               "r_max", "chunk_size", "eval_every", "eval_batch_size", "checkpoint_every", "shards_per_client")
+    for f in pos_int:
+        v = getattr(cfg, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            _fail(f, v, "an int >= 1")
+    for f in ("train_limit", "test_limit", "seed"):
+        v = getattr(cfg, f)
+        if not isinstance(v, int) or v < 0:
+            _fail(f, v, "an int >= 0")
+    if cfg.clients_per_round > cfg.num_clients:
+        _fail("clients_per_round", cfg.clients_per_round, f"<= num_clients ({cfg.num_clients})")
+    if cfg.algorithm not in ALGORITHMS:
+        _fail("algorithm", cfg.algorithm, f"one of {ALGORITHMS}{_suggest(cfg.algorithm, ALGORITHMS)}")
+    if cfg.partition not in PARTITIONS:
+        _fail("partition", cfg.partition, f"one of {PARTITIONS}{_suggest(cfg.partition, PARTITIONS)}")
+    if cfg.partition == "dirichlet" and not cfg.dirichlet_alpha > 0:
+        _fail("dirichlet_alpha", cfg.dirichlet_alpha, "a float > 0")
+    if cfg.batch_policy not in ("epoch", "exact"):
+        _fail("batch_policy", cfg.batch_policy, "'epoch' or 'exact'")
+    for r in cfg.client_ranks:
+        if not isinstance(r, int) or r < 1 or r > cfg.r_max:
+            _fail("client_ranks", cfg.client_ranks, f"ints in [1, r_max={cfg.r_max}]")
+    if not cfg.target_modules:
+        _fail("target_modules", cfg.target_modules, "at least one module name")
+    if not cfg.lr > 0:
+        _fail("lr", cfg.lr, "a float > 0")
+    if cfg.weight_decay < 0:
+        _fail("weight_decay", cfg.weight_decay, "a float >= 0")
+    if not 0 <= cfg.dropout_prob < 1:
+        _fail("dropout_prob", cfg.dropout_prob, "a float in [0, 1)")
+    if cfg.deadline_s < 0:
+        _fail("deadline_s", cfg.deadline_s, "a float >= 0 (0 = no deadline)")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        _fail("dtype", cfg.dtype, "'float32' or 'bfloat16'")
+    if not cfg.device_mix:
+        _fail("device_mix", cfg.device_mix, "at least one device profile name")
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _coerce(name: str, raw: str) -> Any:
+    field = FIELDS[name]
+    default = getattr(ExperimentConfig(), name) if name not in ("algo", "aggregator_options") else {}
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string
+    if isinstance(default, tuple):
+        if isinstance(value, (str, int)):
+            value = (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"override {name}={raw!r}: expected a list for field {name!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"override {name}={raw!r}: expected True/False")
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"override {name}={raw!r}: expected a dict literal")
+        return value
+    if not isinstance(value, type(default)):
+        raise ValueError(f"override {name}={raw!r}: expected {field.type} like {default!r}")
+    return value
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | None) -> ExperimentConfig:
+    """Apply ``key=value`` overrides (``algo.target_rank=4`` sets a key of a dict field)."""
+    changes: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if "." in key:
+            top, sub = key.split(".", 1)
+            check_key(top)
+            if not isinstance(getattr(cfg, top), dict):
+                raise ValueError(f"override {key!r}: field {top!r} is not a dict")
+            d = dict(changes.get(top, getattr(cfg, top)))
+            try:
+                d[sub] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                d[sub] = raw
+            changes[top] = d
+            continue
+        check_key(key)
+        changes[key] = _coerce(key, raw)
+    return dataclasses.replace(cfg, **changes)
+
+
+def check_key(key: str) -> None:
+    """Refuse an unknown config key, suggesting the closest valid one."""
+    if key not in FIELDS:
+        raise ValueError(f"unknown config key {key!r}{_suggest(key, FIELDS)}; valid keys: "
+                         f"{', '.join(sorted(FIELDS))}")
+
+
+def from_dict(d: dict) -> ExperimentConfig:
+    """Build a config from a plain dict (e.g. a checkpoint's saved config); unknown keys refused."""
+    for k in d:
+        check_key(k)
+    kw = {k: (tuple(v) if isinstance(getattr(ExperimentConfig(), k), tuple) else v) for k, v in d.items()}
+    return ExperimentConfig(**kw)
+
+
+def load_config(path: str | Path, *, variant: str = "full", overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Load ``get_config(variant)`` from a config module file, then apply overrides.
+
+    A ``.json`` file is read as a plain dict instead (keys checked the same way).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        cfg = from_dict(json.loads(path.read_text()))
+    else:
+        spec = importlib.util.spec_from_file_location(f"fedlora_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"config file {str(path)!r} defines no get_config(variant)")
+        cfg = module.get_config(variant)
+        if not isinstance(cfg, ExperimentConfig):
+            raise TypeError(f"{path}: get_config must return ExperimentConfig, got {type(cfg).__name__}")
+    return apply_overrides(cfg, overrides)

@@ -1,0 +1,450 @@
+"""The experiment loop: data, model, algorithm, one compiled round per round, eval, metrics,
+checkpoints, resume. This is the impure shell around the pure core.
+
+``run_experiment(cfg, out_dir)`` writes::
+
+    <out_dir>/config.json        the resolved config
+    <out_dir>/metrics.jsonl      one JSON line per round
+    <out_dir>/partition.txt      per-client data summary
+    <out_dir>/checkpoints/       orbax checkpoints (see driver/checkpoint.py)
+    <out_dir>/summary.json       final summary
+
+Randomness: one seed. Round ``t`` uses ``fold_in(key(seed), t)`` for the round (clients use
+``fold_in(round_key, client_id)``) and NumPy ``default_rng([seed, t, ...])`` for sampling,
+dropout and batches, so a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedlora_jax import data as data_lib
+from fedlora_jax import devices as dev_lib
+from fedlora_jax import lora as lora_lib
+from fedlora_jax.algorithms.compose import AlgoContext, build_algorithm
+from fedlora_jax.driver import checkpoint as ckpt
+from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.tasks import classification_task, make_evaluate
+from fedlora_jax.federated import ServerState, init_server_state, make_round, make_spec, round_key
+from fedlora_jax.models import loading as model_loading
+from fedlora_jax.models.common import split_for_round
+
+DEFAULT_CACHE = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora_jax"))
+
+
+def _log(msg: str, *, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built once per run (host objects, not checkpointed)."""
+
+    cfg: ExperimentConfig
+    model: Any
+    graphdef: Any
+    base: Any
+    head0: Any
+    targets: dict
+    train: Any
+    test_batches: dict
+    parts: list
+    label_names: list
+    algo: Any
+    ctx: AlgoContext
+    model_shape: Any
+    device_table: Any
+    device_names: tuple
+
+
+def _resolve_devices(cfg: ExperimentConfig):
+    profiles = []
+    for name in cfg.device_mix:
+        try:
+            profiles.append(dev_lib.get_profile(name))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"config field 'device_mix' has unknown device {name!r}; known: "
+                             f"{sorted(dev_lib.PROFILES)}") from err
+    return profiles
+
+
+def _model_shape(model, cfg: ExperimentConfig, targets: dict, num_labels: int):
+    mc = model.config
+    per_layer = {}
+    for t in targets.values():
+        per_layer[t.module] = (t.in_features, t.out_features)
+    return dev_lib.ModelShape(num_layers=mc.num_layers, hidden=mc.hidden_size,
+                              intermediate=mc.intermediate_size, heads=mc.num_heads, vocab=mc.vocab_size,
+                              seq_len=cfg.max_length, modules=per_layer, num_labels=num_labels)
+
+
+def _partition(cfg: ExperimentConfig, labels: np.ndarray) -> list:
+    if cfg.partition == "iid":
+        return data_lib.iid_partition(len(labels), cfg.num_clients, seed=cfg.seed)
+    if cfg.partition == "dirichlet":
+        return data_lib.dirichlet_partition(labels, cfg.num_clients, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    if cfg.partition == "shards":
+        return data_lib.shard_partition(labels, cfg.num_clients, shards_per_client=cfg.shards_per_client,
+                                        seed=cfg.seed)
+    return data_lib.quantity_skew_partition(len(labels), cfg.num_clients, power=cfg.quantity_power,
+                                            seed=cfg.seed)
+
+
+def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path | None = None) -> Setup:
+    """Load data and model, partition, build the algorithm. Raises clear errors on bad input
+    before anything is compiled."""
+    cache_dir = DEFAULT_CACHE if cache_dir is None else Path(cache_dir)
+    t0 = time.time()
+    text_col = cfg.text_column or None
+    train_ds = data_lib.load_text_classification(cfg.dataset, split=cfg.train_split, text_column=text_col,
+                                                 label_column=cfg.label_column,
+                                                 max_examples=cfg.train_limit or None)
+    test_ds = data_lib.load_text_classification(cfg.dataset, split=cfg.test_split, text_column=text_col,
+                                                label_column=cfg.label_column,
+                                                label_names=train_ds.label_names,
+                                                max_examples=cfg.test_limit or None)
+    num_labels = len(train_ds.label_names)
+    if cfg.num_clients > len(train_ds.labels):
+        raise ValueError(f"config field 'num_clients' = {cfg.num_clients} exceeds the {len(train_ds.labels)} "
+                         "training examples")
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    model = model_loading.from_pretrained(cfg.model, num_labels=num_labels, dtype=dtype,
+                                          key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019))
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.max_length > max_pos:
+        raise ValueError(f"config field 'max_length' = {cfg.max_length} exceeds the model's maximum "
+                         f"sequence length {max_pos}")
+    tokenizer = model_loading.load_tokenizer(model_loading.resolve_model_dir(cfg.model))
+    tok_cache = cache_dir / "tokens"
+    train = data_lib.tokenize(train_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    test = data_lib.tokenize(test_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    ev = data_lib.eval_batches(test, cfg.eval_batch_size)
+    test_batches = {"input_ids": ev.input_ids, "attention_mask": ev.attention_mask, "labels": ev.labels,
+                    "example_mask": ev.example_mask}
+    parts = _partition(cfg, train.labels)
+    targets = model.adapter_targets(list(cfg.target_modules))
+    for t in targets.values():
+        if cfg.r_max > min(t.in_features, t.out_features):
+            raise ValueError(f"config field 'r_max' = {cfg.r_max} exceeds the dimensions of module "
+                             f"{t.module!r} ({t.in_features} x {t.out_features})")
+    graphdef, base, head0 = split_for_round(model)
+    keys = tuple(sorted(targets))
+    ranks = (np.array([cfg.client_ranks[i % len(cfg.client_ranks)] for i in range(cfg.num_clients)], np.int32)
+             if cfg.client_ranks else np.full((cfg.num_clients,), cfg.r_max, np.int32))
+    profiles = _resolve_devices(cfg)
+    client_devices = np.array([i % len(profiles) for i in range(cfg.num_clients)], np.int32)
+    shape = _model_shape(model, cfg, targets, num_labels)
+    planner = None
+    if cfg.algorithm == "legend":
+        from fedlora_jax.algorithms.legend_planner import LegendPlanner
+
+        planner = LegendPlanner(profiles, client_devices, shape, r_max=cfg.r_max,
+                                r_min=int(cfg.algo.get("r_min", 1)), batch=cfg.batch_size,
+                                steps=cfg.local_steps, keys=keys, deadline_s=cfg.deadline_s or None,
+                                quantile=float(cfg.algo.get("deadline_quantile", 0.5)))
+    ctx = AlgoContext(keys=keys, layer_of_key={k: targets[k].layer for k in keys},
+                      num_layers=model.config.num_layers, r_max=cfg.r_max, client_ranks=ranks,
+                      client_devices=client_devices, rounds=cfg.rounds, scale=cfg.scale,
+                      options=dict(cfg.algo), aggregator_options=dict(cfg.aggregator_options), planner=planner)
+    algo = build_algorithm(cfg.algorithm, ctx)
+    _log(f"setup: {len(train.labels)} train / {len(test.labels)} test examples, {num_labels} labels, "
+         f"{len(keys)} adapted modules, {time.time() - t0:.1f}s", quiet=quiet)
+    return Setup(cfg, model, graphdef, base, head0, targets, train, test_batches, parts,
+                 list(train_ds.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
+                 tuple(p.name for p in profiles))
+
+
+def init_state(setup: Setup) -> ServerState:
+    cfg = setup.cfg
+    shapes = {k: (t.in_features, t.out_features) for k, t in setup.targets.items()}
+    lora0 = lora_lib.init(jax.random.fold_in(jax.random.key(cfg.seed), 7), shapes, cfg.r_max,
+                          scheme=setup.algo.init_scheme)
+    return init_server_state(lora0, setup.head0, setup.algo.aggregator, setup.algo.init_extra(lora0))
+
+
+def sample_clients(cfg: ExperimentConfig, round_idx: int) -> np.ndarray:
+    """Clients of round ``round_idx``: uniform without replacement, sorted, from
+    ``default_rng([seed, round, 1])``."""
+    rng = np.random.default_rng([cfg.seed, round_idx, 1])
+    return np.sort(rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False)).astype(np.int32)
+
+
+def _batches_for(setup: Setup, client_ids: np.ndarray, round_idx: int):
+    cfg = setup.cfg
+    cb = data_lib.make_client_batches(setup.train, setup.parts, client_ids, steps=cfg.local_steps,
+                                      batch_size=cfg.batch_size, seed=cfg.seed, round_idx=round_idx,
+                                      policy=cfg.batch_policy)
+    batch = {"input_ids": cb.input_ids, "attention_mask": cb.attention_mask, "labels": cb.labels,
+             "example_mask": cb.example_mask}
+    return batch, cb.num_steps, cb.num_examples
+
+
+def _client_costs(setup: Setup, spec, client_ids, bytes_up, bytes_down):
+    """Simulated per-client compute FLOPs, time (s) and energy (J) from the cost model."""
+    cfg = setup.cfg
+    ranks = dev_lib.ranks_from_masks({k: np.asarray(v) for k, v in spec.update_masks.items()},
+                                     setup.model_shape)
+    per_step = dev_lib.client_flops(np.asarray(ranks), np.asarray(spec.grad_cut), setup.model_shape,
+                                    batch=cfg.batch_size, steps=1)
+    flops = np.asarray(per_step, np.float64) * np.asarray(spec.num_steps, np.float64)
+    devs = dev_lib.take_devices(setup.device_table, setup.ctx.client_devices[client_ids])
+    t = dev_lib.client_time(np.asarray(flops, np.float64), np.asarray(bytes_up, np.float64),
+                            np.asarray(bytes_down, np.float64), devs)
+    energy = dev_lib.client_energy(t, devs)
+    return np.asarray(flops, np.float64), t, np.asarray(energy, np.float64)
+
+
+def make_round_fn(setup: Setup):
+    cfg, algo = setup.cfg, setup.algo
+    task = classification_task(setup.graphdef, scale=cfg.scale)
+    opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    return make_round(task, algo.aggregator, optimizer=opt, chunk_size=min(cfg.chunk_size, cfg.clients_per_round),
+                      track_importance=algo.track_importance, shared_masks=algo.shared_masks,
+                      regularizer=algo.regularizer, rank_rule=algo.rank_rule, frozen_parts=algo.frozen_parts)
+
+
+def _spec(setup: Setup, plan, client_ids, num_steps, weights):
+    cfg = setup.cfg
+    masks = plan.masks
+    if setup.algo.shared_masks:
+        c = len(client_ids)
+        masks = {k: np.broadcast_to(np.asarray(v), (c, cfg.r_max)) for k, v in masks.items()}
+    spec = make_spec(masks, update_masks=plan.update_masks, num_steps=num_steps, weight=weights,
+                     client_id=client_ids, num_layers=setup.ctx.num_layers, depth_mask=plan.depth_mask,
+                     device_id=setup.ctx.client_devices[client_ids], layer_of_key=setup.ctx.layer_of_key)
+    if setup.algo.shared_masks:
+        spec = spec._replace(masks={k: np.asarray(v, np.float32) for k, v in plan.masks.items()})
+    return spec
+
+
+def _eval_masks(setup: Setup, state: ServerState):
+    if setup.algo.shared_masks:
+        return {k: jnp.asarray(v) for k, v in state.extra["z"].items()}
+    return None
+
+
+def _json_round(x):
+    if isinstance(x, float):
+        return round(x, 6)
+    return x
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+                   stop_after: int | None = None, cache_dir: Path | None = None) -> dict:
+    """Run (or resume) an experiment. Returns the summary dict.
+
+    Args:
+      cfg: the experiment config.
+      out_dir: run directory (created).
+      resume: continue from the last checkpoint in ``out_dir`` (refused if the config differs).
+      quiet: no progress output.
+      stop_after: stop after this many rounds in this call (testing / preemption drills).
+      cache_dir: tokenization cache (default ``~/.cache/fedlora_jax``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    ckpt_dir = out / "checkpoints"
+    if not resume and (ckpt.latest_round(ckpt_dir) is not None or metrics_path.exists()):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or use a new "
+                              "output directory")
+    setup = build_setup(cfg, quiet=quiet, cache_dir=cache_dir)
+    ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
+    (out / "partition.txt").write_text(data_lib.partition_table(
+        setup.parts, setup.train.labels, len(setup.label_names), label_names=setup.label_names) + "\n")
+    state = init_state(setup)
+    start = 0
+    cumulative = {"bytes_up": 0.0, "bytes_down": 0.0, "sim_time_s": 0.0, "energy_j": 0.0}
+    if resume and ckpt.latest_round(ckpt_dir) is not None:
+        last, state, meta = ckpt.restore(ckpt_dir, state, fingerprint=cfg.fingerprint())
+        start = last + 1
+        cumulative = meta.get("cumulative", cumulative)
+        if setup.algo.name == "legend" and "planner" in meta:
+            setup.ctx.planner.load_state_dict(meta["planner"])
+        _truncate_metrics(metrics_path, start)
+        _log(f"resumed from round {last} ({ckpt_dir})", quiet=quiet)
+    round_fn = make_round_fn(setup)
+    evaluate = make_evaluate(setup.graphdef, scale=cfg.scale)
+    test_batches = jax.tree.map(jnp.asarray, setup.test_batches)
+
+    def evaluate_state(st):
+        base = setup.base
+        bd = getattr(st.agg_state, "base_delta", None)
+        if bd is not None:
+            from fedlora_jax.driver.tasks import add_base_delta
+
+            base = add_base_delta(base, bd)
+        acc, loss = evaluate(base, st.head, st.lora, _eval_masks(setup, st), test_batches)
+        return float(acc), float(loss)
+
+    if start == 0:
+        acc0, loss0 = evaluate_state(state)
+        _log(f"round   0 (before training): test accuracy {acc0:.4f}", quiet=quiet)
+        _append_jsonl(metrics_path, {"round": -1, "test_accuracy": acc0, "test_loss": loss0})
+    history = []
+    t_run = time.time()
+    rounds_done = 0
+    for r in range(start, cfg.rounds):
+        t0 = time.time()
+        ids = sample_clients(cfg, r)
+        batch, num_steps, num_examples = _batches_for(setup, ids, r)
+        plan = setup.algo.plan(state, ids, r)
+        rng = np.random.default_rng([cfg.seed, r, 2])
+        dropped = rng.random(len(ids)) < cfg.dropout_prob
+        weights = np.where(dropped, 0.0, num_examples.astype(np.float32))
+        spec = _spec(setup, plan, ids, num_steps, weights)
+        # Simulated times before the round decide the stragglers (deadline).
+        from fedlora_jax.aggregation import comm_params
+
+        up_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, spec.update_masks, direction="up"))
+        down_m = spec.masks if not setup.algo.shared_masks else {
+            k: np.broadcast_to(v, (len(ids), cfg.r_max)) for k, v in spec.masks.items()}
+        down_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, down_m, direction="down"))
+        head_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.head))
+        bytes_up, bytes_down = 4.0 * (up_p + head_params), 4.0 * (down_p + head_params)
+        flops, times, energy = _client_costs(setup, spec, ids, bytes_up, bytes_down)
+        round_s, kept = dev_lib.round_time(np.asarray(times.total_s), cfg.deadline_s or None,
+                                           valid=weights > 0)
+        stragglers = (weights > 0) & ~np.asarray(kept)
+        weights = np.where(stragglers, 0.0, weights)
+        spec = spec._replace(weight=weights.astype(np.float32))
+        key = round_key(cfg.seed, r)
+        state, m = round_fn(state, batch, spec, key, setup.base)
+        if setup.algo.observe is not None:
+            m_host = {"client_scores": m["client_scores"], "agg_scores": m["agg_scores"],
+                      "client_time_s": np.asarray(times.total_s), "client_flops": flops,
+                      "client_bytes": bytes_up + bytes_down}
+            state = setup.algo.observe(state, ids, m_host)
+        participated = np.asarray(m["client_weight"]) > 0
+        cumulative["bytes_up"] += float(np.sum(bytes_up[participated]))
+        cumulative["bytes_down"] += float(np.sum(bytes_down))
+        cumulative["sim_time_s"] += float(round_s)
+        cumulative["energy_j"] += float(np.sum(energy))
+        line = {
+            "round": r,
+            "clients": ids.tolist(),
+            "train_loss": float(m["train_loss"]),
+            "train_accuracy": float(m["train_accuracy"]),
+            "client_loss": np.asarray(m["client_loss"]).round(6).tolist(),
+            "client_update_norm": np.asarray(m["client_update_norm"]).round(6).tolist(),
+            "dropped_nonfinite": int(m["num_dropped_nonfinite"]),
+            "dropped_failure": int(np.sum(dropped)),
+            "dropped_deadline": int(np.sum(stragglers)),
+            "bytes_up": float(np.sum(bytes_up[participated])),
+            "bytes_down": float(np.sum(bytes_down)),
+            "client_bytes_up": bytes_up.tolist(),
+            "sim_round_time_s": float(round_s),
+            "sim_energy_j": float(np.sum(energy)),
+            "client_sim_time_s": np.asarray(times.total_s).round(6).tolist(),
+            "client_flops": flops.tolist(),
+            "active_ranks": {k: np.asarray(v).sum(-1).tolist() for k, v in spec.update_masks.items()},
+            "grad_cut": np.asarray(spec.grad_cut).tolist(),
+            **{f"cum_{k}": v for k, v in cumulative.items()},
+        }
+        if setup.algo.shared_masks:
+            line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in state.extra["z"].items()}
+        if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
+            acc, loss = evaluate_state(state)
+            line["test_accuracy"], line["test_loss"] = acc, loss
+        line["wall_s"] = round(time.time() - t0, 3)
+        _append_jsonl(metrics_path, line)
+        history.append(line)
+        if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
+            meta = {"cumulative": cumulative}
+            if setup.algo.name == "legend":
+                meta["planner"] = setup.ctx.planner.state_dict()
+            ckpt.save(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(), extra_meta=meta)
+        rounds_done += 1
+        _progress(r, cfg, line, t_run, rounds_done, quiet=quiet)
+        if stop_after is not None and rounds_done >= stop_after:
+            break
+    summary = _summary(metrics_path, cfg, round_fn.trace_count())
+    ckpt.write_json_atomic(out / "summary.json", summary)
+    if not quiet and summary.get("final_test_accuracy") is not None and rounds_done and r == cfg.rounds - 1:
+        _log(_summary_text(summary), quiet=quiet)
+    return summary
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _json_round(v) for k, v in obj.items()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Keep only lines of rounds ``< start`` (a killed run may have logged past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] < start]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _progress(r, cfg, line, t_run, done, *, quiet):
+    if quiet:
+        return
+    elapsed = time.time() - t_run
+    eta = elapsed / done * (cfg.rounds - r - 1)
+    bar_n = 20
+    filled = int(bar_n * (r + 1) / cfg.rounds)
+    acc = line.get("test_accuracy")
+    acc_s = f" test acc {acc:.4f}" if acc is not None else ""
+    print(f"[{'#' * filled}{'.' * (bar_n - filled)}] round {r + 1:3d}/{cfg.rounds} loss {line['train_loss']:.4f}"
+          f"{acc_s} up {line['cum_bytes_up'] / 1e6:.2f} MB sim {line['cum_sim_time_s']:.1f}s "
+          f"wall {line['wall_s']:.1f}s eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _summary(metrics_path: Path, cfg: ExperimentConfig, traces: int) -> dict:
+    rows = read_metrics(metrics_path)
+    init = next((r for r in rows if r["round"] == -1), {})
+    trained = [r for r in rows if r["round"] >= 0]
+    evals = [r for r in trained if "test_accuracy" in r]
+    last = trained[-1] if trained else {}
+    return {
+        "name": cfg.name, "algorithm": cfg.algorithm, "rounds_completed": len(trained),
+        "initial_test_accuracy": init.get("test_accuracy"),
+        "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "best_test_accuracy": max((r["test_accuracy"] for r in evals), default=None),
+        "total_bytes_up": last.get("cum_bytes_up"), "total_bytes_down": last.get("cum_bytes_down"),
+        "total_sim_time_s": last.get("cum_sim_time_s"), "total_energy_j": last.get("cum_energy_j"),
+        "compilations_this_call": traces,
+        "fingerprint": cfg.fingerprint(),
+    }
+
+
+def _summary_text(s: dict) -> str:
+    def mb(x):
+        return "n/a" if x is None else f"{x / 1e6:.2f} MB"
+
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    return ("\n== summary ==\n"
+            f"  algorithm           {s['algorithm']}\n"
+            f"  rounds              {s['rounds_completed']}\n"
+            f"  test accuracy       {fmt(s['initial_test_accuracy'])} (untrained) -> {fmt(s['final_test_accuracy'])}"
+            f" (best {fmt(s['best_test_accuracy'])})\n"
+            f"  uplink / downlink   {mb(s['total_bytes_up'])} / {mb(s['total_bytes_down'])}\n"
+            f"  simulated time      {s['total_sim_time_s'] or 0:.1f} s, energy {(s['total_energy_j'] or 0) / 1e3:.2f} kJ\n"
+            f"  compilations        {s['compilations_this_call']}\n")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

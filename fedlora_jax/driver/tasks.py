@@ -1,0 +1,72 @@
+"""Bridges from NNX models to the round engine: the classification :class:`Task` and evaluation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedlora_jax.federated import Task
+from fedlora_jax.models.common import functional_forward
+
+
+def add_base_delta(base_state, deltas: dict):
+    """Add dense updates ``{"layer.{i}.{module}": [N, M]}`` to the base kernels of an NNX state.
+
+    Used by aggregators that fold into the base (FedEx-LoRA, FLoRA). Pure: returns a new state.
+    """
+
+    def add(path, leaf):
+        names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+        if len(names) >= 4 and names[0] == "layers" and names[3] == "kernel":
+            k = f"layer.{names[1]}.{names[2]}"
+            if k in deltas:
+                return (leaf.astype(jnp.float32) + deltas[k]).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(add, base_state)
+
+
+def classification_task(graphdef, *, scale: float, label_smoothing: float = 0.0) -> Task:
+    """Cross-entropy on an encoder classifier; batches hold ``input_ids [B, T]``,
+    ``attention_mask [B, T]``, ``labels [B]`` and ``example_mask [B]`` (padding rows = 0)."""
+
+    def loss(trainable, base, batch, masks, grad_cut, key):
+        del key
+        logits = functional_forward(graphdef, base, trainable["head"], batch["input_ids"],
+                                    batch["attention_mask"], lora=trainable["lora"], masks=masks,
+                                    scale=scale, grad_cut_layer=grad_cut)
+        logits = logits.astype(jnp.float32)
+        n_cls = logits.shape[-1]
+        labels = jax.nn.one_hot(batch["labels"], n_cls)
+        if label_smoothing:
+            labels = optax.smooth_labels(labels, label_smoothing)
+        ll = optax.softmax_cross_entropy(logits, labels)
+        ex = batch["example_mask"].astype(jnp.float32)
+        n = jnp.sum(ex)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * ex)
+        return jnp.sum(ll * ex) / jnp.maximum(n, 1.0), {"correct": correct, "count": n}
+
+    return Task(loss=loss, add_base_delta=add_base_delta)
+
+
+def make_evaluate(graphdef, *, scale: float):
+    """``evaluate(base, head, lora, masks, eval_batches) -> (accuracy, loss)``, one jit.
+
+    ``eval_batches`` leaves are ``[K, B, ...]``; batches go through ``lax.map`` so memory is
+    one batch. ``masks`` may be ``None`` (all ranks).
+    """
+
+    def evaluate(base, head, lora, masks, batches):
+        def one(b):
+            logits = functional_forward(graphdef, base, head, b["input_ids"], b["attention_mask"],
+                                        lora=lora, masks=masks, scale=scale).astype(jnp.float32)
+            ex = b["example_mask"].astype(jnp.float32)
+            ll = optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"])
+            return (jnp.sum((jnp.argmax(logits, -1) == b["labels"]) * ex), jnp.sum(ll * ex), jnp.sum(ex))
+
+        correct, loss, n = jax.lax.map(one, batches)
+        tot = jnp.maximum(jnp.sum(n), 1.0)
+        return jnp.sum(correct) / tot, jnp.sum(loss) / tot
+
+    return jax.jit(evaluate)
