@@ -136,3 +136,13 @@ def test_prefix_masks():
     assert per_layer["a"].shape == (2, 2, R)
     with pytest.raises(TypeError):
         rr.prefix_masks(jnp.array([1.5]), R)
+
+
+def test_hafl_jit_traced_ranks():
+    s = {"m": jnp.arange(12.0).reshape(3, 4)}
+    f = jax.jit(lambda s, r, first: rr.hafl_update_masks(s, r, first_round=first).update)
+    got = f(s, jnp.array([1, 2, 3]), jnp.bool_(False))["m"]
+    np.testing.assert_array_equal(got, [[0, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    got = f(s, jnp.array([1, 2, 3]), jnp.bool_(True))["m"]
+    np.testing.assert_array_equal(got, rr.prefix_masks(jnp.array([1, 2, 3]), 4))
+    assert f._cache_size() == 1

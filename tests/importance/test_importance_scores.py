@@ -140,3 +140,12 @@ def test_errors():
         imp.sensitivity({"a": jnp.ones(2)}, {"b": jnp.ones(2)})
     with pytest.raises(TypeError, match="LoraFactors"):
         imp.triplet_scores({"m": jnp.ones(3)})
+
+
+def test_public_names():
+    import fedlora_jax.devices as dv
+
+    for mod in (imp, dv):
+        for name in mod.__all__:
+            assert hasattr(mod, name), name
+    assert {"sensitivity", "ema_update", "topk_masks", "budget_schedule"} <= set(imp.__all__)
