@@ -150,38 +150,45 @@ def _qr_core_svd(left: Array, right: Array) -> SVDResult:
 
 
 def _default_eps(dtype) -> float:
-    return float(jnp.finfo(dtype).eps)
+    return float(np.sqrt(jnp.finfo(dtype).eps))
 
 
 def _safe_svd_tangents(res: SVDResult, da_v: Array, dat_u: Array, eps: float):
     """Tangents ``(du, ds, dvt)`` of a thin SVD given ``dA @ V`` and ``dA^T @ U``.
 
-    Rule (``p`` components, ``S = diag(s)``, ``dS = U^T dA V``, ``tol = eps * s_max^2``):
+    With ``dS = U^T dA V`` split into ``sym = (dS + dS^T)/2`` and ``asym = (dS - dS^T)/2``,
+    the exact thin-SVD rule (``F_ij = 1/(s_j^2 - s_i^2)``) reads, for ``i != j``,
 
-        ds  = diag(dS)
-        F_ij = 1 / (s_j^2 - s_i^2)   if i != j and |s_j^2 - s_i^2| > tol, else 0
-        1/s_i -> 0                   if s_i^2 <= tol
-        du  = U (F o (dS S + S dS^T)) + (I - U U^T) dA V S^-1
-        dv  = V (F o (S dS + dS^T S)) + (I - V V^T) dA^T U S^-1
+        dU = U X + (I - U U^T) dA V S^-1,   X_ij = sym_ij / (s_j - s_i) + asym_ij / (s_j + s_i)
+        dV = V Y + (I - V V^T) dA^T U S^-1, Y_ij = sym_ij / (s_j - s_i) - asym_ij / (s_j + s_i)
+        ds = diag(dS)
 
-    Both projection terms are kept, which is exact for a product of rank ``<= p`` (the
-    missing singular values are zero) and zero for the complete side of a dense SVD.
+    Safe rule (``tol = eps * max(s)``): where ``|s_j - s_i| <= tol`` (repeated singular
+    values) ``1/(s_j - s_i)`` is replaced by ``1/(s_j + s_i)``; every ``1/(s_j + s_i)`` and
+    ``1/s_i`` whose denominator is ``<= tol`` is replaced by 0 (zero singular values). The
+    replacement keeps ``X S + S Y^T = dS`` off the diagonal, so the derivative of the product
+    ``U S V^T`` stays exact at repeated nonzero singular values. Both projection terms are
+    kept: exact for a product of rank ``<= p`` and zero on the complete side of a dense SVD.
     """
     u, s, vt = res
     v = _t(vt)
     ds_mat = _t(u) @ da_v                                      # [..., p, p]
     ds = jnp.diagonal(ds_mat, axis1=-2, axis2=-1)
-    s2 = s * s
-    tol = eps * jnp.max(s2, axis=-1, keepdims=True)[..., None]  # [..., 1, 1]
-    diff = s2[..., None, :] - s2[..., :, None]                 # [i, j] = s_j^2 - s_i^2
-    keep = jnp.abs(diff) > tol
-    f = jnp.where(keep, 1.0 / jnp.where(keep, diff, 1.0), 0.0)
-    s_keep = s2 > tol[..., 0]
-    s_inv = jnp.where(s_keep, 1.0 / jnp.where(s_keep, s, 1.0), 0.0)
-    ds_s = ds_mat * s[..., None, :]                            # dS S
-    s_ds = ds_mat * s[..., :, None]                            # S dS
-    du = u @ (f * (ds_s + _t(ds_s))) + (da_v - u @ (_t(u) @ da_v)) * s_inv[..., None, :]
-    dv = v @ (f * (s_ds + _t(s_ds))) + (dat_u - v @ (vt @ dat_u)) * s_inv[..., None, :]
+    sym, asym = 0.5 * (ds_mat + _t(ds_mat)), 0.5 * (ds_mat - _t(ds_mat))
+    tol = eps * jnp.max(s, axis=-1, keepdims=True)             # [..., 1]
+    off = ~jnp.eye(s.shape[-1], dtype=bool)
+    diff = s[..., None, :] - s[..., :, None]                   # [i, j] = s_j - s_i
+    summ = s[..., None, :] + s[..., :, None]
+    p_ok = summ > tol[..., None]
+    inv_p = jnp.where(p_ok & off, 1.0 / jnp.where(p_ok, summ, 1.0), 0.0)
+    m_ok = jnp.abs(diff) > tol[..., None]
+    inv_m = jnp.where(off, jnp.where(m_ok, 1.0 / jnp.where(m_ok, diff, 1.0), inv_p), 0.0)
+    x = sym * inv_m + asym * inv_p
+    y = sym * inv_m - asym * inv_p
+    s_ok = s > tol
+    s_inv = jnp.where(s_ok, 1.0 / jnp.where(s_ok, s, 1.0), 0.0)[..., None, :]
+    du = u @ x + (da_v - u @ (_t(u) @ da_v)) * s_inv
+    dv = v @ y + (dat_u - v @ (vt @ dat_u)) * s_inv
     return du, ds, _t(dv)
 
 
@@ -222,18 +229,22 @@ def svd_safe(x: Array, *, rank: int | None = None, eps: float | None = None) -> 
 
     Forward: ``jnp.linalg.svd(full_matrices=False)`` in float32/float64 with this module's
     sign convention. Derivative: a custom JVP (reverse mode by transposition) following the
-    standard thin-SVD rule, except that ``1/(s_j^2 - s_i^2)`` is replaced by 0 where
-    ``|s_j^2 - s_i^2| <= eps * max(s)^2`` (repeated singular values) and ``1/s_i`` by 0 where
-    ``s_i^2 <= eps * max(s)^2`` (zero singular values). Where singular values are distinct and
-    nonzero this is the exact derivative; at degenerate points it is the finite choice that
-    drops the rotation inside a degenerate subspace (losses invariant to that rotation, such
-    as the product ``u diag(s) vt``, get their correct gradient).
+    standard thin-SVD rule where singular values are distinct and nonzero (so it matches
+    finite differences there), with this rule elsewhere (``tol = eps * max(s)``):
+
+    * repeated values (``|s_j - s_i| <= tol``): the divergent ``1/(s_j - s_i)`` coupling is
+      replaced by ``1/(s_j + s_i)``; the rotation inside the degenerate subspace is then an
+      arbitrary finite choice, but the derivative of the product ``u diag(s) vt`` (and of
+      ``s``) stays exact;
+    * zero values (``s_i <= tol``, or ``s_i + s_j <= tol``): ``1/s`` terms are replaced by 0,
+      so gradients are finite; directions that would raise the rank of the product get no
+      gradient through ``u``/``vt`` (``s`` itself still gets ``u_i^T dA v_i``).
 
     Args:
       x: ``[..., M, N]`` floating matrix.
       rank: static number of components to keep (default ``min(M, N)``).
-      eps: relative tolerance of the rule above (default: machine epsilon of the compute
-        dtype, ~1.2e-7 in float32, ~2.2e-16 in float64).
+      eps: relative tolerance of the rule above (default: square root of the machine epsilon
+        of the compute dtype, ~3.5e-4 in float32, ~1.5e-8 in float64).
 
     Returns:
       :class:`SVDResult` with ``u [..., M, r]``, ``s [..., r]``, ``vt [..., r, N]``.
