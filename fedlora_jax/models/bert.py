@@ -14,9 +14,9 @@ Pooling (``EncoderConfig.pooling``):
     with the base; requires pooler weights.
   * ``"cls"``: the first token's final hidden state.
   * ``"mean"``: mean of the final hidden states over real tokens.
-ASSUMPTION: ``from_pretrained`` picks ``"pooler"`` when the checkpoint has a pooler and
-``"mean"`` otherwise (MiniLM / sentence-transformers checkpoints were trained for mean
-pooling). The classifier ``head.classifier`` (``[D, num_labels]``) is new and trained.
+ASSUMPTION: ``from_pretrained`` uses the pooling a sentence-transformers directory declares
+(``1_Pooling/config.json``; MiniLM: mean), else ``"pooler"`` when the checkpoint has a pooler,
+else ``"mean"``. The classifier ``head.classifier`` (``[D, num_labels]``) is new and trained.
 """
 
 from __future__ import annotations
@@ -284,5 +284,5 @@ HEAD_KEYS = {
 }
 PREFIXES = {"bert": ("bert.",), "roberta": ("roberta.",)}
 # Buffers and pre-training / other task heads that a checkpoint may hold and we do not use.
-IGNORED = (r".*position_ids$", r"^cls\..*", r"^lm_head\..*", r"^classifier\.(dense|out_proj)\..*",
-           r".*token_type_ids$")
+IGNORED = (r".*position_ids$", r"^pooler\..*", r"^cls\..*", r"^lm_head\..*",
+           r"^classifier\.(dense|out_proj)\..*", r".*token_type_ids$")

@@ -264,6 +264,25 @@ def _set_path(tree: dict, path: tuple, value) -> None:
     node[path[-1]] = value
 
 
+def default_pooling(model_dir: Path, tensors: Mapping[str, Any], model_type: str) -> str:
+    """ASSUMPTION for encoder pooling when none is given.
+
+    A sentence-transformers directory declares its pooling in ``1_Pooling/config.json``
+    (MiniLM: mean over tokens) and that is used; otherwise ``"pooler"`` when the checkpoint
+    has BERT pooler weights, else ``"mean"``.
+    """
+    st = Path(model_dir) / "1_Pooling" / "config.json"
+    if st.is_file():
+        pc = json.loads(st.read_text())
+        if pc.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if pc.get("pooling_mode_cls_token"):
+            return "cls"
+    prefixes = bert.PREFIXES[model_type]
+    has_pooler = any(_strip_prefix(k, prefixes).startswith("pooler.") for k in tensors)
+    return "pooler" if has_pooler else "mean"
+
+
 def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None = None,
                     pooling: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                     key: jax.Array | None = None,
@@ -273,8 +292,9 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
     Args:
       name_or_path: a directory, a hub name found in the local cache, or ``"all-MiniLM-L6-v2"``.
       num_labels: classes of the encoder head (default: from ``id2label``, else 2).
-      pooling: encoder pooling; ``None`` = ASSUMPTION ``"pooler"`` if the checkpoint has one,
-        else ``"mean"``.
+      pooling: encoder pooling ``"pooler" | "cls" | "mean"``; ``None`` = ASSUMPTION, see
+        :func:`default_pooling` (MiniLM -> ``"mean"``). The checkpoint's pooler weights are
+        ignored unless ``"pooler"`` is chosen.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       key: typed PRNG key for the new classifier head (required for encoders whose
         checkpoint has no matching classifier; unused for decoders).
@@ -291,9 +311,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
         if num_labels is not None:
             overrides["num_labels"] = num_labels
         if pooling is None:
-            prefixes = bert.PREFIXES[hf["model_type"]]
-            has_pooler = any(_strip_prefix(k, prefixes).startswith("pooler.") for k in tensors)
-            pooling = "pooler" if has_pooler else "mean"
+            pooling = default_pooling(model_dir, tensors, hf["model_type"])
         overrides["pooling"] = pooling
     _, cfg = config_from_hf(hf, **overrides)
     weights = convert_weights(tensors, cfg)
