@@ -25,7 +25,8 @@ def _sign_invariant_loss(res, seed=0, rank=2):
 
 
 def _check_vs_central_differences(f, args, n_dirs=3, h=1e-6, rtol=1e-6):
-    grads = jax.grad(f, argnums=tuple(range(len(args))))(*args)
+    grads = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
+    f = jax.jit(f)
     rng = np.random.default_rng(123)
     for _ in range(n_dirs):
         dirs = [rng.standard_normal(a.shape) for a in args]
@@ -58,10 +59,10 @@ def test_safe_grad_matches_jax_default_where_distinct():
     left = jnp.asarray(rng.standard_normal((2, 10, 4)), jnp.float32)
     right = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
     f = lambda a, b, gs: _sign_invariant_loss(lowrank_svd(a, b, gradient_safe=gs), rank=3)
-    g_safe = jax.grad(f, argnums=(0, 1))(left, right, True)
-    g_jax = jax.grad(f, argnums=(0, 1))(left, right, False)
-    g_dense = jax.grad(lambda a, b: _sign_invariant_loss(dense_svd(a, b), rank=3),
-                       argnums=(0, 1))(left, right)
+    g_safe = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(left, right, True)
+    g_jax = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(left, right, False)
+    g_dense = jax.jit(jax.grad(lambda a, b: _sign_invariant_loss(dense_svd(a, b), rank=3),
+                       argnums=(0, 1)))(left, right)
     for gs, gj, gd in zip(g_safe, g_jax, g_dense, strict=True):
         np.testing.assert_allclose(np.asarray(gs), np.asarray(gj), rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), rtol=1e-3, atol=1e-3)
@@ -79,7 +80,7 @@ def test_repeated_singular_values_product_gradient_exact():
     left, right = _repeated_factors(4)
     w = jnp.asarray(np.random.default_rng(5).standard_normal((12, 9)), jnp.float32)
     f = lambda a, b: jnp.sum(w * _product(lowrank_svd(a, b, gradient_safe=True)))
-    ga, gb = jax.grad(f, argnums=(0, 1))(left, right)
+    ga, gb = jax.jit(jax.grad(f, argnums=(0, 1)))(left, right)
     # d/dL sum(W * L R) = W R^T, d/dR = L^T W.
     np.testing.assert_allclose(np.asarray(ga), np.asarray(w @ right.T), atol=1e-4)
     np.testing.assert_allclose(np.asarray(gb), np.asarray(left.T @ w), atol=1e-4)
@@ -89,16 +90,16 @@ def test_repeated_singular_values_product_gradient_exact():
     q2, _ = np.linalg.qr(rng.standard_normal((6, 6)))
     x = jnp.asarray(q1 * np.array([3.0, 2, 2, 2, 1, 1]) @ q2.T, jnp.float32)
     w6 = jnp.asarray(rng.standard_normal((6, 6)), jnp.float32)
-    gx = jax.grad(lambda x: jnp.sum(w6 * _product(svd_safe(x))))(x)
+    gx = jax.jit(jax.grad(lambda x: jnp.sum(w6 * _product(svd_safe(x)))))(x)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(w6), atol=1e-4)
 
 
 def test_repeated_singular_values_finite_for_vector_losses():
     left, right = _repeated_factors(6)
     f = lambda a, b: _sign_invariant_loss(lowrank_svd(a, b, gradient_safe=True))
-    for g in jax.grad(f, argnums=(0, 1))(left, right):
+    for g in jax.jit(jax.grad(f, argnums=(0, 1)))(left, right):
         assert np.isfinite(np.asarray(g)).all()
-    g = jax.grad(lambda x: _sign_invariant_loss(svd_safe(x)))(left @ right)
+    g = jax.jit(jax.grad(lambda x: _sign_invariant_loss(svd_safe(x))))(left @ right)
     assert np.isfinite(np.asarray(g)).all()
 
 
@@ -110,15 +111,16 @@ def test_zero_singular_values_finite_and_s_gradient_exact():
     l, r = jnp.asarray(left), jnp.asarray(right)
     # sum(s^2) = ||L R||_F^2 -> d/dL = 2 (L R) R^T, even at the rank-deficient point.
     f = lambda a, b: jnp.sum(lowrank_svd(a, b, gradient_safe=True).s ** 2)
-    ga, gb = jax.grad(f, argnums=(0, 1))(l, r)
+    ga, gb = jax.jit(jax.grad(f, argnums=(0, 1)))(l, r)
     np.testing.assert_allclose(np.asarray(ga), 2 * (left @ right) @ right.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gb), 2 * left.T @ (left @ right), rtol=1e-4, atol=1e-4)
     zero_l, zero_r = jnp.zeros((12, 4)), jnp.zeros((4, 9))
     loss = lambda a, b: _sign_invariant_loss(lowrank_svd(a, b, gradient_safe=True))
+    grad_loss = jax.jit(jax.grad(loss, argnums=(0, 1)))
     for args in ((l, r), (l, zero_r), (zero_l, zero_r)):
-        for g in jax.grad(loss, argnums=(0, 1))(*args):
+        for g in grad_loss(*args):
             assert np.isfinite(np.asarray(g)).all()
-    gx = jax.grad(lambda x: _sign_invariant_loss(svd_safe(x)))(jnp.zeros((6, 5)))
+    gx = jax.jit(jax.grad(lambda x: _sign_invariant_loss(svd_safe(x))))(jnp.zeros((6, 5)))
     assert np.isfinite(np.asarray(gx)).all()
 
 
@@ -139,6 +141,7 @@ def test_grad_under_jit_and_vmap():
     right = jnp.asarray(rng.standard_normal((3, 4, 7)), jnp.float32)
     f = lambda a, b: jnp.sum(lowrank_svd(a, b, rank=2, gradient_safe=True).s)
     g_vmap = jax.jit(jax.vmap(jax.grad(f)))(left, right)
-    g_loop = np.stack([np.asarray(jax.grad(f)(left[i], right[i])) for i in range(3)])
+    g_one = jax.jit(jax.grad(f))
+    g_loop = np.stack([np.asarray(g_one(left[i], right[i])) for i in range(3)])
     assert np.isfinite(np.asarray(g_vmap)).all()
     np.testing.assert_allclose(np.asarray(g_vmap), g_loop, rtol=1e-4, atol=1e-5)
