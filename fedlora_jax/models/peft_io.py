@@ -89,7 +89,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
                 targets: Mapping[str, TargetInfo], out_dir: str | os.PathLike,
-                base_model_name_or_path: str, task_type: str) -> Path:
+                base_model_name_or_path: str, task_type: str, head=None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft`` loads.
 
     Args:
@@ -101,6 +101,11 @@ def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
       base_model_name_or_path: recorded in the config for ``peft``.
       task_type: PEFT task type, e.g. ``"SEQ_CLS"`` (encoders) or ``"CAUSAL_LM"``;
         ``"FEATURE_EXTRACTION"`` writes paths of the bare encoder (no ``bert.`` prefix).
+      head: the encoder's head state (``split_for_round(model)[2]``, or a pure dict
+        ``{"classifier": {"kernel": [D, K], "bias": [K]}}``, optionally under ``"head"``);
+        required for ``"SEQ_CLS"``, where ``peft`` expects the trained ``classifier`` as a
+        ``modules_to_save`` tensor. It reproduces our logits in ``BertForSequenceClassification`` only for
+        ``pooling="pooler"`` (HF pools with the pooler).
 
     Returns:
       The output directory.
@@ -139,6 +144,21 @@ def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
         paths.append(path)
         tensors[f"base_model.model.{path}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"base_model.model.{path}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    modules_to_save = None
+    if task_type == "SEQ_CLS":
+        if head is None:
+            raise ValueError("task_type='SEQ_CLS' needs head= (the trained classifier): peft "
+                             "loads it as modules_to_save")
+        pure = head.to_pure_dict() if hasattr(head, "to_pure_dict") else head
+        if "classifier" not in pure and "head" in pure:
+            pure = pure["head"]
+        if "classifier" not in pure:
+            raise ValueError(f"head must hold 'classifier', got keys {sorted(pure)}")
+        cls = pure["classifier"]
+        tensors["base_model.model.classifier.weight"] = np.ascontiguousarray(
+            np.asarray(cls["kernel"], np.float32).T)
+        tensors["base_model.model.classifier.bias"] = np.asarray(cls["bias"], np.float32)
+        modules_to_save = ["classifier"]
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -152,7 +172,7 @@ def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
         "target_modules": "^(" + "|".join(re.escape(p) for p in sorted(paths)) + ")$",
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
