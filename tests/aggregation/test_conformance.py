@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from aggregation._agg_cases import CONFIG_IDS, CONFIGS, SCALE, assert_trees_close, build, make_case
+
 from fedlora_jax import aggregation as ag
 from fedlora_jax import lora
 from fedlora_jax.lora import LoraFactors
