@@ -78,7 +78,7 @@ class ScoreState(NamedTuple):
     """Aggregated per-slot importance ``S_bar = sum_k p_k S^k`` (FedARA, HAFL).
 
     Attributes:
-      scores: ``{key: [..., R]}`` float32, input to the rank allocator.
+      scores: ``{key: [..., R]}`` float32 (float64 for float64 factors), input to the rank allocator.
     """
 
     scores: dict[str, Array]

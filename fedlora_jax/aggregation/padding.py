@@ -258,7 +258,7 @@ def _aggregate_scores(g, m, p, s, prev, *, beta):
 
 
 def _score_init(global_lora):
-    return ScoreState({k: jnp.zeros(g.a.shape[:-2] + g.a.shape[-1:], jnp.float32)
+    return ScoreState({k: jnp.zeros(g.a.shape[:-2] + g.a.shape[-1:], cm.compute_dtype(g.a))
                        for k, g in global_lora.items()})
 
 
