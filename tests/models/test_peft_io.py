@@ -119,6 +119,7 @@ def test_export_errors(tmp_path):
                     base_model_name_or_path="x", task_type="CAUSAL_LM")
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("name,task,cls", [
     ("bert", "SEQ_CLS", "BertForSequenceClassification"),
     ("gpt2", "CAUSAL_LM", "GPT2LMHeadModel"),
