@@ -137,12 +137,14 @@ def _truncate(res: SVDResult, rank: int) -> SVDResult:
 # ------------------------------------------------------------------------------ QR core
 
 
-def _qr_core_svd(left: Array, right: Array) -> SVDResult:
-    """Full thin SVD (``p = min(M, N, K)`` components) of ``left @ right`` via the QR core."""
+def _qr_core_svd(left: Array, right: Array, rank: int | None = None) -> SVDResult:
+    """Thin SVD of ``left @ right`` via the QR core; the top ``rank`` (default all
+    ``p = min(M, N, K)``) components are rotated back, so truncation saves that work too."""
     q_l, r_l = jnp.linalg.qr(left)            # [..., M, k1], [..., k1, K]
     q_r, r_r = jnp.linalg.qr(_t(right))       # [..., N, k2], [..., k2, K]
     core = r_l @ _t(r_r)                      # [..., k1, k2]
-    u_c, s, vt_c = jnp.linalg.svd(core, full_matrices=False)
+    u_c, s, vt_c = _truncate(SVDResult(*jnp.linalg.svd(core, full_matrices=False)),
+                             min(core.shape[-2:]) if rank is None else rank)
     return canonicalize_signs(SVDResult(q_l @ u_c, s, vt_c @ _t(q_r)))
 
 
@@ -288,9 +290,8 @@ def lowrank_svd(left: Array, right: Array, *, rank: int | None = None,
     if gradient_safe:
         eps = _default_eps(left.dtype) if eps is None else float(eps)
         full = _safe_lowrank_full(left, right, eps)
-    else:
-        full = _qr_core_svd(left, right)
-    return _truncate(full, rank)
+        return _truncate(full, rank)
+    return _qr_core_svd(left, right, rank)
 
 
 def dense_svd(left: Array, right: Array, *, rank: int | None = None,
@@ -338,7 +339,10 @@ def _check_stacked(left, right, weights):
                          f"C={right.shape[0]}")
     c = left.shape[0]
     if weights is not None:
-        _check_float("weights", weights)
+        if not hasattr(weights, "dtype") or not (
+                jnp.issubdtype(weights.dtype, jnp.floating)
+                or jnp.issubdtype(weights.dtype, jnp.integer)):
+            raise TypeError(f"weights must be a real array [C], got {weights!r}")
         if weights.shape != (c,):
             raise ValueError(f"weights must have shape [C]=({c},), got {weights.shape}")
     _check_factors(left, right)
@@ -372,7 +376,8 @@ def stacked_lowrank_svd(left: Array, right: Array, weights: Array | None = None,
 
     Args:
       left: ``[C, ..., M, K]``. right: ``[C, ..., K, N]``.
-      weights: ``[C]`` real weights (not normalised here), default ones.
+      weights: ``[C]`` real weights (float or integer counts; not normalised here), default
+        ones.
       rank: static ``r``, ``1 <= r <= min(M, N, C*K)``.
       method: ``"auto"`` (above), ``"lowrank"`` or ``"dense"`` to force a path.
       gradient_safe, eps: as in :func:`lowrank_svd`.

@@ -327,3 +327,14 @@ def test_public_names():
         "stacked_factors", "stacked_lowrank_svd", "svd_safe", "truncate_to_factors"])
     for name in linalg.__all__:
         assert getattr(linalg, name) is not None
+
+
+def test_stacked_integer_weights_equal_float_weights():
+    rng = np.random.default_rng(17)
+    left = jnp.asarray(rng.standard_normal((3, 30, 2)), jnp.float32)
+    right = jnp.asarray(rng.standard_normal((3, 2, 20)), jnp.float32)
+    a = stacked_lowrank_svd(left, right, jnp.array([3, 1, 2]), rank=3)
+    b = stacked_lowrank_svd(left, right, jnp.array([3.0, 1.0, 2.0]), rank=3)
+    np.testing.assert_allclose(np.asarray(a.s), np.asarray(b.s), rtol=1e-6)
+    with pytest.raises(TypeError, match="weights"):
+        stacked_lowrank_svd(left, right, jnp.array([True, False, True]), rank=3)
