@@ -1,0 +1,197 @@
+"""Benchmark one federated round: ours (one jit, chunked vmap) vs the peer (torch + peft, sequential).
+
+Usage (CPU, the issue's workload)::
+
+    python benchmarks/round_bench.py --size minilm --clients 8 --steps 5 --batch 8 --seq 64 --rank 8 --dtype f32 --peer
+
+GPU (RoBERTa-base size; one command, run on a machine with jax[cuda] + torch)::
+
+    python benchmarks/round_bench.py --preset gpu --peer
+
+Prints one JSON line per configuration (ours, and the peer when ``--peer``), with client-steps/s,
+tokens/s, compile time, the model FLOP rate and its fraction of a measured matmul peak.
+
+FLOP count (written here, used for utilisation; "model FLOPs" of LoRA training with a frozen base):
+per token and per layer, forward ``2 W`` (W = 4 H^2 + 2 H F frozen matmul weights) plus attention
+``4 T H`` (scores and weighted values), plus the LoRA path ``2 r (N + M)`` per adapted module;
+backward only as far as gradients are needed: activation gradients through the frozen weights
+``2 W + 8 T H`` per layer above the lowest adapted layer (all layers here) and LoRA weight +
+activation gradients ``4 r (N + M)``. No weight-gradient FLOPs for the frozen base. The peer's
+script uses ``4 N_base`` per token (forward + input-grad, attention ignored); we report both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedlora_jax import lora as lora_lib
+from fedlora_jax.aggregation import fedit
+from fedlora_jax.driver.tasks import classification_task
+from fedlora_jax.federated import init_server_state, make_round, make_spec
+from fedlora_jax.models.bert import EncoderClassifier, EncoderConfig
+from fedlora_jax.models.common import split_for_round
+
+SIZES = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vocab_size=1000),
+    "minilm": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, vocab_size=30522),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, vocab_size=50265),
+}
+
+
+def model_flops_per_token(h, f, layers, t, r, n_mod):
+    w = 4 * h * h + 2 * h * f
+    lora = n_mod * r * (h + h)
+    fwd = layers * (2 * w + 4 * t * h + 2 * lora)
+    bwd = layers * (2 * w + 8 * t * h + 4 * lora)
+    return fwd + bwd
+
+
+def peer_flops_per_token(h, f, layers):
+    return 4 * layers * (4 * h * h + 2 * h * f)
+
+
+def measure_matmul_peak(dtype, n=2048, reps=5):
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def run_ours(a, C):
+    size = SIZES[a.size]
+    dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float32
+    cfg = EncoderConfig(model_type="bert", max_position_embeddings=max(512, a.seq), num_labels=20,
+                        dtype=dtype, param_dtype=dtype, **size)
+    model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
+    graphdef, base, head = split_for_round(model)
+    targets = model.adapter_targets(["query", "value"])
+    shapes = {k: (t.in_features, t.out_features) for k, t in targets.items()}
+    glob = lora_lib.init(jax.random.key(1), shapes, a.rank)
+    agg = fedit()
+    task = classification_task(graphdef, scale=2.0)
+    chunk = a.chunk or C
+    rf = make_round(task, agg, optimizer=optax.adamw(1e-4), chunk_size=min(chunk, C))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(3, size["vocab_size"], (C, a.steps, a.batch, a.seq)).astype(np.int32),
+             "attention_mask": np.ones((C, a.steps, a.batch, a.seq), np.int32),
+             "labels": rng.integers(0, 20, (C, a.steps, a.batch)).astype(np.int32),
+             "example_mask": np.ones((C, a.steps, a.batch), np.float32)}
+    batch = jax.tree.map(jnp.asarray, batch)
+    masks = {k: np.ones((C, a.rank), np.float32) for k in shapes}
+    spec = make_spec(masks, num_steps=np.full(C, a.steps), weight=np.ones(C), client_id=np.arange(C),
+                     num_layers=cfg.num_layers)
+    spec = jax.tree.map(jnp.asarray, spec)
+    state = init_server_state(glob, head, agg)
+    t0 = time.perf_counter()
+    compiled = rf.jitted.lower(state, batch, spec, jax.random.key(0), base).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for r in range(a.rounds):
+        t = time.perf_counter()
+        state, m = compiled(state, batch, spec, jax.random.key(r), base)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    tokens = C * a.steps * a.batch * a.seq
+    h, f, L = size["hidden_size"], size["intermediate_size"], size["num_layers"]
+    mflops = model_flops_per_token(h, f, L, a.seq, a.rank, 2) * tokens
+    try:
+        mem = jax.devices()[0].memory_stats() or {}
+    except Exception:  # CPU backends may not report
+        mem = {}
+    return dict(system="fedlora_jax (one jit, chunked vmap)", device=str(jax.devices()[0].device_kind),
+                jax=jax.__version__, size=a.size, clients=C, chunk=min(chunk, C), steps=a.steps, batch=a.batch,
+                seq=a.seq, rank=a.rank, dtype=a.dtype, compile_s=round(compile_s, 2),
+                round_s=round(best, 4), round_times=[round(x, 4) for x in times],
+                client_steps_per_s=round(C * a.steps / best, 2), tokens_per_s=round(tokens / best),
+                model_tflops=round(mflops / best / 1e12, 4),
+                peer_formula_tflops=round(peer_flops_per_token(h, f, L) * tokens / best / 1e12, 4),
+                peak_bytes=mem.get("peak_bytes_in_use"), traces=rf.trace_count())
+
+
+def run_peer(a, C):
+    peer = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "peer_torch_peft.py"
+    if not peer.is_file():
+        peer = Path(os.environ.get("FEDLORA_PEER", "../shared/bench/peer_torch_peft.py"))
+    cmd = [sys.executable, str(peer), "--size", a.size, "--clients", str(C), "--steps", str(a.steps),
+           "--batch", str(a.batch), "--seq", str(a.seq), "--rank", str(a.rank), "--rounds", str(a.rounds),
+           "--dtype", "bf16" if a.dtype == "bf16" else "f32"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"system": "torch+peft sequential", "error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", choices=["cpu", "gpu"], default=None)
+    p.add_argument("--size", default="minilm", choices=list(SIZES))
+    p.add_argument("--clients", type=int, nargs="+", default=[8])
+    p.add_argument("--chunk", type=int, default=0, help="clients per vmap chunk (0 = all)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    p.add_argument("--peer", action="store_true", help="also run ../shared/bench/peer_torch_peft.py")
+    p.add_argument("--out", help="append JSON lines to this file")
+    a = p.parse_args()
+    if a.preset == "gpu":
+        a.size, a.steps, a.batch, a.seq, a.rank, a.dtype = "base", 10, 16, 128, 8, "bf16"
+        if a.clients == [8]:
+            a.clients = [8, 32, 64, 128, 256]
+        a.chunk = a.chunk or 32
+    peak = measure_matmul_peak(jnp.bfloat16 if a.dtype == "bf16" else jnp.float32)
+    header = dict(kind="env", date=time.strftime("%Y-%m-%d"), jax=jax.__version__, platform=platform.platform(),
+                  cpu=_cpu_name(), cores=os.cpu_count(), device=str(jax.devices()[0]),
+                  matmul_peak_tflops=round(peak / 1e12, 4))
+    lines = [header]
+    print(json.dumps(header), flush=True)
+    for C in a.clients:
+        ours = run_ours(a, C)
+        ours["mfu_vs_matmul_peak"] = round(ours["model_tflops"] * 1e12 / peak, 4)
+        lines.append(ours)
+        print(json.dumps(ours), flush=True)
+        if a.peer:
+            peer = run_peer(a, C)
+            if "client_steps_per_s" in peer:
+                peer["ours_speedup"] = round(ours["client_steps_per_s"] / peer["client_steps_per_s"], 2)
+            lines.append(peer)
+            print(json.dumps(peer), flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            for ln in lines:
+                f.write(json.dumps(ln) + "\n")
+
+
+def _cpu_name():
+    try:
+        for ln in open("/proc/cpuinfo"):
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Operate on a finished (or interrupted) run directory: evaluate its checkpoint, export PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from fedlora_jax import lora as lora_lib
+from fedlora_jax.driver import checkpoint as ckpt
+from fedlora_jax.driver.config import from_dict
+
+
+def load_run(run_dir: str | Path, *, quiet: bool = True):
+    """Rebuild a run's setup from its ``config.json`` and restore its latest checkpoint.
+
+    Returns ``(setup, state, round_idx)``.
+    """
+    from fedlora_jax.driver.run import build_setup, init_state
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a run directory?")
+    cfg = from_dict(json.loads(cfg_path.read_text()))
+    setup = build_setup(cfg, quiet=quiet)
+    r, state, _ = ckpt.restore(run_dir / "checkpoints", init_state(setup), fingerprint=cfg.fingerprint())
+    return setup, state, r
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """Test accuracy and loss of the run's latest checkpoint."""
+    import jax
+
+    from fedlora_jax.driver.run import _eval_masks
+    from fedlora_jax.driver.tasks import add_base_delta, make_evaluate
+
+    setup, state, r = load_run(run_dir)
+    base = setup.base
+    bd = getattr(state.agg_state, "base_delta", None)
+    if bd is not None:
+        base = add_base_delta(base, bd)
+    evaluate = make_evaluate(setup.graphdef, scale=setup.cfg.scale)
+    acc, loss = evaluate(base, state.head, state.lora, _eval_masks(setup, state),
+                         jax.tree.map(jnp.asarray, setup.test_batches))
+    return {"run": str(run_dir), "round": r, "test_accuracy": float(acc), "test_loss": float(loss)}
+
+
+def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Export the global adapter of a run as a PEFT adapter (+ ``head.safetensors``).
+
+    SVD-form gains ``e`` (FedARA) and global masks are folded into ``b`` (PEFT has no lambda);
+    methods that folded updates into the base weights (FedEx-LoRA, FLoRA) cannot be expressed
+    as an adapter alone and are refused.
+    """
+    from safetensors.numpy import save_file
+
+    from fedlora_jax.models.peft_io import export_peft
+
+    setup, state, _ = load_run(run_dir)
+    if getattr(state.agg_state, "base_delta", None) is not None:
+        raise ValueError(f"algorithm {setup.cfg.algorithm!r} folds updates into the base weights; "
+                         "its result is not a pure LoRA adapter and cannot be exported as PEFT")
+    masks = {k: jnp.asarray(v) for k, v in state.extra["z"].items()} if setup.algo.shared_masks else None
+    folded = {}
+    for k, f in state.lora.items():
+        g = lora_lib.effective_gain(f, None if masks is None else masks[k])
+        b = f.b if g is None else f.b * g[:, None].astype(f.b.dtype)
+        folded[k] = lora_lib.LoraFactors(f.a, b, None)
+    out = export_peft(folded, None, scale=setup.cfg.scale, targets=setup.targets, out_dir=out_dir,
+                      base_model_name_or_path=setup.cfg.model, task_type="SEQ_CLS", head=state.head)
+    head = {"/".join(str(getattr(p, "key", p)) for p in path): np.asarray(v)
+            for path, v in _flat(state.head)}
+    save_file(head, str(Path(out) / "head.safetensors"))
+    return Path(out)
+
+
+def _flat(tree):
+    import jax
+
+    return jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -1,0 +1,61 @@
+import dataclasses
+
+import pytest
+
+from fedlora_jax.driver.config import ExperimentConfig, apply_overrides, from_dict, load_config
+
+
+def test_defaults_valid_and_scale():
+    cfg = ExperimentConfig()
+    assert cfg.scale == cfg.lora_alpha / cfg.r_max
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ValueError, match="did you mean 'local_steps'"):
+        apply_overrides(ExperimentConfig(), ["local_step=3"])
+    with pytest.raises(ValueError, match="did you mean 'dirichlet_alpha'"):
+        from_dict({"dirichlet_alfa": 0.3})
+
+
+def test_overrides_are_typed_and_never_evaluated():
+    cfg = apply_overrides(ExperimentConfig(), ["rounds=3", "lr=1e-3", "target_modules=['query','key']",
+                                               "client_ranks=[2,4]", "algo.target_rank=2", "name=abc"])
+    assert cfg.rounds == 3 and cfg.lr == 1e-3 and cfg.target_modules == ("query", "key")
+    assert cfg.client_ranks == (2, 4) and cfg.algo == {"target_rank": 2} and cfg.name == "abc"
+    # A Python expression is not evaluated: it stays a string and fails the type check.
+    with pytest.raises(ValueError, match="rounds"):
+        apply_overrides(ExperimentConfig(), ["rounds=__import__('os').getpid()"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(ExperimentConfig(), ["rounds"])
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("dirichlet_alpha", 0.0, "dirichlet_alpha"),
+    ("dirichlet_alpha", -1.0, "dirichlet_alpha"),
+    ("clients_per_round", 50, "clients_per_round"),
+    ("algorithm", "fedavgg", "did you mean"),
+    ("client_ranks", (0,), "client_ranks"),
+    ("client_ranks", (9,), "client_ranks"),
+    ("r_max", 0, "r_max"),
+    ("dropout_prob", 1.0, "dropout_prob"),
+    ("dtype", "float16", "dtype"),
+    ("partition", "dirichlett", "did you mean 'dirichlet'"),
+])
+def test_bad_values_name_the_field(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        dataclasses.replace(ExperimentConfig(), **{field: value})
+
+
+def test_fingerprint_ignores_bookkeeping_only():
+    a = ExperimentConfig()
+    assert a.fingerprint() == dataclasses.replace(a, name="x", rounds=99, eval_every=3).fingerprint()
+    assert a.fingerprint() != dataclasses.replace(a, lr=1e-2).fingerprint()
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.py")
+    p = tmp_path / "c.py"
+    p.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="get_config"):
+        load_config(p)
