@@ -194,23 +194,24 @@ def _safe_svd_tangents(res: SVDResult, da_v: Array, dat_u: Array, eps: float):
     return du, ds, _t(dv)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _safe_lowrank_full(left: Array, right: Array, eps: float) -> SVDResult:
-    return _qr_core_svd(left, right)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _safe_lowrank(left: Array, right: Array, eps: float, rank: int) -> SVDResult:
+    # Without differentiation only the top ``rank`` components are rotated back.
+    return _qr_core_svd(left, right, rank)
 
 
-@_safe_lowrank_full.defjvp
-def _safe_lowrank_full_jvp(eps, primals, tangents):
+@_safe_lowrank.defjvp
+def _safe_lowrank_jvp(eps, rank, primals, tangents):
     left, right = primals
     d_left, d_right = tangents
-    res = _qr_core_svd(left, right)
+    res = _qr_core_svd(left, right)  # all p components: the rule couples kept and dropped ones
     u, _, vt = res
     v = _t(vt)
     # dA = dL R + L dR, applied to V and U without forming any M x N matrix.
     da_v = d_left @ (right @ v) + left @ (d_right @ v)
     dat_u = _t(d_right) @ (_t(left) @ u) + _t(right) @ (_t(d_left) @ u)
     du, ds, dvt = _safe_svd_tangents(res, da_v, dat_u, eps)
-    return res, SVDResult(du, ds, dvt)
+    return _truncate(res, rank), _truncate(SVDResult(du, ds, dvt), rank)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -289,8 +290,7 @@ def lowrank_svd(left: Array, right: Array, *, rank: int | None = None,
     left, right = _prepare(left, right, batch)
     if gradient_safe:
         eps = _default_eps(left.dtype) if eps is None else float(eps)
-        full = _safe_lowrank_full(left, right, eps)
-        return _truncate(full, rank)
+        return _safe_lowrank(left, right, eps, rank)
     return _qr_core_svd(left, right, rank)
 
 

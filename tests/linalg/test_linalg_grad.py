@@ -37,13 +37,14 @@ def _check_vs_central_differences(f, args, n_dirs=3, h=1e-6, rtol=1e-6):
         np.testing.assert_allclose(an, fd, rtol=rtol, atol=1e-7 * max(1.0, abs(fd)))
 
 
-@pytest.mark.parametrize("shape", [(9, 3, 7), (5, 4, 11), (6, 8, 6)])
-def test_lowrank_safe_grad_matches_finite_differences(x64, shape):
+@pytest.mark.parametrize("shape,rank", [((9, 3, 7), None), ((5, 4, 11), None), ((6, 8, 6), None),
+                                        ((10, 5, 8), 2)])
+def test_lowrank_safe_grad_matches_finite_differences(x64, shape, rank):
     m, k, n = shape
     rng = np.random.default_rng(1)
     left = jnp.asarray(rng.standard_normal((m, k)))
     right = jnp.asarray(rng.standard_normal((k, n)))
-    f = lambda a, b: _sign_invariant_loss(lowrank_svd(a, b, gradient_safe=True))
+    f = lambda a, b: _sign_invariant_loss(lowrank_svd(a, b, rank=rank, gradient_safe=True))
     _check_vs_central_differences(f, (left, right))
 
 
