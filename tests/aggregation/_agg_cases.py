@@ -36,6 +36,17 @@ CONFIGS = [
     ("fedara_zero_pad", "fedara", {"averaging": "zero_pad"}, True),
 ]
 CONFIG_IDS = [c[0] for c in CONFIGS]
+# one configuration per registered name runs by default in the expensive tests; the variants
+# run there under ``-m slow``.
+PRIMARY = {"fedit", "hetlora", "rep_mean", "hafl_importance", "flexlora_sqrt_e", "flora", "fedex", "ffa",
+           "fedsa", "fedara"}
+
+
+def params_marking_variants_slow():
+    """``pytest.param`` list over CONFIGS with the non-primary variants marked slow."""
+    import pytest
+
+    return [pytest.param(c, id=c[0], marks=() if c[0] in PRIMARY else pytest.mark.slow) for c in CONFIGS]
 
 
 def build(cfg):

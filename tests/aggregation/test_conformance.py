@@ -4,13 +4,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from aggregation._agg_cases import CONFIG_IDS, CONFIGS, SCALE, assert_trees_close, build, make_case
+from aggregation._agg_cases import (
+    CONFIG_IDS,
+    CONFIGS,
+    SCALE,
+    assert_trees_close,
+    build,
+    make_case,
+    params_marking_variants_slow,
+)
 
 from fedlora_jax import aggregation as ag
 from fedlora_jax import lora
 from fedlora_jax.lora import LoraFactors
 
-pytestmark = pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+ALL = pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+# vmap over rounds compiles a batched program per config: variants run under -m slow
+PRIMARY_ONLY = pytest.mark.parametrize("cfg", params_marking_variants_slow())
 
 
 def _case(cfg, **kw):
@@ -22,11 +32,11 @@ def _run(agg, glob, clients, w, masks, extras, state=None):
     return agg.aggregate(glob, clients, w, masks, state, extras=extras)
 
 
-def test_every_registered_name_is_covered(cfg):
-    del cfg
+def test_every_registered_name_is_covered():
     assert {c[1] for c in CONFIGS} == set(ag.AGGREGATORS)
 
 
+@ALL
 def test_contract_fields(cfg):
     agg = build(cfg)
     assert isinstance(agg, ag.Aggregator)
@@ -35,6 +45,7 @@ def test_contract_fields(cfg):
         assert parts and set(parts) <= set(ag.PART_TOKENS)
 
 
+@ALL
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_shapes_and_dtypes_kept(cfg, dtype):
     agg = build(cfg)
@@ -54,6 +65,7 @@ def test_shapes_and_dtypes_kept(cfg, dtype):
             assert state.base_delta[k].dtype == jnp.float32
 
 
+@ALL
 @pytest.mark.parametrize("nan", [False, True])
 def test_masked_client_slots_never_leak(cfg, nan):
     agg = build(cfg)
@@ -62,6 +74,7 @@ def test_masked_client_slots_never_leak(cfg, nan):
     assert_trees_close(dirty, clean, atol=1e-6, rtol=1e-6)
 
 
+@ALL
 def test_permuting_clients_changes_nothing(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
@@ -72,6 +85,7 @@ def test_permuting_clients_changes_nothing(cfg):
     assert_trees_close(got, ref, atol=2e-5, rtol=2e-5)
 
 
+@ALL
 def test_zero_weight_client_changes_nothing(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
@@ -83,6 +97,7 @@ def test_zero_weight_client_changes_nothing(cfg):
     assert_trees_close(got, ref, atol=2e-5, rtol=2e-5)
 
 
+@ALL
 def test_all_zero_weights_keep_previous_global(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
@@ -92,6 +107,7 @@ def test_all_zero_weights_keep_previous_global(cfg):
     assert_trees_close(state, state0, atol=0, rtol=0)
 
 
+@ALL
 def test_scaling_weights_changes_nothing(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
@@ -112,6 +128,7 @@ def _effective_delta(cfg, agg, new, state, state0, mask_one, client_one):
     return out
 
 
+@ALL
 def test_identical_clients_give_back_that_client(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg, ranks=(3, 3, 3, 3), identical=True)
@@ -126,6 +143,7 @@ def test_identical_clients_give_back_that_client(cfg):
     assert_trees_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+@ALL
 def test_jit_equals_eager(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
@@ -135,6 +153,7 @@ def test_jit_equals_eager(cfg):
     assert_trees_close(jitted, eager, atol=2e-5, rtol=2e-5)
 
 
+@PRIMARY_ONLY
 def test_vmap_over_rounds(cfg):
     agg = build(cfg)
     cases = [_case(cfg, seed=s) for s in (1, 2)]
@@ -146,6 +165,7 @@ def test_vmap_over_rounds(cfg):
     assert_trees_close(got, stack(loop), atol=2e-5, rtol=2e-5)
 
 
+@ALL
 def test_distribute_is_vmappable_and_masks_exact(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
