@@ -196,6 +196,12 @@ def fused_lora_linear_reference(x: Array, w: Array, a: Array, b: Array, mask: Ar
 # ----------------------------------------------------------------------------- Pallas kernel
 
 
+def _dot(u: Array, v: Array) -> Array:
+    """Tile product accumulated in float32. ``HIGHEST`` makes Triton use IEEE fp32 (not TF32)
+    for float32 tiles; bfloat16 tiles use the bf16 tensor-core MMA either way."""
+    return jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
 def _fused_kernel(x_ref, w_ref, a_ref, b_ref, g_ref, o_ref, *, block_n: int, n: int):
     """One ``[block_t, block_m]`` tile of ``x @ w + ((x @ a) * g) @ b`` for one client.
 
@@ -209,15 +215,14 @@ def _fused_kernel(x_ref, w_ref, a_ref, b_ref, g_ref, o_ref, *, block_n: int, n: 
         acc, h = carry
         start = pl.multiple_of(k * block_n, block_n)
         xk = x_ref[:, pl.ds(start, block_n)]
-        acc = acc + jnp.dot(xk, w_ref[pl.ds(start, block_n), :],
-                            preferred_element_type=jnp.float32)
-        h = h + jnp.dot(xk, a_ref[pl.ds(start, block_n), :], preferred_element_type=jnp.float32)
+        acc = acc + _dot(xk, w_ref[pl.ds(start, block_n), :])
+        h = h + _dot(xk, a_ref[pl.ds(start, block_n), :])
         return acc, h
 
     init = (jnp.zeros((bt, bm), jnp.float32), jnp.zeros((bt, rp), jnp.float32))
     acc, h = jax.lax.fori_loop(0, n // block_n, body, init)
     h = (h * g_ref[...]).astype(b_ref.dtype)
-    acc = acc + jnp.dot(h, b_ref[...], preferred_element_type=jnp.float32)
+    acc = acc + _dot(h, b_ref[...])
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
