@@ -35,8 +35,11 @@ def tiny_config(*, hidden=32, layers=2, seq_len=16, num_labels=3) -> EncoderConf
 
 
 def build(seed: int, *, clients=4, chunk=2, steps=2, batch=4, seq_len=16, r_max=4, hidden=32,
-          layers=2, lr=1e-2, **round_kw) -> TinyRound:
-    """Everything random (model, global adapter, data) derives from ``seed``."""
+          layers=2, lr=1e-2, round_fn=None, **round_kw) -> TinyRound:
+    """Everything random (model, global adapter, data) derives from ``seed``.
+
+    ``round_fn``: reuse an already compiled round of the same shapes (the model's graphdef is
+    the same for every seed) instead of building a new one."""
     cfg = tiny_config(hidden=hidden, layers=layers, seq_len=seq_len)
     key = jax.random.key(seed)
     model = EncoderClassifier(cfg, rngs=nnx.Rngs(seed))
@@ -49,7 +52,8 @@ def build(seed: int, *, clients=4, chunk=2, steps=2, batch=4, seq_len=16, r_max=
             for i, (k, f) in enumerate(sorted(glob.items()))}
     agg = aggregation.fedit()
     task = classification_task(graphdef, scale=2.0)
-    rf = make_round(task, agg, optimizer=optax.adamw(lr), chunk_size=chunk, **round_kw)
+    rf = round_fn if round_fn is not None else make_round(task, agg, optimizer=optax.adamw(lr), chunk_size=chunk,
+                                                          **round_kw)
     ids = jax.random.randint(jax.random.fold_in(key, 2), (clients, steps, batch, seq_len), 1, cfg.vocab_size)
     attn = jnp.ones_like(ids).at[..., -3:].set(0)
     labels = jax.random.randint(jax.random.fold_in(key, 3), (clients, steps, batch), 0, cfg.num_labels)
