@@ -130,7 +130,7 @@ def estimate_round_memory(model_config: Any, *, chunk_size: int, batch: int, seq
                           r_max: int, n_adapters: int, dtype_bytes: int, param_bytes: int = 4,
                           base_param_bytes: int | None = None, steps: int = 1,
                           num_clients: int | None = None, grad_cut: int = 0, remat: bool = False,
-                          adapter_in_out: int | None = None) -> MemoryEstimate:
+                          adapter_dims_sum: int | None = None) -> MemoryEstimate:
     """Estimate the peak memory of one compiled round (formulas in the module docstring).
 
     Args:
@@ -148,8 +148,9 @@ def estimate_round_memory(model_config: Any, *, chunk_size: int, batch: int, seq
       num_clients: ``C`` clients in the round (default ``chunk_size``).
       grad_cut: lowest layer with a backward pass (``0`` = all layers trained).
       remat: estimate for rematerialised layers (only layer inputs kept).
-      adapter_in_out: ``N + M`` of one adapted matrix; default ``2 H`` (ASSUMPTION: square
-        attention projections such as query/value).
+      adapter_dims_sum: ``sum_k (N_k + M_k)`` over the adapted matrices, e.g.
+        ``sum(t.in_features + t.out_features for t in targets.values())``; default
+        ``n_adapters * 2 H`` (ASSUMPTION: square projections such as query/value).
 
     Returns:
       :class:`MemoryEstimate` (bytes, Python ints).
@@ -186,8 +187,9 @@ def estimate_round_memory(model_config: Any, *, chunk_size: int, batch: int, seq
               else 2 * batch * max(dims["num_labels"], 1) * 4)
     activations = int(acts + lora_acts + logits)
 
-    in_out = 2 * h if adapter_in_out is None else _pos_int("adapter_in_out", adapter_in_out)
-    lora_params = n_adapters * r_max * in_out
+    dims_sum = (n_adapters * 2 * h if adapter_dims_sum is None
+                else _pos_int("adapter_dims_sum", adapter_dims_sum, 0))
+    lora_params = r_max * dims_sum
     head_params = 0 if dims["causal_lm"] else h * dims["num_labels"] + dims["num_labels"]
     trainable = (lora_params + head_params) * param_bytes * TRAINABLE_COPIES
 

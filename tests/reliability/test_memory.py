@@ -70,6 +70,15 @@ def test_base_bytes_exact_param_count():
     assert _est(cfg, base_param_bytes=2).base_bytes == 2 * n
 
 
+def test_trainable_bytes_count():
+    cfg = tr.tiny_config()  # H = 32, 3 labels
+    e = _est(cfg, r_max=4, n_adapters=4)
+    lora = 4 * 4 * (32 + 32)
+    assert e.optimizer_bytes_per_client == 5 * 4 * (lora + 32 * 3 + 3)
+    e2 = _est(cfg, r_max=4, n_adapters=2, adapter_dims_sum=(32 + 128) + (128 + 32))
+    assert e2.optimizer_bytes_per_client == 5 * 4 * (4 * 320 + 32 * 3 + 3)
+
+
 def test_choose_chunk_size_picks_largest_fitting():
     per, const = 100, 1000
     fn = lambda k: const + per * k
