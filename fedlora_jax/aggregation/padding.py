@@ -88,17 +88,19 @@ def _safe_sqrt(x: Array) -> Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
-def product_fro_norm(f: LoraFactors, m: Array) -> Array:
+def product_fro_norm(f: LoraFactors, m: Array, p: Array | None = None) -> Array:
     """``||a diag(m e) b||_F`` per leading index without forming ``[N, M]``, shape ``m.shape[:-1]``.
 
     Uses ``||a G b||_F^2 = sum_ij (G a^T a G)_ij (b b^T)_ij`` (Gram matrices ``[R, R]``).
-    The norm has no derivative at 0 (gradient set to 0 there).
+    The norm has no derivative at 0 (gradient set to 0 there). ``p [C]`` (optional): clients
+    with ``p == 0`` get their non-finite entries zeroed (dropped clients never poison).
     """
     cd = cm.compute_dtype(f.a)
     mb = cm.binary(m, cd)
-    gain = cm.client_gain(f, m, jnp.ones(m.shape[:1], cd))
-    a = jnp.where(mb[..., None, :] > 0, f.a.astype(cd), 0.0) * gain[..., None, :]
-    b = jnp.where(mb[..., :, None] > 0, f.b.astype(cd), 0.0)
+    p = jnp.ones(m.shape[:1], cd) if p is None else p
+    gain = cm.client_gain(f, m, p)
+    a = cm.clean(f.a.astype(cd), mb[..., None, :], p) * gain[..., None, :]
+    b = cm.clean(f.b.astype(cd), mb[..., :, None], p)
     ga = jnp.einsum("...nr,...ns->...rs", a, a)
     gb = jnp.einsum("...rm,...sm->...rs", b, b)
     return _safe_sqrt(jnp.maximum(jnp.sum(ga * gb, axis=(-2, -1)), 0.0))
@@ -130,9 +132,9 @@ def zero_padding(*, weighting: str = "sparsity", data_weighted: bool = False) ->
     def slot_weights(k, g, f, m, p, extras):
         del k, g, extras
         cd = cm.compute_dtype(f.a)
-        norms = product_fro_norm(f, m)                       # [C, ...]
+        norms = product_fro_norm(f, m, p)                    # [C, ...]
         pk = cm.bcast(p.astype(cd), norms)
-        raw = norms * (pk if data_weighted else (pk > 0).astype(cd))
+        raw = jnp.where(pk > 0, norms * (pk if data_weighted else 1.0), 0.0)
         z = jnp.sum(raw, axis=0, keepdims=True)
         wk = jnp.where(z > 0, raw / jnp.where(z > 0, z, 1.0), pk)
         return wk[..., None] * cm.binary(m, cd)

@@ -11,7 +11,7 @@ from fedlora_jax.lora import LoraFactors
 
 SCALE = 0.5
 # module -> (leading dims, N, M). One module has a leading layer axis L=2.
-MODULES = {"layer.0.query": ((), 9, 7), "layer.1.value": ((), 6, 11), "stack.ffn": ((2,), 5, 8)}
+MODULES = {"layer.0.query": ((), 9, 7), "stack.ffn": ((2,), 5, 8)}
 R = 4
 RANKS = (2, 4, 3, 4)
 

@@ -89,7 +89,9 @@ def test_permuting_clients_changes_nothing(cfg):
 def test_zero_weight_client_changes_nothing(cfg):
     agg = build(cfg)
     glob, clients, w, masks, extras = _case(cfg)
-    g2, c2, _, m2, x2 = _case(cfg, seed=5, ranks=(4, 1, 3, 2), nan=True)
+    g2, c2, _, m2, x2 = _case(cfg, seed=5, ranks=(4, 1, 3, 2))
+    # a dropped client: every entry non-finite (active slots included), weight 0
+    c2, x2 = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), (c2, x2))
     cat = lambda t, u: jax.tree.map(lambda x, y: jnp.concatenate([x, y[:1]]), t, u)
     w_ext = jnp.concatenate([w, jnp.zeros((1,), w.dtype)])
     ref = _run(agg, glob, clients, w, masks, extras)
