@@ -79,7 +79,7 @@ class ExperimentConfig:
     algorithm: str = "fedit"
     algo: dict = dataclasses.field(default_factory=dict)
     aggregator_options: dict = dataclasses.field(default_factory=dict)
-    device_mix: tuple[str, ...] = ("jetson_agx_orin",)
+    device_mix: tuple[str, ...] = ("jetson_agx_orin_64gb",)
     deadline_s: float = 0.0
     dropout_prob: float = 0.0
     lr: float = 5e-4

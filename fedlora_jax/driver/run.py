@@ -38,6 +38,7 @@ from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
 from fedlora_jax.driver.tasks import classification_task, make_evaluate
 from fedlora_jax.federated import ServerState, init_server_state, make_round, make_spec, round_key
+from fedlora_jax.federated.memory import choose_chunk_size, device_memory_bytes, estimate_round_memory
 from fedlora_jax.models import loading as model_loading
 from fedlora_jax.models.common import split_for_round
 
@@ -68,6 +69,7 @@ class Setup:
     model_shape: Any
     device_table: Any
     device_names: tuple
+    chunk_size: int = 1
 
 
 def _resolve_devices(cfg: ExperimentConfig):
@@ -123,7 +125,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     model = model_loading.from_pretrained(cfg.model, num_labels=num_labels, dtype=dtype,
                                           key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019))
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = getattr(model.config, "max_len", getattr(model.config, "max_position_embeddings", None))
     if max_pos is not None and cfg.max_length > max_pos:
         raise ValueError(f"config field 'max_length' = {cfg.max_length} exceeds the model's maximum "
                          f"sequence length {max_pos}")
@@ -160,11 +162,24 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                       client_devices=client_devices, rounds=cfg.rounds, scale=cfg.scale,
                       options=dict(cfg.algo), aggregator_options=dict(cfg.aggregator_options), planner=planner)
     algo = build_algorithm(cfg.algorithm, ctx)
+    chunk_size = _fit_chunk_size(cfg, model, targets)
     _log(f"setup: {len(train.labels)} train / {len(test.labels)} test examples, {num_labels} labels, "
          f"{len(keys)} adapted modules, {time.time() - t0:.1f}s", quiet=quiet)
     return Setup(cfg, model, graphdef, base, head0, targets, train, test_batches, parts,
                  list(train_ds.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
-                 tuple(p.name for p in profiles))
+                 tuple(p.name for p in profiles), chunk_size)
+
+
+def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
+    """The largest chunk <= cfg.chunk_size whose estimated round memory fits the device
+    (federated.memory); a clear error naming what to change if even one client does not fit."""
+    requested = min(cfg.chunk_size, cfg.clients_per_round)
+    estimate = lambda k: estimate_round_memory(
+        model.config, chunk_size=k, batch=cfg.batch_size, seq_len=cfg.max_length, r_max=cfg.r_max,
+        n_adapters=len(targets), dtype_bytes=2 if cfg.dtype == "bfloat16" else 4, steps=cfg.local_steps,
+        num_clients=cfg.clients_per_round,
+        adapter_dims_sum=sum(t.in_features + t.out_features for t in targets.values()))
+    return choose_chunk_size(requested, estimate, device_memory_bytes())
 
 
 def init_state(setup: Setup) -> ServerState:
@@ -211,7 +226,7 @@ def make_round_fn(setup: Setup):
     cfg, algo = setup.cfg, setup.algo
     task = classification_task(setup.graphdef, scale=cfg.scale)
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    return make_round(task, algo.aggregator, optimizer=opt, chunk_size=min(cfg.chunk_size, cfg.clients_per_round),
+    return make_round(task, algo.aggregator, optimizer=opt, chunk_size=setup.chunk_size,
                       track_importance=algo.track_importance, shared_masks=algo.shared_masks,
                       regularizer=algo.regularizer, rank_rule=algo.rank_rule, frozen_parts=algo.frozen_parts)
 

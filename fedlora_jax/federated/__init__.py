@@ -25,3 +25,19 @@ __all__ = [
     "pad_clients",
     "round_key",
 ]
+
+from fedlora_jax.federated.memory import (  # noqa: E402
+    MemoryBudgetError,
+    MemoryEstimate,
+    choose_chunk_size,
+    device_memory_bytes,
+    estimate_round_memory,
+)
+
+__all__ += [
+    "MemoryBudgetError",
+    "MemoryEstimate",
+    "choose_chunk_size",
+    "device_memory_bytes",
+    "estimate_round_memory",
+]

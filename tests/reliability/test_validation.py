@@ -268,8 +268,6 @@ def test_max_length_in_experiment(tiny_run, monkeypatch):
         run_until_round(dataclasses.replace(cfg, max_length=64), tmp, monkeypatch, "long_seq")
 
 
-@pytest.mark.xfail(strict=True, reason="driver checks max_position_embeddings (34), not RoBERTa's max_len "
-                                       "(34 - pad 1 - 1 = 32); patch in the issue-11 report")
 def test_max_length_roberta_uses_usable_positions(tiny_run, monkeypatch):
     tmp, cfg = tiny_run
     cfg = dataclasses.replace(cfg, model=str(_model_dir(tmp, "roberta")), max_length=33)
@@ -300,8 +298,6 @@ def test_device_profile_missing_fields(tmp_path):
         devices.load_profiles(p)
 
 
-@pytest.mark.xfail(strict=True, reason="ExperimentConfig's default device_mix ('jetson_agx_orin',) is not a "
-                                       "profile name (it is 'jetson_agx_orin_64gb'); patch in the issue-11 report")
 def test_default_config_device_mix_is_known():
     for name in ExperimentConfig().device_mix:
         devices.get_profile(name)
@@ -362,8 +358,6 @@ def test_dataset_columns_in_experiment(tiny_run, monkeypatch):
 
 # ------------------------------------------------------------------ 13. the round does not fit in memory
 
-@pytest.mark.xfail(strict=True, reason="needs the driver patch (build_setup -> _fit_chunk_size with "
-                                       "federated.memory) in the issue-11 report")
 def test_round_too_big_for_device_memory(tiny_run, monkeypatch):
     tmp, cfg = tiny_run
     monkeypatch.setattr(driver_run, "device_memory_bytes", lambda: 10_000)
