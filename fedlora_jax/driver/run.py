@@ -457,7 +457,8 @@ def _summary_text(s: dict) -> str:
             f"  test accuracy       {fmt(s['initial_test_accuracy'])} (untrained) -> {fmt(s['final_test_accuracy'])}"
             f" (best {fmt(s['best_test_accuracy'])})\n"
             f"  uplink / downlink   {mb(s['total_bytes_up'])} / {mb(s['total_bytes_down'])}\n"
-            f"  simulated time      {s['total_sim_time_s'] or 0:.1f} s, energy {(s['total_energy_j'] or 0) / 1e3:.2f} kJ\n"
+            f"  simulated time      {s['total_sim_time_s'] or 0:.1f} s, "
+            f"energy {(s['total_energy_j'] or 0) / 1e3:.2f} kJ\n"
             f"  compilations        {s['compilations_this_call']}\n")
 
 

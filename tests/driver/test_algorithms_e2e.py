@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers.tiny_bert import write_tiny_bert
 
 from fedlora_jax.driver.config import ALGORITHMS, ExperimentConfig
 from fedlora_jax.driver.run import run_experiment
-from helpers.tiny_bert import write_tiny_bert
 
 
 @pytest.fixture(scope="module")
