@@ -198,7 +198,7 @@ def hafl(ctx: AlgoContext) -> Algorithm:
                      observe)
 
 
-FEDARA_OPTIONS = ("target_rank", "orth_reg", "t_init_frac", "t_final_frac", "mask_interval", "r_min")
+FEDARA_OPTIONS = ("target_rank", "orth_reg", "t_init_frac", "t_final_frac", "mask_interval", "r_min", "nested")
 
 
 def fedara(ctx: AlgoContext) -> Algorithm:
@@ -212,6 +212,8 @@ def fedara(ctx: AlgoContext) -> Algorithm:
     with no active slot does no adapter matmul: masks are shared, not batched) and no
     backward pass below the lowest active layer. Orthogonality regulariser weight
     ``orth_reg`` (default 0.1, AdaLoRA scripts). The allocation runs inside the jitted round.
+    ``nested=False`` gives the AdaLoRA-style centralised allocation baseline (global top-k
+    recomputed each allocation, pruned triplets may revive).
     """
     _check_options("fedara", ctx.options, FEDARA_OPTIONS)
     o = ctx.options
@@ -225,6 +227,7 @@ def fedara(ctx: AlgoContext) -> Algorithm:
                                   total=ctx.rounds, mask_interval=int(o.get("mask_interval", 1)))
     gamma = float(o.get("orth_reg", 0.1))
     r_min = int(o.get("r_min", 1))
+    nested = bool(o.get("nested", True))
     aggregator = agg_lib.fedara(**ctx.aggregator_options)
 
     def regularizer(lora, masks):
@@ -233,7 +236,7 @@ def fedara(ctx: AlgoContext) -> Algorithm:
     def rank_rule(state, agg_scores):
         z = state.extra["z"]
         # state.round was already advanced: the allocation is for the round about to start.
-        new_z = rank_rules.fedara_allocate(z, agg_scores, state.round, schedule, r_min=r_min)
+        new_z = rank_rules.fedara_allocate(z, agg_scores, state.round, schedule, r_min=r_min, nested=nested)
         return dict(state.extra, z=new_z)
 
     def init_extra(lora):

@@ -142,7 +142,7 @@ def prune_modules(masks: MaskTree, r_min: int) -> MaskTree:
 
 
 def fedara_allocate(masks: MaskTree, agg_scores: Mapping[str, Array], round_idx,
-                    schedule: Callable, *, r_min: int = 1) -> MaskTree:
+                    schedule: Callable, *, r_min: int = 1, nested: bool = True) -> MaskTree:
     """FedARA server rank allocation (monotone, nested), spec sec. 1.4 step 2-3.
 
     ``z <- z & TopB(S, b(t))`` if the schedule says so at ``round_idx``, else ``z``; then
@@ -154,12 +154,15 @@ def fedara_allocate(masks: MaskTree, agg_scores: Mapping[str, Array], round_idx,
       round_idx: int or traced int array.
       schedule: ``t -> (budget, allocate_now)``, e.g. :class:`fedlora_jax.importance.BudgetSchedule`.
       r_min: module pruning threshold.
+      nested: True (FedARA, monotone: a pruned triplet never returns); False = AdaLoRA's
+        centralised rule (global top-k over all triplets each time; a pruned triplet can revive
+        if its aggregated score, which decays to 0 once it is no longer trained, is high enough).
 
     Returns:
       New masks, ``new <= masks`` element-wise.
     """
     budget, now = schedule(round_idx)
-    new = topk_masks(agg_scores, budget, prev_masks=masks, nested=True)
+    new = topk_masks(agg_scores, budget, prev_masks=masks, nested=nested)
     out = {k: jnp.where(now, new[k].astype(m.dtype), m) for k, m in masks.items()}
     return prune_modules(out, r_min) if r_min > 1 else out
 
