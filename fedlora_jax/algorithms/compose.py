@@ -15,6 +15,7 @@ flexlora       weighted product sum + SVD redistribution (arXiv 2402.11505)
 flora          stacking folded into the base (arXiv 2409.05976)
 fedex          FedAvg + residual folded into the base (arXiv 2410.09432)
 ffa            A frozen and shared, B trained (arXiv 2403.12313)
+fedsa          only A shared and averaged, B stays local (arXiv 2410.01463)
 hafl           importance-based freezing (default) or truncation + rank-1 adaptive
                aggregation (HAFL, arXiv 2411.06581)
 fedara         SVD-form adapter, cubic budget, global nested masks, module pruning
@@ -89,6 +90,7 @@ class Algorithm(NamedTuple):
     init_extra: Callable[[dict], dict]
     plan: Callable[[Any, np.ndarray, int], Plan]
     observe: Callable[[Any, np.ndarray, dict], Any] | None = None
+    personal_lora: bool = False
 
 
 def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
@@ -140,6 +142,24 @@ def fedex(ctx: AlgoContext) -> Algorithm:
 
 def ffa(ctx: AlgoContext) -> Algorithm:
     return _static_rank("ffa", agg_lib.ffa_lora(**ctx.aggregator_options), ctx, frozen_parts=("a",))
+
+
+def fedsa(ctx: AlgoContext) -> Algorithm:
+    """FedSA-LoRA (arXiv 2410.01463): ``a`` shared and averaged, ``b`` stays on each client.
+
+    Every client's last adapter is kept in ``extra["personal"]`` (population-sized, on the
+    server in this simulation; on a real deployment it stays on the device) and its own ``b``
+    is handed back by ``distribute``. Global evaluation uses the server's ``a`` with the
+    server's ``b`` (which FedSA never updates); per-client evaluation is the meaningful one.
+    """
+    _check_options("fedsa", ctx.options, ())
+    base = _static_rank("fedsa", agg_lib.fedsa_lora(**ctx.aggregator_options), ctx)
+    k = len(ctx.client_ranks)
+
+    def init_extra(lora):
+        return {"personal": jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape).copy(), lora)}
+
+    return base._replace(init_extra=init_extra, personal_lora=True)
 
 
 HAFL_OPTIONS = ("mode", "first_round_init")
@@ -282,7 +302,7 @@ def legend(ctx: AlgoContext) -> Algorithm:
 
 BUILDERS: dict[str, Callable[[AlgoContext], Algorithm]] = {
     "fedit": fedit, "hetlora": hetlora, "replication": replication, "flexlora": flexlora,
-    "flora": flora, "fedex": fedex, "ffa": ffa, "hafl": hafl, "fedara": fedara, "legend": legend,
+    "flora": flora, "fedex": fedex, "ffa": ffa, "fedsa": fedsa, "hafl": hafl, "fedara": fedara, "legend": legend,
 }
 
 

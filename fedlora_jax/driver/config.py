@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ALGORITHMS = ("fedit", "hetlora", "replication", "hafl", "flexlora", "flora", "fedex", "ffa",
-              "fedara", "legend")
+              "fedsa", "fedara", "legend")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 
 

@@ -228,7 +228,8 @@ def make_round_fn(setup: Setup):
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     return make_round(task, algo.aggregator, optimizer=opt, chunk_size=setup.chunk_size,
                       track_importance=algo.track_importance, shared_masks=algo.shared_masks,
-                      regularizer=algo.regularizer, rank_rule=algo.rank_rule, frozen_parts=algo.frozen_parts)
+                      regularizer=algo.regularizer, rank_rule=algo.rank_rule, frozen_parts=algo.frozen_parts,
+                      personal_lora=algo.personal_lora)
 
 
 def _spec(setup: Setup, plan, client_ids, num_steps, weights):

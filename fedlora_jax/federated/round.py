@@ -179,7 +179,7 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
                beta2: float = 0.85, shared_masks: bool = False, regularizer: Callable | None = None,
                rank_rule: Callable | None = None, drop_nonfinite: bool = True,
                clip_update_norm: float | None = None, frozen_parts: tuple[str, ...] = (),
-               uplink_bytes_per_param: int = 4,
+               uplink_bytes_per_param: int = 4, personal_lora: bool = False,
                mesh: jax.sharding.Mesh | None = None, donate: bool = False):
     """Build the one-jit federated round.
 
@@ -203,6 +203,9 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
       clip_update_norm: optional server-side clip of each client's adapter update norm.
       frozen_parts: factors no client ever updates, e.g. ``("a",)`` for FFA-LoRA.
       uplink_bytes_per_param: bytes per sent parameter for the communication metrics.
+      personal_lora: keep every client's last adapter in ``server_state.extra["personal"]``
+        (leaves ``[K, ...]`` for the whole population, indexed by ``client_id``) and pass it to
+        ``distribute(..., client_lora=...)``: client-local factors (FedSA-LoRA keeps ``b``).
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
       donate: donate the server state buffers to the round.
@@ -256,10 +259,16 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
 
         chunked = jax.tree.map(to_chunks, (batches_p, specs_p))
 
+        personal = state.extra.get("personal") if personal_lora else None
+
         def one_client(b, sp, *maybe_masks):
             if shared_masks:
                 sp = sp._replace(masks=maybe_masks[0])
-            start = aggregator.distribute(state.lora, sp.masks, state.agg_state)
+            if personal is not None:
+                own = jax.tree.map(lambda x: x[sp.client_id], personal)
+                start = aggregator.distribute(state.lora, sp.masks, state.agg_state, client_lora=own)
+            else:
+                start = aggregator.distribute(state.lora, sp.masks, state.agg_state)
             trainable = {"lora": start, "head": state.head}
             ck = jax.random.fold_in(key, sp.client_id)
             out = client_update(task, optimizer, config, trainable, base_eff, b, sp, ck, regularizer)
@@ -307,8 +316,14 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
         if track_importance:
             wn = weights / jnp.maximum(jnp.sum(weights), 1e-30)
             agg_scores = {kk: jnp.tensordot(wn, v, axes=1) for kk, v in outs.scores.items()}
-        new_state = ServerState(state.round + 1, new_lora, new_head, new_agg, state.extra)
-        extra = rank_rule(new_state, agg_scores) if rank_rule is not None else state.extra
+        new_extra = state.extra
+        if personal is not None:
+            # Client-local factors (FedSA-LoRA's b): store every sampled client's result.
+            ids = specs.client_id
+            new_extra = dict(state.extra, personal=jax.tree.map(
+                lambda p, x: p.at[ids].set(x.astype(p.dtype)), personal, client_lora))
+        new_state = ServerState(state.round + 1, new_lora, new_head, new_agg, new_extra)
+        extra = rank_rule(new_state, agg_scores) if rank_rule is not None else new_extra
         new_state = new_state._replace(extra=extra)
 
         up_masks = specs.update_masks

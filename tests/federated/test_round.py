@@ -235,3 +235,32 @@ def test_make_spec_validation():
         make_spec({"x": np.ones((3, 4))}, num_steps=[1, 1], weight=[1, 1], client_id=[0, 1], num_layers=1)
     with pytest.raises(ValueError, match="num_steps"):
         make_spec({"x": np.ones((2, 4))}, num_steps=[1], weight=[1, 1], client_id=[0, 1], num_layers=1)
+
+
+def test_fedsa_personal_b_stays_local_and_returns():
+    from fedlora_jax.aggregation import fedsa_lora
+
+    c = 2
+    base, head, glob, data = setup(c)
+    spec = specs_for(c, ranks=[4, 4], steps=[2, 2], weights=[1, 1])
+    spec = spec._replace(client_id=np.array([1, 3], np.int32))
+    agg = fedsa_lora()
+    k_total = 5
+    personal = jax.tree.map(lambda x: jnp.broadcast_to(x, (k_total,) + x.shape).copy(), glob)
+    state = init_server_state(glob, head, agg, {"personal": personal})
+    rf = make_round(tiny.TASK, agg, optimizer=optax.adam(1e-2), chunk_size=2, personal_lora=True)
+    s1, _ = rf(state, data, spec, jax.random.key(0), base)
+    # Reference: each client trains from (global a, its own b); its trained b is stored for it.
+    for pos, cid in enumerate([1, 3]):
+        sp = jax.tree.map(lambda x: x[pos], spec)
+        start = agg.distribute(glob, sp.masks, (), client_lora=jax.tree.map(lambda x: x[cid], personal))
+        out = client_update(tiny.TASK, optax.adam(1e-2), RoundConfig(chunk_size=1), {"lora": start, "head": head},
+                            base, jax.tree.map(lambda x: x[pos], data), sp, jax.random.fold_in(jax.random.key(0), cid))
+        for k in glob:
+            np.testing.assert_allclose(np.asarray(s1.extra["personal"][k].b[cid]), np.asarray(out.lora[k].b),
+                                       **TOL_F32)
+    for k in glob:
+        # Non-participants keep their adapters; the server's b is never touched by FedSA.
+        np.testing.assert_array_equal(np.asarray(s1.extra["personal"][k].b[0]), np.asarray(glob[k].b))
+        np.testing.assert_array_equal(np.asarray(s1.lora[k].b), np.asarray(glob[k].b))
+        assert np.any(np.asarray(s1.lora[k].a) != np.asarray(glob[k].a))
