@@ -1,0 +1,53 @@
+"""Byun & Lee (arXiv 2406.17477): replication padding vs zero padding (HetLoRA) vs FedIT vs
+FlexLoRA under heterogeneous LoRA ranks, SST-2.
+
+Runbook:
+  command:  python experiments/run_comparison.py --config experiments/configs/byun_lee.py
+            (4 methods x 3 seeds = 12 runs; results in experiments/results/byun_lee/;
+            then python experiments/make_results.py)
+  hardware: CPU, 2 cores shared (no accelerator)
+  runtime:  RUNTIME_PLACEHOLDER
+  expected: EXPECTED_PLACEHOLDER
+
+Setup: real MiniLM-L6 encoder, 3,000 SST-2 training sentences (max 32 tokens) over 20 clients
+with Dirichlet(1.0) label skew, ranks 2/4/8 round-robin (r_max 8) on query/value, 5 clients
+per round, 3 local AdamW steps of 8 sentences (lr 1e-3), 8 rounds, test on the first 256 test
+sentences. FedIT trains every client at r_max (the homogeneous reference: it ignores the rank
+heterogeneity, so it is an upper bound on capacity, not a heterogeneous method).
+"""
+
+import dataclasses
+
+from fedlora_jax.driver.config import ExperimentConfig
+
+SEEDS = (0, 1, 2)
+
+METHODS = {
+    "replication": {"algorithm": "replication"},
+    "zero_padding": {"algorithm": "hetlora"},
+    "fedit_rmax": {"algorithm": "fedit", "client_ranks": ()},
+    "flexlora": {"algorithm": "flexlora"},
+}
+
+
+def get_config(variant: str = "full") -> ExperimentConfig:
+    cfg = ExperimentConfig(
+        name="byun_lee", model="all-MiniLM-L6-v2", dataset="sst2", max_length=32,
+        train_limit=3000, test_limit=256, num_clients=20, clients_per_round=5, rounds=8,
+        local_steps=3, batch_size=8, partition="dirichlet", dirichlet_alpha=1.0, r_max=8,
+        lora_alpha=16.0, target_modules=("query", "value"), client_ranks=(2, 4, 8),
+        algorithm="replication", lr=1e-3, chunk_size=5, eval_every=1, eval_batch_size=128,
+        checkpoint_every=1000,
+    )
+    if variant == "smoke":
+        return smoke(cfg)
+    if variant != "full":
+        raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
+    return cfg
+
+
+def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Tiny version for CI: 2 rounds, few examples, 16 tokens."""
+    return dataclasses.replace(cfg, name=f"{cfg.name}-smoke", train_limit=64, test_limit=32, num_clients=4,
+                               clients_per_round=2, rounds=2, local_steps=1, batch_size=4, max_length=16,
+                               chunk_size=2, eval_batch_size=32)

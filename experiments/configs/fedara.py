@@ -1,0 +1,58 @@
+"""FedARA (arXiv 2501.14406) vs fixed-rank LoRA (FedIT, every client at r_max) vs AdaLoRA-style
+centralised allocation (FedARA machinery with ``nested=False``: global top-k recomputed each
+allocation, pruned triplets may revive): accuracy, cumulative communication, simulated time
+and energy on a Jetson AGX Orin / Orin Nano / Raspberry Pi 5 device mix, SST-2.
+
+Runbook:
+  command:  python experiments/run_comparison.py --config experiments/configs/fedara.py
+            (3 methods x 3 seeds = 9 runs; results in experiments/results/fedara/;
+            then python experiments/make_results.py)
+  hardware: CPU, 2 cores shared (no accelerator); device times and energy are SIMULATED by
+            fedlora_jax.devices' cost model, not measured on Jetsons.
+  runtime:  RUNTIME_PLACEHOLDER
+  expected: EXPECTED_PLACEHOLDER
+
+Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients with
+Dirichlet(1.0) label skew, LoRA on query/key/value/attn_out/ffn_in/ffn_out of every layer
+(36 modules), r0 = r_max = 12 (spec 1.5 default), FedARA budget 12 -> target 4 per module on
+the cubic schedule (t_init 0.1 T, t_final 0.2 T), orth_reg 0.1, 5 clients per round, 3 local
+AdamW steps of 8 sentences (lr 1e-3), 8 rounds, first 256 test sentences.
+"""
+
+import dataclasses
+
+from fedlora_jax.driver.config import ExperimentConfig
+
+SEEDS = (0, 1, 2)
+
+_FEDARA = {"target_rank": 4, "orth_reg": 0.1, "t_init_frac": 0.1, "t_final_frac": 0.2}
+
+METHODS = {
+    "fedara": {"algorithm": "fedara", "algo": dict(_FEDARA)},
+    "fixed_rank_fedit": {"algorithm": "fedit", "algo": {}},
+    "adalora_central": {"algorithm": "fedara", "algo": dict(_FEDARA, nested=False)},
+}
+
+
+def get_config(variant: str = "full") -> ExperimentConfig:
+    cfg = ExperimentConfig(
+        name="fedara", model="all-MiniLM-L6-v2", dataset="sst2", max_length=32,
+        train_limit=3000, test_limit=256, num_clients=20, clients_per_round=5, rounds=8,
+        local_steps=3, batch_size=8, partition="dirichlet", dirichlet_alpha=1.0, r_max=12,
+        lora_alpha=16.0, target_modules=("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+        client_ranks=(), algorithm="fedara", algo=dict(_FEDARA),
+        device_mix=("jetson_agx_orin_64gb", "jetson_orin_nano_8gb", "raspberry_pi_5_8gb"),
+        lr=1e-3, chunk_size=5, eval_every=1, eval_batch_size=128, checkpoint_every=1000,
+    )
+    if variant == "smoke":
+        return smoke(cfg)
+    if variant != "full":
+        raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
+    return cfg
+
+
+def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Tiny version for CI: 2 rounds, few examples, 16 tokens."""
+    return dataclasses.replace(cfg, name=f"{cfg.name}-smoke", train_limit=64, test_limit=32, num_clients=4,
+                               clients_per_round=2, rounds=2, local_steps=1, batch_size=4, max_length=16,
+                               chunk_size=2, eval_batch_size=32)
