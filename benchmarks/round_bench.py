@@ -86,7 +86,7 @@ def run_ours(a, C):
     shapes = {k: (t.in_features, t.out_features) for k, t in targets.items()}
     glob = lora_lib.init(jax.random.key(1), shapes, a.rank)
     agg = fedit()
-    task = classification_task(graphdef, scale=2.0)
+    task = classification_task(graphdef, scale=2.0, remat=a.remat)
     chunk = a.chunk or C
     rf = make_round(task, agg, optimizer=optax.adamw(1e-4), chunk_size=min(chunk, C))
     rng = np.random.default_rng(0)
@@ -119,7 +119,7 @@ def run_ours(a, C):
         mem = {}
     return dict(system="fedlora_jax (one jit, chunked vmap)", device=str(jax.devices()[0].device_kind),
                 jax=jax.__version__, size=a.size, clients=C, chunk=min(chunk, C), steps=a.steps, batch=a.batch,
-                seq=a.seq, rank=a.rank, dtype=a.dtype, compile_s=round(compile_s, 2),
+                seq=a.seq, rank=a.rank, dtype=a.dtype, remat=a.remat, compile_s=round(compile_s, 2),
                 round_s=round(best, 4), round_times=[round(x, 4) for x in times],
                 client_steps_per_s=round(C * a.steps / best, 2), tokens_per_s=round(tokens / best),
                 model_tflops=round(mflops / best / 1e12, 4),
@@ -152,6 +152,7 @@ def main():
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    p.add_argument("--remat", action="store_true", help="jax.checkpoint each transformer block")
     p.add_argument("--peer", action="store_true", help="also run ../shared/bench/peer_torch_peft.py")
     p.add_argument("--out", help="append JSON lines to this file")
     a = p.parse_args()

@@ -17,12 +17,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from fedlora_jax._atomic import atomic_write
 from fedlora_jax.data.loading import CausalLMDataset, TextDataset
 
 logger = logging.getLogger(__name__)
@@ -178,18 +178,7 @@ def cache_key(dataset: TextDataset | CausalLMDataset, tokenizer: Any, *, max_len
 
 
 def _save_atomic(path: Path, data: TokenizedDataset) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **data._asdict())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **data._asdict()))
 
 
 def _load(path: Path) -> TokenizedDataset | None:

@@ -13,35 +13,21 @@ present and consistent; a checkpoint from a different config (fingerprint) is re
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from fedlora_jax._atomic import atomic_write_json
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, truncated or from a different config."""
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+write_json_atomic = atomic_write_json
 
 
 def _leaf_meta(leaves) -> list[list]:

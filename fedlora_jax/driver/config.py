@@ -49,7 +49,8 @@ class ExperimentConfig:
       dropout_prob: probability a sampled client fails mid-round.
     Optimisation / run:
       lr, weight_decay, seed, chunk_size, eval_every, eval_batch_size, checkpoint_every,
-      dtype (compute dtype ``float32 | bfloat16``).
+      dtype (compute dtype ``float32 | bfloat16``), remat (``jax.checkpoint`` each transformer
+      block: less activation memory for ~1 extra forward).
     """
 
     name: str = "experiment"
@@ -90,6 +91,7 @@ class ExperimentConfig:
     eval_batch_size: int = 64
     checkpoint_every: int = 1
     dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         validate(self)

@@ -33,6 +33,7 @@ import optax
 from fedlora_jax import data as data_lib
 from fedlora_jax import devices as dev_lib
 from fedlora_jax import lora as lora_lib
+from fedlora_jax._atomic import atomic_write_bytes
 from fedlora_jax.algorithms.compose import AlgoContext, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
@@ -177,6 +178,7 @@ def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
     estimate = lambda k: estimate_round_memory(
         model.config, chunk_size=k, batch=cfg.batch_size, seq_len=cfg.max_length, r_max=cfg.r_max,
         n_adapters=len(targets), dtype_bytes=2 if cfg.dtype == "bfloat16" else 4, steps=cfg.local_steps,
+        remat=cfg.remat,
         num_clients=cfg.clients_per_round,
         adapter_dims_sum=sum(t.in_features + t.out_features for t in targets.values()))
     return choose_chunk_size(requested, estimate, device_memory_bytes())
@@ -224,7 +226,7 @@ def _client_costs(setup: Setup, spec, client_ids, bytes_up, bytes_down):
 
 def make_round_fn(setup: Setup):
     cfg, algo = setup.cfg, setup.algo
-    task = classification_task(setup.graphdef, scale=cfg.scale)
+    task = classification_task(setup.graphdef, scale=cfg.scale, remat=cfg.remat)
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     return make_round(task, algo.aggregator, optimizer=opt, chunk_size=setup.chunk_size,
                       track_importance=algo.track_importance, shared_masks=algo.shared_masks,
@@ -406,9 +408,7 @@ def _truncate_metrics(path: Path, start: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] < start]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -27,15 +27,17 @@ def add_base_delta(base_state, deltas: dict):
     return jax.tree_util.tree_map_with_path(add, base_state)
 
 
-def classification_task(graphdef, *, scale: float, label_smoothing: float = 0.0) -> Task:
+def classification_task(graphdef, *, scale: float, label_smoothing: float = 0.0, remat: bool = False) -> Task:
     """Cross-entropy on an encoder classifier; batches hold ``input_ids [B, T]``,
-    ``attention_mask [B, T]``, ``labels [B]`` and ``example_mask [B]`` (padding rows = 0)."""
+    ``attention_mask [B, T]``, ``labels [B]`` and ``example_mask [B]`` (padding rows = 0).
+    ``remat=True`` rematerialises each transformer block in the backward pass."""
+    extra = {"remat": True} if remat else {}
 
     def loss(trainable, base, batch, masks, grad_cut, key):
         del key
         logits = functional_forward(graphdef, base, trainable["head"], batch["input_ids"],
                                     batch["attention_mask"], lora=trainable["lora"], masks=masks,
-                                    scale=scale, grad_cut_layer=grad_cut)
+                                    scale=scale, grad_cut_layer=grad_cut, **extra)
         logits = logits.astype(jnp.float32)
         n_cls = logits.shape[-1]
         labels = jax.nn.one_hot(batch["labels"], n_cls)

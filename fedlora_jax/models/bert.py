@@ -209,8 +209,12 @@ class EncoderClassifier(nnx.Module):
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
     def encode(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
-               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None) -> Array:
-        """Final hidden states ``[B, T, D]`` in ``config.dtype``."""
+               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None, remat: bool = False) -> Array:
+        """Final hidden states ``[B, T, D]`` in ``config.dtype``.
+
+        ``remat=True`` wraps each transformer block in ``jax.checkpoint``: only the block inputs
+        are kept for the backward pass and the block is recomputed (less activation memory,
+        about one extra forward of compute)."""
         cfg = self.config
         common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
         common.check_grad_cut(grad_cut_layer, cfg.num_layers)
@@ -222,7 +226,8 @@ class EncoderClassifier(nnx.Module):
         h = self.embed_norm(h).astype(dt)
         adapter = AdapterCall(lora, masks, scale)
         for i, layer in enumerate(self.layers):
-            h = layer(h, attention_mask, i=i, adapter=adapter, dtype=dt)
+            block = lambda hh, layer=layer, i=i: layer(hh, attention_mask, i=i, adapter=adapter, dtype=dt)
+            h = jax.checkpoint(block)(h) if remat else block(h)
             h = common.cut_after_layer(h, i, grad_cut_layer)
         return h
 
@@ -240,10 +245,10 @@ class EncoderClassifier(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array, *,
                  lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
-                 grad_cut_layer=None) -> Array:
-        """Logits ``[B, num_labels]`` float32."""
+                 grad_cut_layer=None, remat: bool = False) -> Array:
+        """Logits ``[B, num_labels]`` float32 (``remat``: see :meth:`encode`)."""
         h = self.encode(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
-                        grad_cut_layer=grad_cut_layer)
+                        grad_cut_layer=grad_cut_layer, remat=remat)
         return self.head(self.pool(h, attention_mask))
 
 

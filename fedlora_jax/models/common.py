@@ -276,14 +276,15 @@ def split_for_round(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
 
 def functional_forward(graphdef: nnx.GraphDef, base_state: nnx.State, head_state: nnx.State,
                        input_ids: Array, attention_mask: Array, *, lora: LoraTree | None,
-                       masks: MaskTree | None, scale, grad_cut_layer=None) -> Array:
+                       masks: MaskTree | None, scale, grad_cut_layer=None, **model_kwargs) -> Array:
     """Pure forward for ``jit``/``vmap``: merges ``(graphdef, base, head)`` and calls the model.
 
+    ``model_kwargs`` go to the model call (e.g. ``remat=True`` for the encoder).
     Returns the model's output: ``[B, num_labels]`` (encoders) or ``[B, T, V]`` (decoders).
     """
     model = nnx.merge(graphdef, base_state, head_state)
     return model(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
-                 grad_cut_layer=grad_cut_layer)
+                 grad_cut_layer=grad_cut_layer, **model_kwargs)
 
 
 def _kernel_path(key: str) -> tuple:

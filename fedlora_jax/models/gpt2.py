@@ -144,7 +144,7 @@ class GPT2LM(nnx.Module):
         return out
 
     def hidden(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
-               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None) -> Array:
+               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None, remat: bool = False) -> Array:
         """Final (``ln_f``-normalised) hidden states ``[B, T, D]`` in ``config.dtype``."""
         cfg = self.config
         common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
@@ -155,16 +155,17 @@ class GPT2LM(nnx.Module):
              ).astype(cfg.dtype)
         adapter = AdapterCall(lora, masks, scale)
         for i, layer in enumerate(self.layers):
-            h = layer(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
+            block = lambda hh, layer=layer, i=i: layer(hh, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
+            h = jax.checkpoint(block)(h) if remat else block(h)
             h = common.cut_after_layer(h, i, grad_cut_layer)
         return self.ln_f(h)
 
     def __call__(self, input_ids: Array, attention_mask: Array, *,
                  lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
-                 grad_cut_layer=None) -> Array:
+                 grad_cut_layer=None, remat: bool = False) -> Array:
         """Logits ``[B, T, V]`` float32."""
         h = self.hidden(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
-                        grad_cut_layer=grad_cut_layer)
+                        grad_cut_layer=grad_cut_layer, remat=remat)
         if self.lm_head is None:
             w = self.wte.embedding[...].astype(self.config.dtype)
             return (h @ w.T).astype(jnp.float32)

@@ -16,13 +16,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from fedlora_jax._atomic import atomic_write_bytes
 from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree, effective_gain
 from fedlora_jax.models.common import TargetInfo
 
@@ -71,20 +71,6 @@ def _hf_path(info: TargetInfo, task_type: str) -> str:
             if path.startswith(p):
                 return path[len(p):]
     return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
@@ -176,8 +162,8 @@ def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    _atomic_write_bytes(out / CONFIG_NAME, json.dumps(config, indent=2).encode())
+    atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / CONFIG_NAME, json.dumps(config, indent=2).encode())
     return out
 
 

@@ -174,3 +174,33 @@ def test_too_long_sequence_raises(name, limit):
         model(ids, jnp.ones_like(ids))
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, jnp.ones((1, 3), jnp.int32))
+
+
+def test_remat_blocks_give_identical_gradients():
+    """jax.checkpoint per transformer block changes memory, not numbers."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from fedlora_jax import lora as lora_lib
+    from fedlora_jax.models.bert import EncoderClassifier, EncoderConfig
+    from fedlora_jax.models.common import functional_forward, split_for_round
+
+    cfg = EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=100,
+                        max_position_embeddings=32)
+    model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
+    g, base, head = split_for_round(model)
+    t = model.adapter_targets(["query", "value"])
+    lo = lora_lib.init(jax.random.key(1), {k: (v.in_features, v.out_features) for k, v in t.items()}, 4, std=0.1)
+    ids = jax.random.randint(jax.random.key(2), (3, 8), 0, 100)
+    mask = jnp.ones((3, 8), jnp.int32)
+
+    def loss(lo, remat):
+        return jnp.sum(functional_forward(g, base, head, ids, mask, lora=lo, masks=None, scale=1.0, remat=remat) ** 2)
+
+    g0 = jax.jit(jax.grad(lambda lo: loss(lo, False)))(lo)
+    g1 = jax.jit(jax.grad(lambda lo: loss(lo, True)))(lo)
+    for k in lo:
+        np.testing.assert_allclose(np.asarray(g0[k].a), np.asarray(g1[k].a), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g0[k].b), np.asarray(g1[k].b), rtol=1e-5, atol=1e-6)
