@@ -9,6 +9,7 @@ from fedlora_jax.federated.round import (
     make_round,
     round_key,
 )
+from fedlora_jax.federated.sharding import client_mesh, shard_base
 from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec, num_clients, pad_clients
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "RoundConfig",
     "ServerState",
     "Task",
+    "client_mesh",
     "client_update",
     "init_server_state",
     "make_round",
@@ -24,6 +26,7 @@ __all__ = [
     "num_clients",
     "pad_clients",
     "round_key",
+    "shard_base",
 ]
 
 from fedlora_jax.federated.memory import (  # noqa: E402

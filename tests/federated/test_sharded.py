@@ -30,6 +30,16 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(np.asarray(s1.lora[k].a), np.asarray(s2.lora[k].a), rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(np.asarray(s1.lora[k].b), np.asarray(s2.lora[k].b), rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(np.asarray(m1["client_loss"]), np.asarray(m2["client_loss"]), rtol=2e-5)
+    # 2-D mesh: clients x model, base kernels split on "model".
+    from fedlora_jax.federated import client_mesh, shard_base
+    mesh2 = client_mesh(model=2)
+    assert dict(mesh2.shape) == {{"clients": 4, "model": 2}}
+    base2 = shard_base(base, mesh2)
+    assert base2["w0"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    sharded2 = make_round(tiny.TASK, agg, optimizer=optax.adam(1e-2), chunk_size=8, mesh=mesh2)
+    s3, _ = sharded2(init_server_state(glob, head, agg), data, spec, key, base2)
+    for k in glob:
+        np.testing.assert_allclose(np.asarray(s1.lora[k].a), np.asarray(s3.lora[k].a), rtol=2e-5, atol=2e-6)
     print("SHARDED_OK")
     """
 )
