@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.config import ExperimentConfig, apply_overrides
 
 KEEP_FILES = ("metrics.jsonl", "summary.json", "config.json")
 
@@ -76,9 +76,11 @@ def make_run_config(base: ExperimentConfig, label: str, method: dict, *, seed: i
     return dataclasses.replace(base, **changes)
 
 
-def plan_runs(module, variant: str, seeds) -> list[tuple[str, ExperimentConfig]]:
-    """Every (run directory name, config) of the comparison, in a deterministic order."""
-    base = module.get_config(variant)
+def plan_runs(module, variant: str, seeds, overrides: list[str] | None = None
+              ) -> list[tuple[str, ExperimentConfig]]:
+    """Every (run directory name, config) of the comparison, in a deterministic order;
+    ``overrides`` (``key=value``) change the base config first."""
+    base = apply_overrides(module.get_config(variant), overrides)
     runs = []
     for field, value in sweep_items(module):
         for label, method in module.METHODS.items():
@@ -130,13 +132,15 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="run only these method labels")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="override base-config fields of every run (e.g. lr=3e-3)")
     args = p.parse_args(argv)
     enable_compilation_cache(args.cache_dir)
     module = load_module(args.config)
     seeds = tuple(args.seeds) if args.seeds else tuple(getattr(module, "SEEDS", (0,)))
     out = Path(args.out or Path(__file__).parent / "results" / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(module, args.variant, seeds)
+    runs = plan_runs(module, args.variant, seeds, args.set)
     if args.only:
         unknown = set(args.only) - set(module.METHODS)
         if unknown:

@@ -11,7 +11,7 @@ Runbook:
 
 Setup: real MiniLM-L6 encoder, 3,000 AG News training articles (4 classes, max 40 tokens) over
 20 clients with Dirichlet(alpha) label skew, ranks 2/4/8 round-robin (r_max 8) on query/value,
-5 clients per round, 3 local AdamW steps of 8 articles (lr 1e-3), 8 rounds, test on the first
+5 clients per round, 4 local AdamW steps of 8 articles (lr 2e-3), 8 rounds, test on the first
 256 articles of the test split. SWEEP lists alpha 0.5 last so that it is the value dropped
 when CPU time runs short.
 """
@@ -34,9 +34,9 @@ def get_config(variant: str = "full") -> ExperimentConfig:
     cfg = ExperimentConfig(
         name="hafl", model="all-MiniLM-L6-v2", dataset="agnews", test_split="test", max_length=40,
         train_limit=3000, test_limit=256, num_clients=20, clients_per_round=5, rounds=8,
-        local_steps=3, batch_size=8, partition="dirichlet", dirichlet_alpha=0.5, r_max=8,
+        local_steps=4, batch_size=8, partition="dirichlet", dirichlet_alpha=0.5, r_max=8,
         lora_alpha=16.0, target_modules=("query", "value"), client_ranks=(2, 4, 8),
-        algorithm="hafl", algo={"mode": "freeze"}, lr=1e-3, chunk_size=5, eval_every=1,
+        algorithm="hafl", algo={"mode": "freeze"}, lr=2e-3, chunk_size=5, eval_every=1,
         eval_batch_size=128, checkpoint_every=1000,
     )
     if variant == "smoke":

@@ -113,6 +113,7 @@ def test_aggregation_matches_hand_computation(tmp_path):
     assert agg["final_acc"][0] == pytest.approx(np.mean(finals))
     assert agg["final_acc"][1] == pytest.approx(np.std(finals, ddof=1))
     assert agg["best_acc"][0] == pytest.approx(0.85)
+    assert agg["last3_acc"][0] == pytest.approx(np.mean([np.mean([0.6, 0.8, 0.7]), np.mean([0.7, 0.7, 0.9])]))
     assert agg["up_mb"][0] == pytest.approx(4.5)
     assert agg["sim_s"][0] == pytest.approx(22.5)
     assert agg["energy_kj"][0] == pytest.approx(0.225)
@@ -130,6 +131,7 @@ def test_target_never_reached_and_single_seed():
     agg = make_results.aggregate_group([a], target=0.9)
     assert agg["reached"] == 0 and math.isnan(agg["t_target"][0])
     assert agg["final_acc"] == (0.7, 0.0)
+    assert agg["last3_acc"][0] == pytest.approx(0.65)  # trained rounds only, fewer than 3
 
 
 def test_curves_and_mean_curve():
