@@ -12,8 +12,8 @@ Runbook:
   runtime:  RUNTIME_PLACEHOLDER
   expected: EXPECTED_PLACEHOLDER
 
-Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients with
-Dirichlet(1.0) label skew, LoRA on query/key/value/attn_out/ffn_in/ffn_out of every layer
+Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients,
+an IID split, LoRA on query/key/value/attn_out/ffn_in/ffn_out of every layer
 (36 modules), r0 = r_max = 12 (spec 1.5 default), FedARA budget 12 -> target 4 per module on
 the cubic schedule (t_init 0.1 T, t_final 0.2 T), orth_reg 0.1, 5 clients per round, 4 local
 AdamW steps of 8 sentences (lr 2e-3), 8 rounds, first 256 test sentences.
@@ -38,7 +38,7 @@ def get_config(variant: str = "full") -> ExperimentConfig:
     cfg = ExperimentConfig(
         name="fedara", model="all-MiniLM-L6-v2", dataset="sst2", max_length=32,
         train_limit=3000, test_limit=256, num_clients=20, clients_per_round=5, rounds=8,
-        local_steps=4, batch_size=8, partition="dirichlet", dirichlet_alpha=1.0, r_max=12,
+        local_steps=4, batch_size=8, partition="iid", r_max=12,
         lora_alpha=16.0, target_modules=("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
         client_ranks=(), algorithm="fedara", algo=dict(_FEDARA),
         device_mix=("jetson_agx_orin_64gb", "jetson_orin_nano_8gb", "raspberry_pi_5_8gb"),

@@ -10,8 +10,8 @@ Runbook:
   runtime:  RUNTIME_PLACEHOLDER
   expected: EXPECTED_PLACEHOLDER
 
-Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients with
-Dirichlet(1.0) label skew on a round-robin mix of Jetson AGX Orin, Orin Nano, Raspberry Pi 5
+Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients,
+an IID split on a round-robin mix of Jetson AGX Orin, Orin Nano, Raspberry Pi 5
 and a Snapdragon 8 Gen 2 phone, LoRA r_max 8 on query/value, 5 clients per round, 4 local
 AdamW steps of 8 sentences (lr 2e-3), 8 rounds, first 256 test sentences. Target accuracy
 (make_results): 95% of the uniform baseline's mean last-3 accuracy (spec 2.6 ASSUMPTION).
@@ -36,7 +36,7 @@ def get_config(variant: str = "full") -> ExperimentConfig:
     cfg = ExperimentConfig(
         name="legend", model="all-MiniLM-L6-v2", dataset="sst2", max_length=32,
         train_limit=3000, test_limit=256, num_clients=20, clients_per_round=5, rounds=8,
-        local_steps=4, batch_size=8, partition="dirichlet", dirichlet_alpha=1.0, r_max=8,
+        local_steps=4, batch_size=8, partition="iid", r_max=8,
         lora_alpha=16.0, target_modules=("query", "value"), client_ranks=(),
         algorithm="legend", algo={},
         device_mix=("jetson_agx_orin_64gb", "jetson_orin_nano_8gb", "raspberry_pi_5_8gb",
