@@ -407,7 +407,17 @@ def _truncate_metrics(path: Path, start: int) -> None:
     """Keep only lines of rounds ``< start`` (a killed run may have logged past its checkpoint)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["round"] < start]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for i, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # a line torn by the kill itself: it belongs to an unfinished round
+                break
+            raise ValueError(f"{path} line {i + 1} is not valid JSON ({err}); the metrics file is corrupt") from err
+        if row["round"] < start:
+            keep.append(ln)
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 

@@ -59,3 +59,15 @@ def test_load_config_file_errors(tmp_path):
     p.write_text("x = 1\n")
     with pytest.raises(ValueError, match="get_config"):
         load_config(p)
+
+
+def test_truncate_metrics_drops_torn_last_line_and_later_rounds(tmp_path):
+    from fedlora_jax.driver.run import _truncate_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"round": -1}\n{"round": 0}\n{"round": 1}\n{"round": 2, "test_acc')
+    _truncate_metrics(p, 1)
+    assert p.read_text() == '{"round": -1}\n{"round": 0}\n'
+    p.write_text('{"round": 0}\n{"rou\n{"round": 1}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        _truncate_metrics(p, 1)
