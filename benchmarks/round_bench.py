@@ -88,7 +88,8 @@ def run_ours(a, C):
     agg = fedit()
     task = classification_task(graphdef, scale=2.0, remat=a.remat)
     chunk = a.chunk or C
-    rf = make_round(task, agg, optimizer=optax.adamw(1e-4), chunk_size=min(chunk, C))
+    rf = make_round(task, agg, optimizer=optax.adamw(1e-4), chunk_size=min(chunk, C),
+                    static_grad_cut=a.static_cut)
     rng = np.random.default_rng(0)
     batch = {"input_ids": rng.integers(3, size["vocab_size"], (C, a.steps, a.batch, a.seq)).astype(np.int32),
              "attention_mask": np.ones((C, a.steps, a.batch, a.seq), np.int32),
@@ -103,6 +104,8 @@ def run_ours(a, C):
     t0 = time.perf_counter()
     compiled = rf.jitted.lower(state, batch, spec, jax.random.key(0), base).compile()
     compile_s = time.perf_counter() - t0
+    ca = compiled.cost_analysis()
+    xla_flops = (ca[0] if isinstance(ca, list) else ca or {}).get("flops")
     times = []
     for r in range(a.rounds):
         t = time.perf_counter()
@@ -119,12 +122,13 @@ def run_ours(a, C):
         mem = {}
     return dict(system="fedlora_jax (one jit, chunked vmap)", device=str(jax.devices()[0].device_kind),
                 jax=jax.__version__, size=a.size, clients=C, chunk=min(chunk, C), steps=a.steps, batch=a.batch,
-                seq=a.seq, rank=a.rank, dtype=a.dtype, remat=a.remat, compile_s=round(compile_s, 2),
+                seq=a.seq, rank=a.rank, dtype=a.dtype, remat=a.remat, static_cut=a.static_cut,
+                compile_s=round(compile_s, 2),
                 round_s=round(best, 4), round_times=[round(x, 4) for x in times],
                 client_steps_per_s=round(C * a.steps / best, 2), tokens_per_s=round(tokens / best),
                 model_tflops=round(mflops / best / 1e12, 4),
                 peer_formula_tflops=round(peer_flops_per_token(h, f, L) * tokens / best / 1e12, 4),
-                peak_bytes=mem.get("peak_bytes_in_use"), traces=rf.trace_count())
+                peak_bytes=mem.get("peak_bytes_in_use"), traces=rf.trace_count(), xla_flops=xla_flops)
 
 
 def run_peer(a, C):
@@ -153,6 +157,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     p.add_argument("--remat", action="store_true", help="jax.checkpoint each transformer block")
+    p.add_argument("--static-cut", type=int, default=None,
+                   help="no backward below this layer, compiled statically (FedARA module pruning)")
     p.add_argument("--peer", action="store_true", help="also run ../shared/bench/peer_torch_peft.py")
     p.add_argument("--out", help="append JSON lines to this file")
     a = p.parse_args()

@@ -91,6 +91,7 @@ class Algorithm(NamedTuple):
     plan: Callable[[Any, np.ndarray, int], Plan]
     observe: Callable[[Any, np.ndarray, dict], Any] | None = None
     personal_lora: bool = False
+    static_cut: bool = False
 
 
 def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
@@ -218,7 +219,8 @@ def hafl(ctx: AlgoContext) -> Algorithm:
                      observe)
 
 
-FEDARA_OPTIONS = ("target_rank", "orth_reg", "t_init_frac", "t_final_frac", "mask_interval", "r_min", "nested")
+FEDARA_OPTIONS = ("target_rank", "orth_reg", "t_init_frac", "t_final_frac", "mask_interval", "r_min", "nested",
+                  "static_cut")
 
 
 def fedara(ctx: AlgoContext) -> Algorithm:
@@ -234,6 +236,10 @@ def fedara(ctx: AlgoContext) -> Algorithm:
     ``orth_reg`` (default 0.1, AdaLoRA scripts). The allocation runs inside the jitted round.
     ``nested=False`` gives the AdaLoRA-style centralised allocation baseline (global top-k
     recomputed each allocation, pruned triplets may revive).
+    ``static_cut=True``: the backward pass below the lowest active layer is removed from the
+    compiled program (a Python-int cut), so its FLOPs and saved activations really disappear;
+    the round is recompiled each time that layer moves up (at most ``L`` times per run).
+    Default False: one compile, the same gradients, but the work below the cut still runs.
     """
     _check_options("fedara", ctx.options, FEDARA_OPTIONS)
     o = ctx.options
@@ -269,7 +275,7 @@ def fedara(ctx: AlgoContext) -> Algorithm:
         return Plan(z, upd)
 
     return Algorithm("fedara", aggregator, "svd_form", True, True, regularizer if gamma > 0 else None,
-                     rank_rule, (), init_extra, plan)
+                     rank_rule, (), init_extra, plan, static_cut=bool(o.get("static_cut", False)))
 
 
 def legend(ctx: AlgoContext) -> Algorithm:

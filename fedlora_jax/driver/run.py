@@ -224,14 +224,14 @@ def _client_costs(setup: Setup, spec, client_ids, bytes_up, bytes_down):
     return np.asarray(flops, np.float64), t, np.asarray(energy, np.float64)
 
 
-def make_round_fn(setup: Setup):
+def make_round_fn(setup: Setup, static_grad_cut: int | None = None):
     cfg, algo = setup.cfg, setup.algo
     task = classification_task(setup.graphdef, scale=cfg.scale, remat=cfg.remat)
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     return make_round(task, algo.aggregator, optimizer=opt, chunk_size=setup.chunk_size,
                       track_importance=algo.track_importance, shared_masks=algo.shared_masks,
                       regularizer=algo.regularizer, rank_rule=algo.rank_rule, frozen_parts=algo.frozen_parts,
-                      personal_lora=algo.personal_lora)
+                      personal_lora=algo.personal_lora, static_grad_cut=static_grad_cut)
 
 
 def _spec(setup: Setup, plan, client_ids, num_steps, weights):
@@ -294,7 +294,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             setup.ctx.planner.load_state_dict(meta["planner"])
         _truncate_metrics(metrics_path, start)
         _log(f"resumed from round {last} ({ckpt_dir})", quiet=quiet)
-    round_fn = make_round_fn(setup)
+    round_fns: dict = {}
+
+    def round_fn_for(spec):
+        """One compiled round, or one per static gradient cut (FedARA static_cut)."""
+        k = int(np.min(spec.grad_cut)) if setup.algo.static_cut else None
+        if k not in round_fns:
+            round_fns[k] = make_round_fn(setup, static_grad_cut=k)
+        return round_fns[k]
+
     evaluate = make_evaluate(setup.graphdef, scale=cfg.scale)
     test_batches = jax.tree.map(jnp.asarray, setup.test_batches)
 
@@ -340,7 +348,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         weights = np.where(stragglers, 0.0, weights)
         spec = spec._replace(weight=weights.astype(np.float32))
         key = round_key(cfg.seed, r)
-        state, m = round_fn(state, batch, spec, key, setup.base)
+        state, m = round_fn_for(spec)(state, batch, spec, key, setup.base)
         if setup.algo.observe is not None:
             m_host = {"client_scores": m["client_scores"], "agg_scores": m["agg_scores"],
                       "client_time_s": np.asarray(times.total_s), "client_flops": flops,
@@ -389,7 +397,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         _progress(r, cfg, line, t_run, rounds_done, quiet=quiet)
         if stop_after is not None and rounds_done >= stop_after:
             break
-    summary = _summary(metrics_path, cfg, round_fn.trace_count())
+    summary = _summary(metrics_path, cfg, sum(f.trace_count() for f in round_fns.values()))
     ckpt.write_json_atomic(out / "summary.json", summary)
     if not quiet and summary.get("final_test_accuracy") is not None and rounds_done and r == cfg.rounds - 1:
         _log(_summary_text(summary), quiet=quiet)

@@ -180,6 +180,7 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
                rank_rule: Callable | None = None, drop_nonfinite: bool = True,
                clip_update_norm: float | None = None, frozen_parts: tuple[str, ...] = (),
                uplink_bytes_per_param: int = 4, personal_lora: bool = False,
+               static_grad_cut: int | None = None,
                mesh: jax.sharding.Mesh | None = None, donate: bool = False):
     """Build the one-jit federated round.
 
@@ -203,6 +204,11 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
       clip_update_norm: optional server-side clip of each client's adapter update norm.
       frozen_parts: factors no client ever updates, e.g. ``("a",)`` for FFA-LoRA.
       uplink_bytes_per_param: bytes per sent parameter for the communication metrics.
+      static_grad_cut: a Python int ``k``: every client's backward pass stops below layer ``k``
+        *statically* (the layers below are never differentiated, so their backward FLOPs and
+        saved activations really disappear), instead of the per-client dynamic cut of the spec
+        (which zeroes the same gradients but still runs the work under ``vmap``). A different
+        ``k`` is a different program: build one round per cut (FedARA's cut only moves up).
       personal_lora: keep every client's last adapter in ``server_state.extra["personal"]``
         (leaves ``[K, ...]`` for the whole population, indexed by ``client_id``) and pass it to
         ``distribute(..., client_lora=...)``: client-local factors (FedSA-LoRA keeps ``b``).
@@ -219,6 +225,8 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if static_grad_cut is not None and (not isinstance(static_grad_cut, int) or static_grad_cut < 0):
+        raise ValueError(f"static_grad_cut must be None or an int >= 0, got {static_grad_cut!r}")
     optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
     config = RoundConfig(chunk_size, track_importance, beta1, beta2, shared_masks, drop_nonfinite,
                          clip_update_norm, tuple(frozen_parts))
@@ -264,6 +272,8 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
         def one_client(b, sp, *maybe_masks):
             if shared_masks:
                 sp = sp._replace(masks=maybe_masks[0])
+            if static_grad_cut is not None:
+                sp = sp._replace(grad_cut=static_grad_cut)
             if personal is not None:
                 own = jax.tree.map(lambda x: x[sp.client_id], personal)
                 start = aggregator.distribute(state.lora, sp.masks, state.agg_state, client_lora=own)

@@ -264,3 +264,31 @@ def test_fedsa_personal_b_stays_local_and_returns():
         np.testing.assert_array_equal(np.asarray(s1.extra["personal"][k].b[0]), np.asarray(glob[k].b))
         np.testing.assert_array_equal(np.asarray(s1.lora[k].b), np.asarray(glob[k].b))
         assert np.any(np.asarray(s1.lora[k].a) != np.asarray(glob[k].a))
+
+
+def test_static_grad_cut_same_result_fewer_flops():
+    c = 3
+    base, head, glob, data = setup(c, s=2, b=8)
+    # Layers 0 and 1 carry no rank for anybody: the lowest active layer is 2.
+    spec = specs_for(c, ranks=None, layer_ranks=[[0, 0, 0], [0, 0, 0], [4, 2, 3]], steps=[2, 2, 2],
+                     weights=[1, 1, 1])
+    assert list(np.asarray(spec.grad_cut)) == [2, 2, 2]
+    agg = fedavg_aggregator()
+    state = init_server_state(glob, head, agg)
+    dyn = make_round(tiny.TASK, agg, optimizer=optax.sgd(0.1), chunk_size=3)
+    sta = make_round(tiny.TASK, agg, optimizer=optax.sgd(0.1), chunk_size=3, static_grad_cut=2)
+    args = (state, data, spec, jax.random.key(0), base)
+    s1, _ = dyn(*args)
+    s2, _ = sta(*args)
+    for k in glob:
+        np.testing.assert_allclose(np.asarray(s1.lora[k].a), np.asarray(s2.lora[k].a), **TOL_F32)
+        np.testing.assert_allclose(np.asarray(s1.lora[k].b), np.asarray(s2.lora[k].b), **TOL_F32)
+
+    def flops(rf):
+        ca = rf.jitted.lower(*args).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        return ca["flops"]
+
+    assert flops(sta) < flops(dyn)
+    with pytest.raises(ValueError, match="static_grad_cut"):
+        make_round(tiny.TASK, agg, chunk_size=2, static_grad_cut=-1)

@@ -33,7 +33,10 @@ def shapes():
 def forward(base, head, lora, masks, ids, attn, grad_cut, scale=0.5):
     x = base["embed"][ids]
     for i in range(L):
-        x = jnp.where(i < grad_cut, jax.lax.stop_gradient(x), x)
+        if isinstance(grad_cut, int):  # static cut: layers below are never differentiated
+            x = jax.lax.stop_gradient(x) if i < grad_cut else x
+        else:
+            x = jnp.where(i < grad_cut, jax.lax.stop_gradient(x), x)
         k = f"layer.{i}.fc"
         h = lora_lib.apply(x, base[f"w{i}"], lora[k], masks[k], scale=scale) if k in lora else x @ base[f"w{i}"]
         x = jnp.tanh(h) + x
