@@ -159,7 +159,7 @@ def table(groups: dict, aggs: dict, *, sweep_field: str | None, with_target: boo
         a = aggs[key]
         row = [label] + ([str(value)] if sweep_field else []) + [
             str(a["n"]), fmt(a["final_acc"]), fmt(a["last3_acc"]), fmt(a["best_acc"]), fmt(a["up_mb"], 2),
-            fmt(a["sim_s"], 1), fmt(a["energy_kj"], 2)]
+            fmt(a["sim_s"], 1), fmt(a["energy_kj"], 3)]
         if with_target:
             row += [fmt(a["t_target"], 1), fmt(a["mb_target"], 2), f"{a['reached']}/{a['n']}"]
         lines.append("| " + " | ".join(row) + " |")
@@ -202,13 +202,24 @@ def diff_verdict(a: tuple[float, float], b: tuple[float, float], n: int) -> tupl
     return d, "not better"
 
 
+def identical_groups(groups: dict) -> list[tuple]:
+    """Pairs of group keys whose metrics (ignoring wall time) are identical in every seed."""
+    def strip(runs):
+        return [[{k: v for k, v in r.items() if k != "wall_s"} for r in rows] for rows in runs]
+
+    keys = list(groups)
+    return [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]
+            if a[1] == b[1] and strip(groups[a]) == strip(groups[b])]
+
+
 # ----------------------------------------------------------------------------- verdicts
 
 def verdict_byun_lee(aggs) -> str:
     rep, zp = aggs[("replication", None)], aggs[("zero_padding", None)]
     d, how = diff_verdict(rep["last3_acc"], zp["last3_acc"], rep["n"])
     db, howb = diff_verdict(rep["best_acc"], zp["best_acc"], rep["n"])
-    word = "reproduced" if how == "above noise" else ("partly" if d > 0 or db > 0 else "not reproduced")
+    word = ("reproduced" if how == "above noise" else
+            "partly (same direction, within seed noise)" if d > 0 or db > 0 else "not reproduced")
     return (f"**Claim: replication padding beats zero padding under heterogeneous ranks — {word}.** "
             f"Last-3 accuracy {rep['last3_acc'][0]:.3f} vs {zp['last3_acc'][0]:.3f} "
             f"(difference {d:+.3f}, {how}); best accuracy difference {db:+.3f} ({howb}).")
@@ -224,7 +235,8 @@ def verdict_hafl(aggs, alphas) -> str:
         wins += how == "above noise"
         parts.append(f"alpha {a}: {h['last3_acc'][0]:.3f} vs {z['last3_acc'][0]:.3f} ({d:+.3f}, {how})")
     done = len(parts)
-    word = ("reproduced" if done and wins == done else "partly" if wins or any("within" in p for p in parts)
+    word = ("reproduced" if done and wins == done else "partly" if wins
+            else "partly (same direction, within seed noise)" if any("within" in p for p in parts)
             else "not reproduced")
     return (f"**Claim: HAFL (freeze) beats HetLoRA zero padding under non-IID data — {word}.** "
             "Last-3 accuracy HAFL vs zero padding: " + "; ".join(parts) + ".")
@@ -241,7 +253,18 @@ def verdict_fedara(aggs) -> str:
     word = "reproduced" if ok else ("partly" if some else "not reproduced")
     return (f"**Claim: 2.40x less communication, 48.9% less time, 46.95% less energy vs fixed rank — {word}.** "
             f"We measure {ratio:.2f}x less uplink, {100 * dt:.1f}% less simulated time, {100 * de:.1f}% less "
-            f"simulated energy, last-3 accuracy {dacc:+.3f} vs fixed-rank FedIT.")
+            f"simulated energy, last-3 accuracy {dacc:+.3f} vs fixed-rank FedIT." + _adalora_note(aggs))
+
+
+def _adalora_note(aggs) -> str:
+    a, f = aggs.get(("adalora_central", None)), aggs[("fedara", None)]
+    if a is None or a["last3_acc"] != f["last3_acc"] or a["up_mb"] != f["up_mb"]:
+        return ""
+    return (" The AdaLoRA-style baseline (`nested=False`) gave the same runs as FedARA: in this library a "
+            "pruned triplet is no longer trained or scored, so its aggregated score decays to 0 and, with a "
+            "non-increasing budget, the global top-k never revives it; `nested=False` then equals "
+            "`nested=True`. In AdaLoRA proper the masked triplets keep receiving gradients and can return, "
+            "so this baseline does not yet test what it is meant to test.")
 
 
 def verdict_legend(aggs, target) -> str:
@@ -290,6 +313,9 @@ def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
         fname = f"{name}{'' if v is None else f'_{sweep_field}{v}'}.png"
         plot_groups(sub, f"{name}{'' if v is None else f' ({sweep_field}={v})'}", plots / fname)
         out += [f"![{fname}](results/plots/{fname})", ""]
+    for a, b in identical_groups(groups):
+        out += [f"Note: `{a[0]}` and `{b[0]}` produced byte-identical metrics in every seed "
+                "(the comparison between them is empty).", ""]
     if name == "byun_lee":
         out.append(verdict_byun_lee(aggs))
     elif name == "hafl":

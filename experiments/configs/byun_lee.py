@@ -6,8 +6,10 @@ Runbook:
             (4 methods x 3 seeds = 12 runs; results in experiments/results/byun_lee/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores shared (no accelerator)
-  runtime:  RUNTIME_PLACEHOLDER
-  expected: EXPECTED_PLACEHOLDER
+  runtime:  9.7 min for the 12 runs (27-91 s per run; 2 CPU cores shared with other jobs)
+  expected: (measured, mean over 3 seeds) test accuracy ~0.50 untrained -> last-3 mean 0.734
+            replication, 0.727 zero padding, 0.738 FlexLoRA (all within seed noise, std
+            0.02-0.04), 0.754 FedIT at r_max with 11.9 MB vs 7.1 MB uplink.
 
 Setup: real MiniLM-L6 encoder, 3,000 SST-2 training sentences (max 32 tokens) over 20 clients
 with an IID split (label skew made the federated head flip between classes in

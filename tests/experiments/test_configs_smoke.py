@@ -152,3 +152,11 @@ def test_diff_verdict():
     assert make_results.diff_verdict((0.8, 0.01), (0.7, 0.01), 3)[1] == "above noise"
     assert make_results.diff_verdict((0.71, 0.05), (0.7, 0.05), 3)[1] == "within noise"
     assert make_results.diff_verdict((0.6, 0.0), (0.7, 0.0), 3)[1] == "not better"
+
+
+def test_identical_groups_detects_equal_runs_only():
+    a = _synthetic([0.6, 0.8], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
+    b = _synthetic([0.6, 0.9], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
+    a_wall = [dict(r, wall_s=3.0) for r in a]
+    groups = {("x", None): [a], ("y", None): [a_wall], ("z", None): [b]}
+    assert make_results.identical_groups(groups) == [(("x", None), ("y", None))]
