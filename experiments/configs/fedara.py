@@ -9,8 +9,12 @@ Runbook:
             then python experiments/make_results.py)
   hardware: CPU, 2 cores shared (no accelerator); device times and energy are SIMULATED by
             fedlora_jax.devices' cost model, not measured on Jetsons.
-  runtime:  RUNTIME_PLACEHOLDER
-  expected: EXPECTED_PLACEHOLDER
+  runtime:  11.5 min for the 9 runs (64-96 s per run; 2 CPU cores shared with other jobs)
+  expected: (measured, mean over 3 seeds) last-3 test accuracy 0.675 FedARA vs 0.755 fixed
+            rank; uplink 44.3 vs 79.8 MB (1.80x less), simulated time 16.5 vs 20.8 s (-20.8%),
+            simulated energy 186 vs 221 J (-15.7%); global rank budget 432 -> 144 slots by
+            round 5, one of 36 modules pruned. adalora_central (nested=False) is byte-identical
+            to fedara here (pruned slots score 0 and never revive).
 
 Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients,
 an IID split, LoRA on query/key/value/attn_out/ffn_in/ffn_out of every layer
