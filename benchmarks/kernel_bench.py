@@ -33,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from fedlora_jax.kernels import lora_matmul as lm
 
 PRESETS = {

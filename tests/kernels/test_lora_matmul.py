@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
+
+from fedlora_jax import lora
 from fedlora_jax.kernels import (
     BLOCK_CONFIGS,
     BlockConfig,
@@ -19,9 +22,6 @@ from fedlora_jax.kernels import (
     padded_rank,
 )
 from fedlora_jax.kernels import lora_matmul as lm
-from jax import export
-
-from fedlora_jax import lora
 
 # Tolerances written once, per dtype: (atol, rtol) on values scaled to O(1).
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (5e-2, 5e-2)}
