@@ -7,8 +7,10 @@ Runbook:
             (2 methods x 3 seeds = 6 runs; results in experiments/results/legend/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores shared (no accelerator); device times are SIMULATED by the cost model.
-  runtime:  RUNTIME_PLACEHOLDER
-  expected: EXPECTED_PLACEHOLDER
+  runtime:  5.0 min for the 6 runs (46-56 s per run; 2 CPU cores shared with other jobs)
+  expected: (measured, mean over 3 seeds) last-3 test accuracy 0.743 LEGEND vs 0.754 uniform;
+            target 0.717 reached by both in 3/3 seeds after 3.8 vs 8.2 simulated s (2.19x
+            speedup) and 4.9 vs 8.0 MB uplink (37.9% less); whole run 6.6 vs 12.6 simulated s.
 
 Setup: real MiniLM-L6 encoder, 3,000 SST-2 sentences (max 32 tokens), 20 clients,
 an IID split on a round-robin mix of Jetson AGX Orin, Orin Nano, Raspberry Pi 5
