@@ -66,6 +66,7 @@ def make_run_config(base: ExperimentConfig, label: str, method: dict, *, seed: i
                     field: str | None = None, value=None) -> ExperimentConfig:
     """The base config with the method's overrides, the seed and the sweep value applied."""
     changes = dict(method)
+    changes.setdefault("algo", {})  # a method never inherits the base config's algorithm options
     changes["seed"] = seed
     if field is not None:
         changes[field] = value

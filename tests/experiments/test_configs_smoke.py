@@ -51,8 +51,10 @@ def test_every_method_builds_a_valid_config(path):
         assert len(runs) == len(module.METHODS) * len(module.SEEDS) * n_sweep
         names = [n for n, _ in runs]
         assert len(set(names)) == len(names)
-        for _, cfg in runs:
+        for name, cfg in runs:
             assert cfg.algorithm in ALGORITHMS
+            label = next(m for m in module.METHODS if name.startswith(f"{m}_"))
+            assert cfg.algo == module.METHODS[label].get("algo", {})
 
 
 def test_unknown_variant_refused():
