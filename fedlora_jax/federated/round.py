@@ -80,15 +80,10 @@ def _masked_update(tree_new, tree_old, cond):
 
 
 def _mask_lora_updates(updates_lora, update_masks, frozen_parts=()):
-    out = {}
-    for k, u in updates_lora.items():
-        m = update_masks[k]
-        a = u.a * m[..., None, :].astype(u.a.dtype)
-        b = u.b * m[..., :, None].astype(u.b.dtype)
-        e = None if u.e is None else u.e * m.astype(u.e.dtype)
-        a = jnp.zeros_like(a) if "a" in frozen_parts else a
-        b = jnp.zeros_like(b) if "b" in frozen_parts else b
-        out[k] = lora_lib.LoraFactors(a, b, e)
+    """Zero the optimizer updates of frozen slots (``update_masks == 0``) and frozen factors."""
+    out = lora_lib.apply_masks(updates_lora, update_masks)
+    if frozen_parts:
+        out = {k: u._replace(**{p: jnp.zeros_like(getattr(u, p)) for p in frozen_parts}) for k, u in out.items()}
     return out
 
 

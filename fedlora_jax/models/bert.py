@@ -188,17 +188,9 @@ class EncoderClassifier(nnx.Module):
     def adapter_targets(self, modules: Iterable[str] | None = None,
                         layers: Iterable[int] | None = None) -> dict[str, TargetInfo]:
         """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers (default all)."""
-        cfg = self.config
-        mods, lays = common.select_targets(MODULES, cfg.num_layers, modules, layers)
-        prefix = "roberta." if cfg.model_type == "roberta" else "bert."
-        out = {}
-        for i in lays:
-            for m in mods:
-                dense = getattr(self.layers[i], m)
-                out[f"layer.{i}.{m}"] = TargetInfo(
-                    i, m, dense.in_features, dense.out_features,
-                    f"{prefix}encoder.layer.{i}.{_HF_SUFFIX[m]}")
-        return out
+        prefix = "roberta." if self.config.model_type == "roberta" else "bert."
+        return common.layer_targets(self.layers, MODULES, modules, layers,
+                                    lambda i, m: f"{prefix}encoder.layer.{i}.{_HF_SUFFIX[m]}")
 
     def position_ids(self, input_ids: Array) -> Array:
         """BERT: ``0..T-1``. RoBERTa: ``cumsum(ids != pad) * (ids != pad) + pad`` (``[B, T]``)."""
@@ -225,10 +217,8 @@ class EncoderClassifier(nnx.Module):
              + self.token_type_embeddings(jnp.zeros_like(input_ids), dtype=jnp.float32))
         h = self.embed_norm(h).astype(dt)
         adapter = AdapterCall(lora, masks, scale)
-        for i, layer in enumerate(self.layers):
-            block = lambda hh, layer=layer, i=i: layer(hh, attention_mask, i=i, adapter=adapter, dtype=dt)
-            h = jax.checkpoint(block)(h) if remat else block(h)
-            h = common.cut_after_layer(h, i, grad_cut_layer)
+        h = common.run_blocks(self.layers, h, attention_mask, adapter=adapter, dtype=dt,
+                              grad_cut_layer=grad_cut_layer, remat=remat)
         return h
 
     def pool(self, hidden: Array, attention_mask: Array) -> Array:

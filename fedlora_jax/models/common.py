@@ -260,6 +260,32 @@ def cut_after_layer(h: Array, i: int, grad_cut_layer) -> Array:
     return jnp.where(i < grad_cut_layer, jax.lax.stop_gradient(h), h)
 
 
+def run_blocks(layers, h: Array, attention_mask: Array, *, adapter: AdapterCall, dtype, grad_cut_layer=None,
+               remat: bool = False) -> Array:
+    """Run the transformer blocks in order: optional ``jax.checkpoint`` per block (``remat``:
+    only block inputs are kept for the backward pass) and the gradient cut after each block
+    (see :func:`cut_after_layer`). Every block is called ``block(h, attention_mask, i=, adapter=,
+    dtype=)``."""
+    for i, layer in enumerate(layers):
+        block = lambda hh, layer=layer, i=i: layer(hh, attention_mask, i=i, adapter=adapter, dtype=dtype)
+        h = jax.checkpoint(block)(h) if remat else block(h)
+        h = cut_after_layer(h, i, grad_cut_layer)
+    return h
+
+
+def layer_targets(layers, all_modules: tuple[str, ...], modules: Iterable[str] | None,
+                  layer_ids: Iterable[int] | None, hf_path) -> dict[str, TargetInfo]:
+    """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers of a block stack;
+    ``hf_path(i, module)`` gives the Hugging Face module path (for PEFT export)."""
+    mods, lays = select_targets(all_modules, len(layers), modules, layer_ids)
+    out = {}
+    for i in lays:
+        for m in mods:
+            dense = getattr(layers[i], m)
+            out[f"layer.{i}.{m}"] = TargetInfo(i, m, dense.in_features, dense.out_features, hf_path(i, m))
+    return out
+
+
 # ------------------------------------------------------------------- round helpers
 
 HEAD_FILTER = nnx.PathContains("head")

@@ -134,14 +134,8 @@ class GPT2LM(nnx.Module):
     def adapter_targets(self, modules: Iterable[str] | None = None,
                         layers: Iterable[int] | None = None) -> dict[str, TargetInfo]:
         """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers (default all)."""
-        mods, lays = common.select_targets(MODULES, self.config.num_layers, modules, layers)
-        out = {}
-        for i in lays:
-            for m in mods:
-                dense = getattr(self.layers[i], m)
-                out[f"layer.{i}.{m}"] = TargetInfo(i, m, dense.in_features, dense.out_features,
-                                                   f"transformer.h.{i}.{_HF_SUFFIX[m]}")
-        return out
+        return common.layer_targets(self.layers, MODULES, modules, layers,
+                                    lambda i, m: f"transformer.h.{i}.{_HF_SUFFIX[m]}")
 
     def hidden(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
                masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None, remat: bool = False) -> Array:
@@ -154,10 +148,8 @@ class GPT2LM(nnx.Module):
         h = (self.wte(input_ids, dtype=jnp.float32) + self.wpe(pos, dtype=jnp.float32)
              ).astype(cfg.dtype)
         adapter = AdapterCall(lora, masks, scale)
-        for i, layer in enumerate(self.layers):
-            block = lambda hh, layer=layer, i=i: layer(hh, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
-            h = jax.checkpoint(block)(h) if remat else block(h)
-            h = common.cut_after_layer(h, i, grad_cut_layer)
+        h = common.run_blocks(self.layers, h, attention_mask, adapter=adapter, dtype=cfg.dtype,
+                              grad_cut_layer=grad_cut_layer, remat=remat)
         return self.ln_f(h)
 
     def __call__(self, input_ids: Array, attention_mask: Array, *,
