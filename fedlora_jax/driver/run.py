@@ -323,80 +323,89 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     history = []
     t_run = time.time()
     rounds_done = 0
-    for r in range(start, cfg.rounds):
-        t0 = time.time()
-        ids = sample_clients(cfg, r)
-        batch, num_steps, num_examples = _batches_for(setup, ids, r)
-        plan = setup.algo.plan(state, ids, r)
-        rng = np.random.default_rng([cfg.seed, r, 2])
-        dropped = rng.random(len(ids)) < cfg.dropout_prob
-        weights = np.where(dropped, 0.0, num_examples.astype(np.float32))
-        spec = _spec(setup, plan, ids, num_steps, weights)
-        # Simulated times before the round decide the stragglers (deadline).
-        from fedlora_jax.aggregation import comm_params
+    def round_inputs():
+        # Host-side batch building runs in a background thread, one round ahead (double buffer).
+        for rr in range(start, cfg.rounds):
+            ids_r = sample_clients(cfg, rr)
+            yield (ids_r, *_batches_for(setup, ids_r, rr))
 
-        up_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, spec.update_masks, direction="up"))
-        down_m = spec.masks if not setup.algo.shared_masks else {
-            k: np.broadcast_to(v, (len(ids), cfg.r_max)) for k, v in spec.masks.items()}
-        down_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, down_m, direction="down"))
-        head_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.head))
-        bytes_up, bytes_down = 4.0 * (up_p + head_params), 4.0 * (down_p + head_params)
-        flops, times, energy = _client_costs(setup, spec, ids, bytes_up, bytes_down)
-        round_s, kept = dev_lib.round_time(np.asarray(times.total_s), cfg.deadline_s or None,
-                                           valid=weights > 0)
-        stragglers = (weights > 0) & ~np.asarray(kept)
-        weights = np.where(stragglers, 0.0, weights)
-        spec = spec._replace(weight=weights.astype(np.float32))
-        key = round_key(cfg.seed, r)
-        state, m = round_fn_for(spec)(state, batch, spec, key, setup.base)
-        if setup.algo.observe is not None:
-            m_host = {"client_scores": m["client_scores"], "agg_scores": m["agg_scores"],
-                      "client_time_s": np.asarray(times.total_s), "client_flops": flops,
-                      "client_bytes": bytes_up + bytes_down}
-            state = setup.algo.observe(state, ids, m_host)
-        participated = np.asarray(m["client_weight"]) > 0
-        cumulative["bytes_up"] += float(np.sum(bytes_up[participated]))
-        cumulative["bytes_down"] += float(np.sum(bytes_down))
-        cumulative["sim_time_s"] += float(round_s)
-        cumulative["energy_j"] += float(np.sum(energy))
-        line = {
-            "round": r,
-            "clients": ids.tolist(),
-            "train_loss": float(m["train_loss"]),
-            "train_accuracy": float(m["train_accuracy"]),
-            "client_loss": np.asarray(m["client_loss"]).round(6).tolist(),
-            "client_update_norm": np.asarray(m["client_update_norm"]).round(6).tolist(),
-            "dropped_nonfinite": int(m["num_dropped_nonfinite"]),
-            "dropped_failure": int(np.sum(dropped)),
-            "dropped_deadline": int(np.sum(stragglers)),
-            "bytes_up": float(np.sum(bytes_up[participated])),
-            "bytes_down": float(np.sum(bytes_down)),
-            "client_bytes_up": bytes_up.tolist(),
-            "sim_round_time_s": float(round_s),
-            "sim_energy_j": float(np.sum(energy)),
-            "client_sim_time_s": np.asarray(times.total_s).round(6).tolist(),
-            "client_flops": flops.tolist(),
-            "active_ranks": {k: np.asarray(v).sum(-1).tolist() for k, v in spec.update_masks.items()},
-            "grad_cut": np.asarray(spec.grad_cut).tolist(),
-            **{f"cum_{k}": v for k, v in cumulative.items()},
-        }
-        if setup.algo.shared_masks:
-            line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in state.extra["z"].items()}
-        if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
-            acc, loss = evaluate_state(state)
-            line["test_accuracy"], line["test_loss"] = acc, loss
-        line["wall_s"] = round(time.time() - t0, 3)
-        _append_jsonl(metrics_path, line)
-        history.append(line)
-        if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
-            meta = {"cumulative": cumulative}
-            if setup.algo.name == "legend":
-                meta["planner"] = setup.ctx.planner.state_dict()
-            ckpt.save(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(), extra_meta=meta)
-        rounds_done += 1
-        _progress(r, cfg, line, t_run, rounds_done, quiet=quiet)
-        if stop_after is not None and rounds_done >= stop_after:
-            break
+    prefetch = data_lib.Prefetcher(round_inputs(), depth=2)
+    try:
+        for r in range(start, cfg.rounds):
+            t0 = time.time()
+            ids, batch, num_steps, num_examples = next(prefetch)
+            plan = setup.algo.plan(state, ids, r)
+            rng = np.random.default_rng([cfg.seed, r, 2])
+            dropped = rng.random(len(ids)) < cfg.dropout_prob
+            weights = np.where(dropped, 0.0, num_examples.astype(np.float32))
+            spec = _spec(setup, plan, ids, num_steps, weights)
+            # Simulated times before the round decide the stragglers (deadline).
+            from fedlora_jax.aggregation import comm_params
+
+            up_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, spec.update_masks, direction="up"))
+            down_m = spec.masks if not setup.algo.shared_masks else {
+                k: np.broadcast_to(v, (len(ids), cfg.r_max)) for k, v in spec.masks.items()}
+            down_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, down_m, direction="down"))
+            head_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.head))
+            bytes_up, bytes_down = 4.0 * (up_p + head_params), 4.0 * (down_p + head_params)
+            flops, times, energy = _client_costs(setup, spec, ids, bytes_up, bytes_down)
+            round_s, kept = dev_lib.round_time(np.asarray(times.total_s), cfg.deadline_s or None,
+                                               valid=weights > 0)
+            stragglers = (weights > 0) & ~np.asarray(kept)
+            weights = np.where(stragglers, 0.0, weights)
+            spec = spec._replace(weight=weights.astype(np.float32))
+            key = round_key(cfg.seed, r)
+            state, m = round_fn_for(spec)(state, batch, spec, key, setup.base)
+            if setup.algo.observe is not None:
+                m_host = {"client_scores": m["client_scores"], "agg_scores": m["agg_scores"],
+                          "client_time_s": np.asarray(times.total_s), "client_flops": flops,
+                          "client_bytes": bytes_up + bytes_down}
+                state = setup.algo.observe(state, ids, m_host)
+            participated = np.asarray(m["client_weight"]) > 0
+            cumulative["bytes_up"] += float(np.sum(bytes_up[participated]))
+            cumulative["bytes_down"] += float(np.sum(bytes_down))
+            cumulative["sim_time_s"] += float(round_s)
+            cumulative["energy_j"] += float(np.sum(energy))
+            line = {
+                "round": r,
+                "clients": ids.tolist(),
+                "train_loss": float(m["train_loss"]),
+                "train_accuracy": float(m["train_accuracy"]),
+                "client_loss": np.asarray(m["client_loss"]).round(6).tolist(),
+                "client_update_norm": np.asarray(m["client_update_norm"]).round(6).tolist(),
+                "dropped_nonfinite": int(m["num_dropped_nonfinite"]),
+                "dropped_failure": int(np.sum(dropped)),
+                "dropped_deadline": int(np.sum(stragglers)),
+                "bytes_up": float(np.sum(bytes_up[participated])),
+                "bytes_down": float(np.sum(bytes_down)),
+                "client_bytes_up": bytes_up.tolist(),
+                "sim_round_time_s": float(round_s),
+                "sim_energy_j": float(np.sum(energy)),
+                "client_sim_time_s": np.asarray(times.total_s).round(6).tolist(),
+                "client_flops": flops.tolist(),
+                "active_ranks": {k: np.asarray(v).sum(-1).tolist() for k, v in spec.update_masks.items()},
+                "grad_cut": np.asarray(spec.grad_cut).tolist(),
+                **{f"cum_{k}": v for k, v in cumulative.items()},
+            }
+            if setup.algo.shared_masks:
+                line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in state.extra["z"].items()}
+            if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
+                acc, loss = evaluate_state(state)
+                line["test_accuracy"], line["test_loss"] = acc, loss
+            line["wall_s"] = round(time.time() - t0, 3)
+            _append_jsonl(metrics_path, line)
+            history.append(line)
+            if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
+                meta = {"cumulative": cumulative}
+                if setup.algo.name == "legend":
+                    meta["planner"] = setup.ctx.planner.state_dict()
+                ckpt.save(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(), extra_meta=meta)
+            rounds_done += 1
+            _progress(r, cfg, line, t_run, rounds_done, quiet=quiet)
+            if stop_after is not None and rounds_done >= stop_after:
+                break
+    finally:
+        prefetch.close()
     summary = _summary(metrics_path, cfg, sum(f.trace_count() for f in round_fns.values()))
     ckpt.write_json_atomic(out / "summary.json", summary)
     if not quiet and summary.get("final_test_accuracy") is not None and rounds_done and r == cfg.rounds - 1:
