@@ -37,7 +37,7 @@ from fedlora_jax._atomic import atomic_write_bytes
 from fedlora_jax.algorithms.compose import AlgoContext, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
-from fedlora_jax.driver.tasks import classification_task, make_evaluate
+from fedlora_jax.driver.tasks import classification_task, client_accuracies, make_evaluate
 from fedlora_jax.federated import ServerState, init_server_state, make_round, make_spec, round_key
 from fedlora_jax.federated.memory import choose_chunk_size, device_memory_bytes, estimate_round_memory
 from fedlora_jax.models import loading as model_loading
@@ -303,7 +303,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             round_fns[k] = make_round_fn(setup, static_grad_cut=k)
         return round_fns[k]
 
-    evaluate = make_evaluate(setup.graphdef, scale=cfg.scale)
+    n_cls = len(setup.label_names)
+    evaluate = make_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
+    label_hist = np.stack([np.bincount(setup.train.labels[p], minlength=n_cls) for p in setup.parts])
     test_batches = jax.tree.map(jnp.asarray, setup.test_batches)
 
     def evaluate_state(st):
@@ -313,7 +315,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             from fedlora_jax.driver.tasks import add_base_delta
 
             base = add_base_delta(base, bd)
-        acc, loss = evaluate(base, st.head, st.lora, _eval_masks(setup, st), test_batches)
+        acc, loss, per_class = evaluate(base, st.head, st.lora, _eval_masks(setup, st), test_batches)
+        evaluate_state.last_clients = client_accuracies(per_class, label_hist)
         return float(acc), float(loss)
 
     if start == 0:
@@ -392,6 +395,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
                 acc, loss = evaluate_state(state)
                 line["test_accuracy"], line["test_loss"] = acc, loss
+                ca = evaluate_state.last_clients
+                line["client_test_accuracy"] = {"mean": float(np.mean(ca)), "min": float(np.min(ca)),
+                                                "p10": float(np.percentile(ca, 10)), "max": float(np.max(ca))}
             line["wall_s"] = round(time.time() - t0, 3)
             _append_jsonl(metrics_path, line)
             history.append(line)

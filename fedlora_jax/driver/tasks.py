@@ -52,11 +52,12 @@ def classification_task(graphdef, *, scale: float, label_smoothing: float = 0.0,
     return Task(loss=loss, add_base_delta=add_base_delta)
 
 
-def make_evaluate(graphdef, *, scale: float):
+def make_evaluate(graphdef, *, scale: float, num_classes: int | None = None):
     """``evaluate(base, head, lora, masks, eval_batches) -> (accuracy, loss)``, one jit.
 
     ``eval_batches`` leaves are ``[K, B, ...]``; batches go through ``lax.map`` so memory is
-    one batch. ``masks`` may be ``None`` (all ranks).
+    one batch. ``masks`` may be ``None`` (all ranks). With ``num_classes`` it also returns the
+    per-class accuracy ``[num_classes]`` (NaN for a class absent from the set).
     """
 
     def evaluate(base, head, lora, masks, batches):
@@ -65,10 +66,34 @@ def make_evaluate(graphdef, *, scale: float):
                                         lora=lora, masks=masks, scale=scale).astype(jnp.float32)
             ex = b["example_mask"].astype(jnp.float32)
             ll = optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"])
-            return (jnp.sum((jnp.argmax(logits, -1) == b["labels"]) * ex), jnp.sum(ll * ex), jnp.sum(ex))
+            hit = (jnp.argmax(logits, -1) == b["labels"]) * ex
+            out = (jnp.sum(hit), jnp.sum(ll * ex), jnp.sum(ex))
+            if num_classes is not None:
+                onehot = jax.nn.one_hot(b["labels"], num_classes) * ex[:, None]
+                out = out + (hit @ onehot, jnp.sum(onehot, axis=0))
+            return out
 
-        correct, loss, n = jax.lax.map(one, batches)
+        res = jax.lax.map(one, batches)
+        correct, loss, n = res[:3]
         tot = jnp.maximum(jnp.sum(n), 1.0)
-        return jnp.sum(correct) / tot, jnp.sum(loss) / tot
+        if num_classes is None:
+            return jnp.sum(correct) / tot, jnp.sum(loss) / tot
+        cls_correct, cls_n = jnp.sum(res[3], 0), jnp.sum(res[4], 0)
+        per_class = jnp.where(cls_n > 0, cls_correct / jnp.maximum(cls_n, 1.0), jnp.nan)
+        return jnp.sum(correct) / tot, jnp.sum(loss) / tot, per_class
 
     return jax.jit(evaluate)
+
+
+def client_accuracies(per_class_accuracy, client_label_hist):
+    """Per-client accuracy of the global model under each client's label distribution:
+    ``acc_c = sum_k p_c(k) acc(k)`` with ``p_c`` the client's label histogram (normalised) and
+    ``acc(k)`` the global test accuracy on class ``k`` (classes absent from the test set are
+    skipped). ``client_label_hist: [K_clients, num_classes]`` -> ``[K_clients]``."""
+    import numpy as np
+
+    acc = np.asarray(per_class_accuracy, np.float64)
+    h = np.asarray(client_label_hist, np.float64)
+    ok = np.isfinite(acc)
+    h = h[:, ok]
+    return (h @ acc[ok]) / np.maximum(h.sum(1), 1.0)

@@ -43,6 +43,7 @@ def test_algorithm_runs_end_to_end(algorithm, tiny_model, tmp_path):
     for r in rows:
         assert np.isfinite(r["train_loss"]) and 0 <= r["test_accuracy"] <= 1
         assert r["bytes_up"] > 0 and r["sim_round_time_s"] > 0 and r["sim_energy_j"] > 0
+        assert 0 <= r["client_test_accuracy"]["min"] <= r["client_test_accuracy"]["mean"] <= 1
     assert summary["total_energy_j"] > 0
 
 

@@ -71,3 +71,15 @@ def test_truncate_metrics_drops_torn_last_line_and_later_rounds(tmp_path):
     p.write_text('{"round": 0}\n{"rou\n{"round": 1}\n')
     with pytest.raises(ValueError, match="line 2"):
         _truncate_metrics(p, 1)
+
+
+def test_client_accuracies_weight_per_class_accuracy_by_label_histogram():
+    import numpy as np
+
+    from fedlora_jax.driver.tasks import client_accuracies
+
+    per_class = np.array([0.9, 0.5, np.nan])  # class 2 absent from the test set
+    hist = np.array([[10, 0, 5], [1, 3, 0], [0, 0, 7]])
+    got = client_accuracies(per_class, hist)
+    ref = [0.9, (0.9 * 1 + 0.5 * 3) / 4, 0.0]
+    np.testing.assert_allclose(got, ref)
