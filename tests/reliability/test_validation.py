@@ -121,7 +121,7 @@ def tiny_run(tmp_path_factory):
 
 
 def run_until_round(cfg, tmp: Path, monkeypatch, name: str):
-    def sentinel(setup):
+    def sentinel(setup, **kwargs):
         raise ReachedRound(name)
 
     monkeypatch.setattr(driver_run, "make_round_fn", sentinel)
