@@ -234,8 +234,11 @@ def fedara(ctx: AlgoContext) -> Algorithm:
     with no active slot does no adapter matmul: masks are shared, not batched) and no
     backward pass below the lowest active layer. Orthogonality regulariser weight
     ``orth_reg`` (default 0.1, AdaLoRA scripts). The allocation runs inside the jitted round.
-    ``nested=False`` gives the AdaLoRA-style centralised allocation baseline (global top-k
-    recomputed each allocation, pruned triplets may revive).
+    ``nested=False`` recomputes the global top-k over all triplets at each allocation
+    (AdaLoRA's centralised rule). Caveat, measured: in this federated form a pruned triplet is
+    neither trained nor scored (its gain is masked, so its gradient is 0), its aggregated score
+    is 0 and it never revives, so the run equals FedARA's exactly (experiments/README.md). A
+    faithful AdaLoRA baseline needs gradients for masked ``lambda`` (not implemented).
     ``static_cut=True``: the backward pass below the lowest active layer is removed from the
     compiled program (a Python-int cut), so its FLOPs and saved activations really disappear;
     the round is recompiled each time that layer moves up (at most ``L`` times per run).

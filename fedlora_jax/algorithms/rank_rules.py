@@ -155,8 +155,9 @@ def fedara_allocate(masks: MaskTree, agg_scores: Mapping[str, Array], round_idx,
       schedule: ``t -> (budget, allocate_now)``, e.g. :class:`fedlora_jax.importance.BudgetSchedule`.
       r_min: module pruning threshold.
       nested: True (FedARA, monotone: a pruned triplet never returns); False = AdaLoRA's
-        centralised rule (global top-k over all triplets each time; a pruned triplet can revive
-        if its aggregated score, which decays to 0 once it is no longer trained, is high enough).
+        centralised rule (global top-k over all triplets each time). With scores from masked
+        training, a pruned triplet scores 0 and does not come back either (see
+        ``algorithms.compose.fedara``).
 
     Returns:
       New masks, ``new <= masks`` element-wise.
