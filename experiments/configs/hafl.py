@@ -6,13 +6,12 @@ Runbook:
             (3 methods x 3 seeds x SWEEP dirichlet_alpha; results in experiments/results/hafl/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores shared (no accelerator)
-  runtime:  ~60 s per run (58-77 s; 2 CPU cores shared with other jobs), 9 runs per alpha
-            for the 3 methods; the 21 runs committed (HAFL + zero padding at every alpha,
-            FlexLoRA at alpha 0.1 only: CPU time ran out) took 19.5 min.
+  runtime:  ~35-77 s per run (2 CPU cores shared with other jobs), 9 runs per alpha for the
+            3 methods; all 27 runs took 23.0 min.
   expected: (measured, mean over 3 seeds, last-3 test accuracy; 4 classes, chance 0.25)
             alpha 0.1: HAFL 0.505 vs zero padding 0.631 (both oscillate strongly, best-round
-            0.71 / 0.74; FlexLoRA 0.642); alpha 0.5: HAFL 0.763 vs 0.741; alpha 1.0: HAFL
-            0.801 vs zero padding 0.804. Uplink identical
+            0.71 / 0.74; FlexLoRA 0.642); alpha 0.5: HAFL 0.763 vs 0.741 (FlexLoRA 0.754);
+            alpha 1.0: HAFL 0.801 vs zero padding 0.804 (FlexLoRA 0.811). Uplink identical
             (7.2 MB); HAFL's simulated energy is higher (full-rank forward on every client).
 
 Setup: real MiniLM-L6 encoder, 3,000 AG News training articles (4 classes, max 40 tokens) over
