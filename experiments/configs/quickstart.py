@@ -3,9 +3,9 @@
 Runbook:
   command:  fedlora train --config experiments/configs/quickstart.py --out runs/quickstart
   hardware: any CPU (measured on 2 cores, see README)
-  runtime:  about 4 minutes on 2 cores (8 rounds)
-  expected: test accuracy rises from ~0.5 (untrained head) to well above it (see README for the
-            measured value); metrics.jsonl, checkpoints/ and plots/ are written.
+  runtime:  2 min 40 s on a quiet 2-core CPU machine (measured 2026-11-25), 1 compilation
+  expected: test accuracy 0.482 (untrained head) -> 0.780 after 8 rounds (measured, identical
+            run to run on CPU); metrics.jsonl, checkpoints/ and plots/ are written.
 
 Setup: 20 clients with Dirichlet(1.0) label skew over an 8,000-sentence SST-2 subset,
 heterogeneous LoRA ranks (2, 4, 8 round-robin, r_max = 8) on query/value, replication padding
