@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -34,10 +33,11 @@ from fedlora_jax import data as data_lib
 from fedlora_jax import devices as dev_lib
 from fedlora_jax import lora as lora_lib
 from fedlora_jax._atomic import atomic_write_bytes
+from fedlora_jax.aggregation import comm_params
 from fedlora_jax.algorithms.compose import AlgoContext, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
-from fedlora_jax.driver.tasks import classification_task, client_accuracies, make_evaluate
+from fedlora_jax.driver.tasks import add_base_delta, classification_task, client_accuracies, make_evaluate
 from fedlora_jax.federated import ServerState, init_server_state, make_round, make_spec, round_key
 from fedlora_jax.federated.memory import choose_chunk_size, device_memory_bytes, estimate_round_memory
 from fedlora_jax.models import loading as model_loading
@@ -312,8 +312,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         base = setup.base
         bd = getattr(st.agg_state, "base_delta", None)
         if bd is not None:
-            from fedlora_jax.driver.tasks import add_base_delta
-
             base = add_base_delta(base, bd)
         acc, loss, per_class = evaluate(base, st.head, st.lora, _eval_masks(setup, st), test_batches)
         evaluate_state.last_clients = client_accuracies(per_class, label_hist)
@@ -343,8 +341,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             weights = np.where(dropped, 0.0, num_examples.astype(np.float32))
             spec = _spec(setup, plan, ids, num_steps, weights)
             # Simulated times before the round decide the stragglers (deadline).
-            from fedlora_jax.aggregation import comm_params
-
             up_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, spec.update_masks, direction="up"))
             down_m = spec.masks if not setup.algo.shared_masks else {
                 k: np.broadcast_to(v, (len(ids), cfg.r_max)) for k, v in spec.masks.items()}
@@ -495,6 +491,3 @@ def _summary_text(s: dict) -> str:
             f"energy {(s['total_energy_j'] or 0) / 1e3:.2f} kJ\n"
             f"  compilations        {s['compilations_this_call']}\n")
 
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
