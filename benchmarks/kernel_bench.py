@@ -23,16 +23,13 @@ Usage (the GPU command needs ``jax[cuda12]`` on an NVIDIA GPU, e.g. an H100)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_common import env_meta, time_jit
 
 from fedlora_jax.kernels import lora_matmul as lm
 
@@ -46,46 +43,6 @@ PRESETS = {
 SWEEP = dict(block_t=(64, 128), block_m=(64, 128), block_n=(32, 64), num_warps=(4, 8),
              num_stages=(3, 4))
 SCALE = 2.0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _meta() -> dict:
-    dev = jax.devices()[0]
-    return {
-        "kind": "meta",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-
-
-def _time(fn, args, repeats: int) -> tuple[float, float, object]:
-    """Return (compile_s, run_s_min, output) for ``jit(fn)`` on ``args``."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(*args))  # warm-up run, not timed
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t0)
-    return compile_s, best, out
 
 
 def make_inputs(key, *, clients, tokens, n, m, rank, dtype):
@@ -147,7 +104,7 @@ def bench(key, cfg: dict, *, interpret: bool, meaningful: bool, emit=print) -> l
         outs, times = {}, {}
         for name, fwd in _methods(interpret).items():
             fn = fwd if pass_name == "fwd" else _fwd_bwd(fwd, name)
-            comp, run, outs[name] = _time(fn, args, cfg["repeats"])
+            comp, run, outs[name] = time_jit(fn, args, cfg["repeats"])
             times[name] = run
             rows.append({"kind": "timing", "pass": pass_name, "method": name, **shape,
                          "compile_s": comp, "run_s": run, "repeats": cfg["repeats"],
@@ -181,7 +138,7 @@ def sweep(key, cfg: dict, *, interpret: bool, meaningful: bool, emit=print) -> l
             fn = lambda x, w, a, b, m: lm.fused_lora_linear(x, w, a, b, m, scale=SCALE,
                                                             interpret=interpret)
             try:
-                _, run, _ = _time(fn, args, cfg["repeats"])
+                _, run, _ = time_jit(fn, args, cfg["repeats"])
                 row = {"run_s": run, "error": None}
             except Exception as e:  # a config Triton cannot compile is reported, not fatal
                 row = {"run_s": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -220,7 +177,7 @@ def main(argv=None) -> list[dict]:
             cfg[name] = getattr(args, name)
     interpret = not on_gpu
     meaningful = on_gpu
-    records = [{**_meta(), "preset": preset, "config": cfg, "interpret": interpret,
+    records = [{**env_meta(), "preset": preset, "config": cfg, "interpret": interpret,
                 "timing_meaningful": meaningful,
                 **({} if meaningful else {"note": "interpret mode on CPU: timings only prove "
                                                   "the script runs and are meaningless"})}]

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _bench_common import cpu_model
 from flax import nnx
 
 from fedlora_jax import lora as lora_lib
@@ -169,7 +170,7 @@ def main():
         a.chunk = a.chunk or 32
     peak = measure_matmul_peak(jnp.bfloat16 if a.dtype == "bf16" else jnp.float32)
     header = dict(kind="env", date=time.strftime("%Y-%m-%d"), jax=jax.__version__, platform=platform.platform(),
-                  cpu=_cpu_name(), cores=os.cpu_count(), device=str(jax.devices()[0]),
+                  cpu=cpu_model(), cores=os.cpu_count(), device=str(jax.devices()[0]),
                   matmul_peak_tflops=round(peak / 1e12, 4))
     lines = [header]
     print(json.dumps(header), flush=True)
@@ -188,16 +189,6 @@ def main():
         with open(a.out, "a") as f:
             for ln in lines:
                 f.write(json.dumps(ln) + "\n")
-
-
-def _cpu_name():
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -23,15 +23,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_common import env_meta, time_jit
 
 from fedlora_jax.linalg import dense_svd, lowrank_svd, stacked_lowrank_svd
 
@@ -41,45 +38,6 @@ PRESETS = {
     "gpu": dict(clients=64, m=4096, n=4096, rank=16, stacked_clients=64, repeats=3,
                 dense_batch=None),
 }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _meta() -> dict:
-    dev = jax.devices()[0]
-    return {
-        "kind": "meta",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-
-
-def _time(fn, args, repeats: int) -> tuple[float, float, object]:
-    """Return (compile_s, run_s_min, output) for ``jit(fn)`` on ``args``."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(*args))  # warm-up run, not timed
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t0)
-    return compile_s, best, out
 
 
 def _rel_agreement(s_low, s_dense) -> float:
@@ -92,9 +50,9 @@ def bench_batch(key, *, clients, m, n, rank, repeats, dense_batch, dtype) -> lis
     left = jax.random.normal(kl, (clients, m, rank), dtype)
     right = jax.random.normal(kr, (clients, rank, n), dtype)
     db = clients if dense_batch is None else min(dense_batch, clients)
-    c_low, t_low, res_low = _time(lambda a, b: lowrank_svd(a, b, rank=rank), (left, right),
+    c_low, t_low, res_low = time_jit(lambda a, b: lowrank_svd(a, b, rank=rank), (left, right),
                                   repeats)
-    c_den, t_den, res_den = _time(lambda a, b: dense_svd(a, b, rank=rank),
+    c_den, t_den, res_den = time_jit(lambda a, b: dense_svd(a, b, rank=rank),
                                   (left[:db], right[:db]), repeats)
     shape = dict(C=clients, M=m, N=n, r=rank, dtype=str(jnp.dtype(dtype)))
     rows = [
@@ -122,7 +80,7 @@ def bench_stacked(key, *, stacked_clients, m, n, rank, repeats, dtype) -> list[d
     for method in ("lowrank", "dense"):
         fn = lambda a, b, ww, method=method: stacked_lowrank_svd(a, b, ww, rank=rank,
                                                                   method=method)
-        comp, run, outs[method] = _time(fn, (left, right, w), repeats)
+        comp, run, outs[method] = time_jit(fn, (left, right, w), repeats)
         rows.append({"kind": "timing", "case": "stacked", "method": method, **shape,
                      "compile_s": comp, "run_s": run, "repeats": repeats})
     rows.append({"kind": "summary", "case": "stacked", **shape,
@@ -155,7 +113,7 @@ def main(argv=None) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
     key = jax.random.key(args.seed)
     k1, k2 = jax.random.split(key)
-    records = [{**_meta(), "preset": args.preset, "config": cfg}]
+    records = [{**env_meta(), "preset": args.preset, "config": cfg}]
     print(json.dumps(records[0]), flush=True)
 
     def emit(rows):
