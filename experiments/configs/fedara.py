@@ -23,9 +23,7 @@ the cubic schedule (t_init 0.1 T, t_final 0.2 T), orth_reg 0.1, 5 clients per ro
 AdamW steps of 8 sentences (lr 2e-3), 8 rounds, first 256 test sentences.
 """
 
-import dataclasses
-
-from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.config import ExperimentConfig, select_variant
 
 SEEDS = (0, 1, 2)
 
@@ -48,17 +46,5 @@ def get_config(variant: str = "full") -> ExperimentConfig:
         device_mix=("jetson_agx_orin_64gb", "jetson_orin_nano_8gb", "raspberry_pi_5_8gb"),
         lr=2e-3, chunk_size=5, eval_every=1, eval_batch_size=128, checkpoint_every=1000,
     )
-    if variant == "smoke":
-        return smoke(cfg)
-    if variant != "full":
-        raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
-    return cfg
-
-
-def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Tiny version for CI: 2 rounds, few examples, 16 tokens, two adapted modules (36 modules
-    compile too slowly for CI)."""
-    return dataclasses.replace(cfg, name=f"{cfg.name}-smoke", target_modules=("query", "value"),
-                               train_limit=64, test_limit=32, num_clients=4,
-                               clients_per_round=2, rounds=2, local_steps=1, batch_size=4, max_length=16,
-                               chunk_size=2, eval_batch_size=32)
+    # smoke: two adapted modules (36 modules compile too slowly for CI)
+    return select_variant(cfg, variant, target_modules=("query", "value"))

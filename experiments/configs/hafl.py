@@ -21,9 +21,7 @@ Setup: real MiniLM-L6 encoder, 3,000 AG News training articles (4 classes, max 4
 when CPU time runs short.
 """
 
-import dataclasses
-
-from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.config import ExperimentConfig, select_variant
 
 SEEDS = (0, 1, 2)
 SWEEP = {"dirichlet_alpha": (0.1, 1.0, 0.5)}
@@ -44,15 +42,4 @@ def get_config(variant: str = "full") -> ExperimentConfig:
         algorithm="hafl", algo={"mode": "freeze"}, lr=2e-3, chunk_size=5, eval_every=1,
         eval_batch_size=128, checkpoint_every=1000,
     )
-    if variant == "smoke":
-        return smoke(cfg)
-    if variant != "full":
-        raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
-    return cfg
-
-
-def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Tiny version for CI: 2 rounds, few examples, 16 tokens."""
-    return dataclasses.replace(cfg, name=f"{cfg.name}-smoke", train_limit=64, test_limit=32, num_clients=4,
-                               clients_per_round=2, rounds=2, local_steps=1, batch_size=4, max_length=16,
-                               chunk_size=2, eval_batch_size=32)
+    return select_variant(cfg, variant)

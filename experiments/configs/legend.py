@@ -19,9 +19,7 @@ AdamW steps of 8 sentences (lr 2e-3), 8 rounds, first 256 test sentences. Target
 (make_results): 95% of the uniform baseline's mean last-3 accuracy (spec 2.6 ASSUMPTION).
 """
 
-import dataclasses
-
-from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.config import ExperimentConfig, select_variant
 
 SEEDS = (0, 1, 2)
 
@@ -45,15 +43,4 @@ def get_config(variant: str = "full") -> ExperimentConfig:
                     "phone_snapdragon_8_gen_2"),
         lr=2e-3, chunk_size=5, eval_every=1, eval_batch_size=128, checkpoint_every=1000,
     )
-    if variant == "smoke":
-        return smoke(cfg)
-    if variant != "full":
-        raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
-    return cfg
-
-
-def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Tiny version for CI: 2 rounds, few examples, 16 tokens."""
-    return dataclasses.replace(cfg, name=f"{cfg.name}-smoke", train_limit=64, test_limit=32, num_clients=4,
-                               clients_per_round=2, rounds=2, local_steps=1, batch_size=4, max_length=16,
-                               chunk_size=2, eval_batch_size=32)
+    return select_variant(cfg, variant)

@@ -241,6 +241,21 @@ def from_dict(d: dict) -> ExperimentConfig:
     return ExperimentConfig(**kw)
 
 
+#: The CI-sized ("smoke") version of an experiment: 2 rounds, a few examples, 16 tokens.
+SMOKE_OVERRIDES = dict(train_limit=64, test_limit=32, num_clients=4, clients_per_round=2, rounds=2, local_steps=1,
+                       batch_size=4, max_length=16, chunk_size=2, eval_batch_size=32)
+
+
+def select_variant(cfg: ExperimentConfig, variant: str, **smoke_overrides) -> ExperimentConfig:
+    """``"full"`` -> ``cfg``; ``"smoke"`` -> ``cfg`` with :data:`SMOKE_OVERRIDES` (then
+    ``smoke_overrides``) and ``-smoke`` appended to its name; anything else -> ``ValueError``."""
+    if variant == "full":
+        return cfg
+    if variant == "smoke":
+        return dataclasses.replace(cfg, name=f"{cfg.name}-smoke", **{**SMOKE_OVERRIDES, **smoke_overrides})
+    raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
+
+
 def load_config(path: str | Path, *, variant: str = "full", overrides: list[str] | None = None
                 ) -> ExperimentConfig:
     """Load ``get_config(variant)`` from a config module file, then apply overrides.

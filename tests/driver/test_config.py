@@ -83,3 +83,14 @@ def test_client_accuracies_weight_per_class_accuracy_by_label_histogram():
     got = client_accuracies(per_class, hist)
     ref = [0.9, (0.9 * 1 + 0.5 * 3) / 4, 0.0]
     np.testing.assert_allclose(got, ref)
+
+
+def test_select_variant():
+    from fedlora_jax.driver.config import SMOKE_OVERRIDES, select_variant
+
+    cfg = ExperimentConfig(name="x")
+    assert select_variant(cfg, "full") is cfg
+    s = select_variant(cfg, "smoke", target_modules=("query",))
+    assert s.name == "x-smoke" and s.rounds == SMOKE_OVERRIDES["rounds"] and s.target_modules == ("query",)
+    with pytest.raises(ValueError, match="variant"):
+        select_variant(cfg, "medium")
