@@ -273,6 +273,14 @@ def run_blocks(layers, h: Array, attention_mask: Array, *, adapter: AdapterCall,
     return h
 
 
+def lm_logits(h: Array, lm_head, embedding, dtype) -> Array:
+    """Causal-LM logits ``[B, T, V]`` float32: through ``lm_head`` or, with tied embeddings
+    (``lm_head is None``), through the transposed token embedding ``[V, D]``."""
+    if lm_head is None:
+        return (h @ embedding[...].astype(dtype).T).astype(jnp.float32)
+    return lm_head(h, dtype=dtype).astype(jnp.float32)
+
+
 def layer_targets(layers, all_modules: tuple[str, ...], modules: Iterable[str] | None,
                   layer_ids: Iterable[int] | None, hf_path) -> dict[str, TargetInfo]:
     """``{"layer.{i}.{module}": TargetInfo}`` for the chosen modules/layers of a block stack;

@@ -201,10 +201,7 @@ class LlamaLM(nnx.Module):
         """Logits ``[B, T, V]`` float32."""
         h = self.hidden(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
                         grad_cut_layer=grad_cut_layer, remat=remat)
-        if self.lm_head is None:
-            w = self.embed_tokens.embedding[...].astype(self.config.dtype)
-            return (h @ w.T).astype(jnp.float32)
-        return self.lm_head(h, dtype=self.config.dtype).astype(jnp.float32)
+        return common.lm_logits(h, self.lm_head, self.embed_tokens.embedding, self.config.dtype)
 
 
 def hf_key_table(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
