@@ -287,7 +287,7 @@ def legend(ctx: AlgoContext) -> Algorithm:
     re-planned each round from the measured (simulated) client times; aggregation is the
     per-slot mean over the clients that trained the slot (spec 2.4, same algebra as
     replication padding's REP-MEAN)."""
-    _check_options("legend", ctx.options, ("r_min", "deadline_quantile"))
+    _check_options("legend", ctx.options, ("r_min",))
     if ctx.planner is None:
         raise ValueError("legend needs a planner (the driver builds one from the device profiles)")
     aggregator = agg_lib.replication_padding(**ctx.aggregator_options)
@@ -324,8 +324,3 @@ def build_algorithm(name: str, ctx: AlgoContext) -> Algorithm:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown algorithm {name!r}{hint}; known: {sorted(BUILDERS)}")
     return BUILDERS[name](ctx)
-
-
-def jax_tree_to_host(tree):
-    """Device arrays -> NumPy (for planning and JSON metrics)."""
-    return jax.tree.map(np.asarray, tree)

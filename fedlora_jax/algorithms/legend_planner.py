@@ -24,15 +24,13 @@ class LegendPlanner:
       shape: the model's :class:`ModelShape`.
       r_max, r_min: rank bounds per trained layer.
       batch, steps: local work per round (cost model).
-      keys: adapter keys (unused by the plan; kept for the driver).
       deadline_s: fixed round deadline ``T*`` or ``None`` (LCD searches it).
-      quantile: unused placeholder for a deadline quantile rule (kept for config compatibility).
       rho: EMA factor of the capacity estimates.
     """
 
     def __init__(self, profiles: Sequence[DeviceProfile], client_devices: np.ndarray, shape: ModelShape, *,
-                 r_max: int, r_min: int, batch: int, steps: int, keys=(), deadline_s: float | None = None,
-                 quantile: float = 0.5, rho: float = 0.8):
+                 r_max: int, r_min: int, batch: int, steps: int, deadline_s: float | None = None,
+                 rho: float = 0.8):
         self.profiles = list(profiles)
         self.client_devices = np.asarray(client_devices)
         self.shape = shape

@@ -69,7 +69,6 @@ class Setup:
     ctx: AlgoContext
     model_shape: Any
     device_table: Any
-    device_names: tuple
     chunk_size: int = 1
 
 
@@ -156,8 +155,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
 
         planner = LegendPlanner(profiles, client_devices, shape, r_max=cfg.r_max,
                                 r_min=int(cfg.algo.get("r_min", 1)), batch=cfg.batch_size,
-                                steps=cfg.local_steps, keys=keys, deadline_s=cfg.deadline_s or None,
-                                quantile=float(cfg.algo.get("deadline_quantile", 0.5)))
+                                steps=cfg.local_steps, deadline_s=cfg.deadline_s or None)
     ctx = AlgoContext(keys=keys, layer_of_key={k: targets[k].layer for k in keys},
                       num_layers=model.config.num_layers, r_max=cfg.r_max, client_ranks=ranks,
                       client_devices=client_devices, rounds=cfg.rounds, scale=cfg.scale,
@@ -168,7 +166,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
          f"{len(keys)} adapted modules, {time.time() - t0:.1f}s", quiet=quiet)
     return Setup(cfg, model, graphdef, base, head0, targets, train, test_batches, parts,
                  list(train_ds.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
-                 tuple(p.name for p in profiles), chunk_size)
+                 chunk_size)
 
 
 def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
