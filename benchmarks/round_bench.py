@@ -41,7 +41,7 @@ from flax import nnx
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.aggregation import fedit
 from fedlora_jax.driver.tasks import classification_task
-from fedlora_jax.federated import init_server_state, make_round, make_spec
+from fedlora_jax.federated import cpu_cache_chunk_cap, init_server_state, make_round, make_spec
 from fedlora_jax.models.bert import EncoderClassifier, EncoderConfig
 from fedlora_jax.models.common import split_for_round
 
@@ -88,7 +88,11 @@ def run_ours(a, C):
     glob = lora_lib.init(jax.random.key(1), shapes, a.rank)
     agg = fedit()
     task = classification_task(graphdef, scale=2.0, remat=a.remat)
-    chunk = a.chunk or C
+    if a.chunk is None and jax.default_backend() == "cpu":
+        chunk = cpu_cache_chunk_cap(a.batch, a.seq, max(size["hidden_size"], size["intermediate_size"]),
+                                    itemsize=2 if a.dtype == "bf16" else 4)
+    else:
+        chunk = a.chunk or C
     rf = make_round(task, agg, optimizer=optax.adamw(1e-4), chunk_size=min(chunk, C),
                     static_grad_cut=a.static_cut)
     rng = np.random.default_rng(0)
@@ -150,7 +154,9 @@ def main():
     p.add_argument("--preset", choices=["cpu", "gpu"], default=None)
     p.add_argument("--size", default="minilm", choices=list(SIZES))
     p.add_argument("--clients", type=int, nargs="+", default=[8])
-    p.add_argument("--chunk", type=int, default=0, help="clients per vmap chunk (0 = all)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="clients per vmap chunk (0 = all; default: federated.cpu_cache_chunk_cap on CPU, "
+                        "all clients elsewhere)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)

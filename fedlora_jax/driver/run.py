@@ -39,7 +39,12 @@ from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
 from fedlora_jax.driver.tasks import add_base_delta, classification_task, client_accuracies, make_evaluate
 from fedlora_jax.federated import ServerState, init_server_state, make_round, make_spec, round_key
-from fedlora_jax.federated.memory import choose_chunk_size, device_memory_bytes, estimate_round_memory
+from fedlora_jax.federated.memory import (
+    choose_chunk_size,
+    cpu_cache_chunk_cap,
+    device_memory_bytes,
+    estimate_round_memory,
+)
 from fedlora_jax.models import loading as model_loading
 from fedlora_jax.models.common import split_for_round
 
@@ -171,8 +176,14 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
 
 def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
     """The largest chunk <= cfg.chunk_size whose estimated round memory fits the device
-    (federated.memory); a clear error naming what to change if even one client does not fit."""
+    (federated.memory); a clear error naming what to change if even one client does not fit.
+    On the CPU backend the chunk is also capped by :func:`cpu_cache_chunk_cap` (wider ``vmap``
+    chunks measured slower there)."""
     requested = min(cfg.chunk_size, cfg.clients_per_round)
+    if jax.default_backend() == "cpu":
+        width = max(model.config.hidden_size, model.config.intermediate_size)
+        requested = min(requested, cpu_cache_chunk_cap(cfg.batch_size, cfg.max_length, width,
+                                                       itemsize=2 if cfg.dtype == "bfloat16" else 4))
     estimate = lambda k: estimate_round_memory(
         model.config, chunk_size=k, batch=cfg.batch_size, seq_len=cfg.max_length, r_max=cfg.r_max,
         n_adapters=len(targets), dtype_bytes=2 if cfg.dtype == "bfloat16" else 4, steps=cfg.local_steps,

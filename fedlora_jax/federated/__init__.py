@@ -33,6 +33,7 @@ from fedlora_jax.federated.memory import (  # noqa: E402
     MemoryBudgetError,
     MemoryEstimate,
     choose_chunk_size,
+    cpu_cache_chunk_cap,
     device_memory_bytes,
     estimate_round_memory,
 )
@@ -41,6 +42,7 @@ __all__ += [
     "MemoryBudgetError",
     "MemoryEstimate",
     "choose_chunk_size",
+    "cpu_cache_chunk_cap",
     "device_memory_bytes",
     "estimate_round_memory",
 ]

@@ -19,6 +19,7 @@ from flax import nnx
 
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree
+from fedlora_jax.models import norm_vjp
 
 Array = jax.Array
 
@@ -118,12 +119,9 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
-        xf = x.astype(jnp.float32)
-        mu = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
-        y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        """``[..., D] -> [..., D]``; the backward pass is :func:`norm_vjp.layer_norm`'s (same
+        gradients as autodiff, without XLA:CPU's duplicated fusions)."""
+        return norm_vjp.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps)
 
 
 class RMSNorm(nnx.Module):
@@ -152,8 +150,13 @@ class Embed(nnx.Module):
 
 
 def gelu(x: Array, approximate: bool) -> Array:
-    """GELU in float32 (exact erf or the tanh approximation), returned in ``x.dtype``."""
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
+    """GELU in float32, returned in ``x.dtype``: exact ``0.5 x (1 + erf(x / sqrt 2))`` (the
+    formula ``transformers`` uses; cheaper on XLA:CPU than ``jax.nn.gelu``'s ``erfc`` form) or
+    the tanh approximation."""
+    xf = x.astype(jnp.float32)
+    if approximate:
+        return jax.nn.gelu(xf, approximate=True).astype(x.dtype)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * np.float32(1.0 / np.sqrt(2.0))))).astype(x.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bool) -> Array:
@@ -165,15 +168,67 @@ def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bo
       causal: add the lower-triangular mask.
 
     Returns:
-      ``[B, T, Hq, D]`` in ``q.dtype``. Scores and softmax are float32 inside
-      ``jax.nn.dot_product_attention``. Rows with no visible key (a padded query under a
-      causal mask and left padding) get a finite arbitrary value, never NaN.
+      ``[B, T, Hq, D]`` in ``q.dtype``. Scores and softmax are float32. Rows with no visible
+      key (a padded query under a causal mask and left padding) get a finite arbitrary value
+      (uniform weights), never NaN.
+
+    The backward pass is written out (:func:`_attention_core`'s VJP reuses the saved
+    probabilities), which measured ~5% faster per training step than autodiff of the same
+    formula or ``jax.nn.dot_product_attention`` on XLA:CPU (MiniLM shape); values and
+    gradients equal ``jax.nn.dot_product_attention``'s (tested).
     """
-    t = q.shape[1]
-    mask = (attention_mask != 0)[:, None, None, :]            # [B, 1, 1, T]
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    if hq % hk:
+        raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
+    visible = (attention_mask != 0)[:, None, None, None, :]          # [B, 1, 1, 1, Tk]
     if causal:
-        mask = mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        visible = visible & jnp.tril(jnp.ones((t, t), bool))[None, None, None]
+    bias = jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)
+    qg = q.reshape(b, t, hk, hq // hk, d).transpose(0, 2, 3, 1, 4)   # [B, Hk, G, T, D]
+    kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)      # [B, Hk, T, D]
+    out = _attention_core(qg, kk, vv, bias)                         # [B, Hk, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+
+
+_MASKED = -1e30
+
+
+def _attention_probs(q, k, bias):
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale + bias
+    s = s - jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _attention_core(q: Array, k: Array, v: Array, bias: Array) -> Array:
+    """``softmax(q k^T / sqrt(D) + bias) v`` on ``q [B, Hk, G, T, D]``, ``k, v [B, Hk, T, D]``,
+    ``bias [B, 1, 1, T|1, T]`` float32 (no gradient)."""
+    p = _attention_probs(q, k, bias)
+    return jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _attention_core_fwd(q, k, v, bias):
+    p = _attention_probs(q, k, bias)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out, (q, k, v, p, bias)
+
+
+def _attention_core_bwd(res, g):
+    q, k, v, p, bias = res
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    g = g.astype(jnp.float32)
+    dv = jnp.einsum("bhgqk,bhgqd->bhkd", p, g)
+    dp = jnp.einsum("bhgqd,bhkd->bhgqk", g, v.astype(jnp.float32))
+    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale
+    dq = jnp.einsum("bhgqk,bhkd->bhgqd", ds, k.astype(jnp.float32))
+    dk = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def check_inputs(input_ids: Array, attention_mask: Array, *, max_len: int | None) -> None:
