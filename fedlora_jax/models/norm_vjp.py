@@ -49,6 +49,8 @@ def cotangent_barrier(x: Array, anchor: Array) -> Array:
 
     ``anchor``: a scalar that stays unbatched under ``vmap`` (a frozen parameter); under
     ``vmap`` with a batched anchor the cond becomes a select and the barrier has no effect.
+    It must be a runtime value: an anchor that is a compile-time constant (a base closed over
+    by ``jit`` instead of passed as an argument) lets XLA fold the cond away.
     """
     del anchor
     return x
