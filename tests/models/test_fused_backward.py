@@ -41,7 +41,7 @@ def test_layer_norm_values_and_gradients_match_autodiff(barrier):
     np.testing.assert_allclose(ours(x, scale, bias), ref(x, scale, bias), rtol=1e-6, atol=1e-5)
     got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, scale, bias)
     want = jax.grad(ref, argnums=(0, 1, 2))(x, scale, bias)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
@@ -154,5 +154,5 @@ def test_attention_matches_dot_product_attention(causal, hq, hk):
     sel = jnp.asarray(valid, jnp.float32)
     got = jax.grad(lambda *a: jnp.sum(ours(*a) * w * sel), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(lambda *a: jnp.sum(ref(*a) * w * sel), argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4)
