@@ -50,8 +50,9 @@ class ExperimentConfig:
     Optimisation / run:
       lr, weight_decay, seed, chunk_size (an upper bound: the driver lowers it to fit the
       device's memory and, on CPU, to ``federated.cpu_cache_chunk_cap``), eval_every,
-      eval_batch_size, checkpoint_every, dtype (compute dtype ``float32 | bfloat16``), remat (``jax.checkpoint`` each transformer
-      block: less activation memory for ~1 extra forward).
+      eval_batch_size, checkpoint_every, dtype (compute dtype ``float32 | bfloat16``),
+      remat (``jax.checkpoint`` each transformer block: less activation memory for ~1 extra
+      forward).
     """
 
     name: str = "experiment"
