@@ -180,13 +180,14 @@ def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
     On the CPU backend the chunk is also capped by :func:`cpu_cache_chunk_cap` (wider ``vmap``
     chunks measured slower there)."""
     requested = min(cfg.chunk_size, cfg.clients_per_round)
+    dtype_bytes = 2 if cfg.dtype == "bfloat16" else 4
     if jax.default_backend() == "cpu":
         width = max(model.config.hidden_size, model.config.intermediate_size)
         requested = min(requested, cpu_cache_chunk_cap(cfg.batch_size, cfg.max_length, width,
-                                                       itemsize=2 if cfg.dtype == "bfloat16" else 4))
+                                                       itemsize=dtype_bytes))
     estimate = lambda k: estimate_round_memory(
         model.config, chunk_size=k, batch=cfg.batch_size, seq_len=cfg.max_length, r_max=cfg.r_max,
-        n_adapters=len(targets), dtype_bytes=2 if cfg.dtype == "bfloat16" else 4, steps=cfg.local_steps,
+        n_adapters=len(targets), dtype_bytes=dtype_bytes, steps=cfg.local_steps,
         remat=cfg.remat,
         num_clients=cfg.clients_per_round,
         adapter_dims_sum=sum(t.in_features + t.out_features for t in targets.values()))

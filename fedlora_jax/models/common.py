@@ -206,8 +206,7 @@ def _attention_probs(q, k, bias):
 def _attention_core(q: Array, k: Array, v: Array, bias: Array) -> Array:
     """``softmax(q k^T / sqrt(D) + bias) v`` on ``q [B, Hk, G, T, D]``, ``k, v [B, Hk, T, D]``,
     ``bias [B, 1, 1, T|1, T]`` float32 (no gradient)."""
-    p = _attention_probs(q, k, bias)
-    return jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return _attention_core_fwd(q, k, v, bias)[0]
 
 
 def _attention_core_fwd(q, k, v, bias):

@@ -77,8 +77,7 @@ def _normalise(x: Array, eps: float) -> tuple[Array, Array]:
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-    xhat, _ = _normalise(x, eps)
-    return xhat * scale + bias
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
