@@ -307,8 +307,9 @@ def cpu_cache_chunk_cap(batch: int, seq_len: int, width: int, *, itemsize: int =
 
     ``width``: the widest hidden size (the FFN width ``F``). ASSUMPTION (a measured heuristic,
     not a model): on a 2-core AMD EPYC (1 MiB L2 per core, 32 MiB shared L3), MiniLM shape
-    B=8 T=64 F=1536 f32, a round ran at 6.65 / 6.97 / 6.19 / 5.68 client-steps/s with chunks
-    of 1 / 2 / 4 / 8 clients: bigger ``vmap`` chunks make every activation bigger without
+    B=8 T=64 F=1536 f32, a round ran at 5.94 / 6.49 / 5.94 / 5.04 client-steps/s with chunks
+    of 1 / 2 / 4 / 8 clients (``benchmarks/results/round_cpu_chunks.jsonl``): bigger ``vmap``
+    chunks make every activation bigger without
     making the matmuls faster, and once they outgrow the caches the elementwise passes slow
     down. This rule picks 2 there. GPUs want the opposite (wide chunks); it is not used there.
     """

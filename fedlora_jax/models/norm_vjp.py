@@ -1,12 +1,13 @@
 """LayerNorm with a hand-written backward pass, and the XLA:CPU fusion barrier it uses.
 
-Why this exists (measured, CPU, jax 0.10.2, 2 cores, MiniLM shape B=8 T=64, one client's
-loss + gradient): with autodiff's LayerNorm, XLA:CPU fuses the elementwise part of every
-LayerNorm backward into all of its consumers *by duplication*; in a post-LN encoder the
-residual-stream gradient runs through two LayerNorms per block, so each fusion re-evaluates
-the elementwise chain of every block above it (fusions of 250+ ops with 100+ operands) and
-the backward grows quadratically with depth: 128 ms for 6 layers, 420 ms for 12.
-Materialising the gradient that leaves each LayerNorm brings it to 100 ms / 213 ms.
+Why this exists (measured with ``benchmarks/step_bench.py``, CPU, jax 0.10.2, 2 cores, MiniLM
+shape B=8 T=64, one client's loss + gradient): with autodiff's LayerNorm, XLA:CPU fuses the
+elementwise part of every LayerNorm backward into all of its consumers *by duplication*; in a
+post-LN encoder the residual-stream gradient runs through two LayerNorms per block, so each
+fusion re-evaluates the elementwise chain of every block above it (fusions of 250+ ops with
+100+ operands) and the backward grows quadratically with depth: 130 ms for 6 layers, 427 ms
+for 12. Materialising the gradient that leaves each LayerNorm (with the explicit VJPs of this
+change) brings it to ~110 ms / ~220 ms.
 
 ``jax.lax.optimization_barrier`` does not help: XLA:CPU removes it before fusion. A
 ``lax.cond`` is never fused across, so :func:`cotangent_barrier` routes the cotangent through
