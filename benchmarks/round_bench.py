@@ -8,6 +8,11 @@ GPU (RoBERTa-base size; one command, run on a machine with jax[cuda] + torch)::
 
     python benchmarks/round_bench.py --preset gpu --peer
 
+Our model classifies from the first token by default (``--pooling cls``), as the peer's
+``RobertaForSequenceClassification`` does; our encoder then evaluates its last block at that token
+only (``EncoderConfig.cls_shortcut``: same logits and gradients, fewer FLOPs). ``--pooling mean``
+needs every token of every block.
+
 Prints one JSON line per configuration (ours, and the peer when ``--peer``), with client-steps/s,
 tokens/s, compile time, the model FLOP rate and its fraction of a measured matmul peak.
 
@@ -18,6 +23,10 @@ backward only as far as gradients are needed: activation gradients through the f
 ``2 W + 8 T H`` per layer above the lowest adapted layer (all layers here) and LoRA weight +
 activation gradients ``4 r (N + M)``. No weight-gradient FLOPs for the frozen base. The peer's
 script uses ``4 N_base`` per token (forward + input-grad, attention ignored); we report both.
+With first-token pooling (``cls``/``pooler``) only the first position's output of the last layer is
+needed: that layer counts its key/value projections (and the value LoRA) for all ``T`` tokens and
+everything else (query, attention, output projection, FFN, query LoRA) for one token, forward and
+backward; so utilisation is never credited for work the loss does not need.
 """
 
 from __future__ import annotations
@@ -60,6 +69,17 @@ def model_flops_per_token(h, f, layers, t, r, n_mod):
     return fwd + bwd
 
 
+def model_flops_per_sequence(h, f, layers, t, r, first_token_only: bool):
+    """Model FLOPs of one length-``t`` sequence, LoRA on query and value (see the module
+    docstring); ``first_token_only``: the last layer's output is needed at position 0 only."""
+    if not first_token_only:
+        return model_flops_per_token(h, f, layers, t, r, 2) * t
+    lora_one = r * (h + h)                                     # one module, one token, forward
+    kv = t * (2 + 2) * (2 * h * h) + t * (2 + 4) * lora_one    # K, V projections + value LoRA
+    q_side = (2 + 2) * (2 * h * h + 2 * h * f) + (4 + 8) * t * h + (2 + 4) * lora_one
+    return model_flops_per_token(h, f, layers - 1, t, r, 2) * t + kv + q_side
+
+
 def peer_flops_per_token(h, f, layers):
     return 4 * layers * (4 * h * h + 2 * h * f)
 
@@ -80,7 +100,7 @@ def run_ours(a, C):
     size = SIZES[a.size]
     dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float32
     cfg = EncoderConfig(model_type="bert", max_position_embeddings=max(512, a.seq), num_labels=20,
-                        dtype=dtype, param_dtype=dtype, **size)
+                        pooling=a.pooling, dtype=dtype, param_dtype=dtype, **size)
     model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
     graphdef, base, head = split_for_round(model)
     targets = model.adapter_targets(["query", "value"])
@@ -120,13 +140,14 @@ def run_ours(a, C):
     best = min(times)
     tokens = C * a.steps * a.batch * a.seq
     h, f, L = size["hidden_size"], size["intermediate_size"], size["num_layers"]
-    mflops = model_flops_per_token(h, f, L, a.seq, a.rank, 2) * tokens
+    mflops = model_flops_per_sequence(h, f, L, a.seq, a.rank, a.pooling != "mean") * C * a.steps * a.batch
     try:
         mem = jax.devices()[0].memory_stats() or {}
     except Exception:  # CPU backends may not report
         mem = {}
     return dict(system="fedlora_jax (one jit, chunked vmap)", device=str(jax.devices()[0].device_kind),
-                jax=jax.__version__, size=a.size, clients=C, chunk=min(chunk, C), steps=a.steps, batch=a.batch,
+                jax=jax.__version__, size=a.size, pooling=a.pooling, clients=C, chunk=min(chunk, C),
+                steps=a.steps, batch=a.batch,
                 seq=a.seq, rank=a.rank, dtype=a.dtype, remat=a.remat, static_cut=a.static_cut,
                 compile_s=round(compile_s, 2),
                 round_s=round(best, 4), round_times=[round(x, 4) for x in times],
@@ -163,6 +184,10 @@ def main():
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean", "pooler"],
+                   help="our classifier's pooling: cls (default) reads the first token, as the peer's "
+                        "RobertaForSequenceClassification does (with EncoderConfig.cls_shortcut the last "
+                        "block runs at that token only); mean is MiniLM's sentence pooling (every token)")
     p.add_argument("--remat", action="store_true", help="jax.checkpoint each transformer block")
     p.add_argument("--static-cut", type=int, default=None,
                    help="no backward below this layer, compiled statically (FedARA module pruning)")

@@ -56,6 +56,14 @@ class EncoderConfig:
     ``max_len`` is the longest usable sequence: ``max_position_embeddings`` for BERT,
     ``max_position_embeddings - pad_token_id - 1`` for RoBERTa (positions start after the
     padding index).
+
+    ``cls_shortcut`` (default on): with ``pooling`` ``"cls"`` or ``"pooler"`` the classifier
+    reads only the first position of the last block, so :meth:`EncoderClassifier.__call__`
+    evaluates that block's query, attention, output projection, FFN and norms at the first
+    position only (its keys and values still see every token). Logits and every gradient are
+    the same as the full computation (tested); about ``1/num_layers`` of the forward and
+    backward matmul FLOPs are skipped. ``False`` computes every position (as ``transformers``
+    does).
     """
 
     model_type: str = "bert"
@@ -71,6 +79,7 @@ class EncoderConfig:
     gelu_approximate: bool = False
     num_labels: int = 2
     pooling: str = "mean"
+    cls_shortcut: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -140,15 +149,17 @@ class EncoderLayer(nnx.Module):
         self.num_heads, self.gelu_approximate = cfg.num_heads, cfg.gelu_approximate
 
     def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
-                 dtype) -> Array:
-        """``[B, T, D] -> [B, T, D]``."""
+                 dtype, query_rows: int | None = None) -> Array:
+        """``[B, T, D] -> [B, T, D]``, or ``[B, query_rows, D]``: the block's output at the first
+        ``query_rows`` positions only (keys and values still come from all ``T``)."""
         b, t, d = h.shape
         lin = lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}",
                                                  adapter=adapter)
-        heads = lambda x: x.reshape(b, t, self.num_heads, d // self.num_heads)
-        q, k, v = heads(lin("query", h)), heads(lin("key", h)), heads(lin("value", h))
-        ctx = common.attention(q, k, v, attention_mask, causal=False).reshape(b, t, d)
-        h = self.attn_norm(h + lin("attn_out", ctx))
+        heads = lambda x: x.reshape(b, x.shape[1], self.num_heads, d // self.num_heads)
+        hq = h if query_rows is None else h[:, :query_rows]
+        q, k, v = heads(lin("query", hq)), heads(lin("key", h)), heads(lin("value", h))
+        ctx = common.attention(q, k, v, attention_mask, causal=False).reshape(b, hq.shape[1], d)
+        h = self.attn_norm(hq + lin("attn_out", ctx))
         ff = common.gelu(lin("ffn_in", h), self.gelu_approximate)
         return self.ffn_norm(h + lin("ffn_out", ff))
 
@@ -201,12 +212,15 @@ class EncoderClassifier(nnx.Module):
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
     def encode(self, input_ids: Array, attention_mask: Array, *, lora: LoraTree | None = None,
-               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None, remat: bool = False) -> Array:
+               masks: MaskTree | None = None, scale=1.0, grad_cut_layer=None, remat: bool = False,
+               first_token_only: bool = False) -> Array:
         """Final hidden states ``[B, T, D]`` in ``config.dtype``.
 
         ``remat=True`` wraps each transformer block in ``jax.checkpoint``: only the block inputs
         are kept for the backward pass and the block is recomputed (less activation memory,
-        about one extra forward of compute)."""
+        about one extra forward of compute). ``first_token_only=True`` evaluates the last block
+        at the first position only and returns ``[B, 1, D]`` (equal to ``[:, :1]`` of the full
+        result; see ``EncoderConfig.cls_shortcut``)."""
         cfg = self.config
         common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
         common.check_grad_cut(grad_cut_layer, cfg.num_layers)
@@ -218,7 +232,8 @@ class EncoderClassifier(nnx.Module):
         h = self.embed_norm(h).astype(dt)
         adapter = AdapterCall(lora, masks, scale)
         h = common.run_blocks(self.layers, h, attention_mask, adapter=adapter, dtype=dt,
-                              grad_cut_layer=grad_cut_layer, remat=remat)
+                              grad_cut_layer=grad_cut_layer, remat=remat,
+                              last_query_rows=1 if first_token_only else None)
         return h
 
     def pool(self, hidden: Array, attention_mask: Array) -> Array:
@@ -236,9 +251,12 @@ class EncoderClassifier(nnx.Module):
     def __call__(self, input_ids: Array, attention_mask: Array, *,
                  lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
                  grad_cut_layer=None, remat: bool = False) -> Array:
-        """Logits ``[B, num_labels]`` float32 (``remat``: see :meth:`encode`)."""
+        """Logits ``[B, num_labels]`` float32 (``remat``: see :meth:`encode`; the last block
+        runs at the first position only under ``config.cls_shortcut``)."""
+        cfg = self.config
         h = self.encode(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
-                        grad_cut_layer=grad_cut_layer, remat=remat)
+                        grad_cut_layer=grad_cut_layer, remat=remat,
+                        first_token_only=cfg.cls_shortcut and cfg.pooling in ("cls", "pooler"))
         return self.head(self.pool(h, attention_mask))
 
 

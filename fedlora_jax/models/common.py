@@ -163,12 +163,13 @@ def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bo
     """Scaled dot-product attention with key padding (and causal) masking.
 
     Args:
-      q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hk, D]`` with ``Hq % Hk == 0`` (grouped queries).
+      q: ``[B, Tq, Hq, D]``; k, v: ``[B, T, Hk, D]`` with ``Hq % Hk == 0`` (grouped queries);
+        ``Tq`` may be smaller than ``T`` (queries at the first ``Tq`` positions) when not causal.
       attention_mask: ``[B, T]``, nonzero = real token (keys with 0 are ignored).
       causal: add the lower-triangular mask.
 
     Returns:
-      ``[B, T, Hq, D]`` in ``q.dtype``. Scores and softmax are float32. Rows with no visible
+      ``[B, Tq, Hq, D]`` in ``q.dtype``. Scores and softmax are float32. Rows with no visible
       key (a padded query under a causal mask and left padding) get a finite arbitrary value
       (uniform weights), never NaN.
 
@@ -181,6 +182,8 @@ def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bo
     hk = k.shape[2]
     if hq % hk:
         raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
+    if causal and t != k.shape[1]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {t} and {k.shape[1]}")
     visible = (attention_mask != 0)[:, None, None, None, :]          # [B, 1, 1, 1, Tk]
     if causal:
         visible = visible & jnp.tril(jnp.ones((t, t), bool))[None, None, None]
@@ -315,13 +318,17 @@ def cut_after_layer(h: Array, i: int, grad_cut_layer) -> Array:
 
 
 def run_blocks(layers, h: Array, attention_mask: Array, *, adapter: AdapterCall, dtype, grad_cut_layer=None,
-               remat: bool = False) -> Array:
+               remat: bool = False, last_query_rows: int | None = None) -> Array:
     """Run the transformer blocks in order: optional ``jax.checkpoint`` per block (``remat``:
     only block inputs are kept for the backward pass) and the gradient cut after each block
     (see :func:`cut_after_layer`). Every block is called ``block(h, attention_mask, i=, adapter=,
-    dtype=)``."""
+    dtype=)``; with ``last_query_rows`` the last block also gets ``query_rows=last_query_rows``
+    (its output only at the first positions, see ``bert.EncoderLayer``)."""
+    last = len(layers) - 1
     for i, layer in enumerate(layers):
-        block = lambda hh, layer=layer, i=i: layer(hh, attention_mask, i=i, adapter=adapter, dtype=dtype)
+        rows = {"query_rows": last_query_rows} if i == last and last_query_rows is not None else {}
+        block = lambda hh, layer=layer, i=i, rows=rows: layer(hh, attention_mask, i=i, adapter=adapter,
+                                                              dtype=dtype, **rows)
         h = jax.checkpoint(block)(h) if remat else block(h)
         h = cut_after_layer(h, i, grad_cut_layer)
     return h
