@@ -10,7 +10,7 @@ PUBLIC = {
     "fedlora_jax": {"Aggregator", "ClientSpec", "LoraFactors", "LoraTree", "MaskTree", "ServerState", "__version__",
                     "aggregation", "algorithms", "data", "devices", "driver", "federated", "get_aggregator",
                     "importance", "kernels", "linalg", "lora", "make_round", "models"},
-    "fedlora_jax.lora": {"LoraFactors", "apply", "apply_stacked", "merge", "unmerge", "init", "rank_mask",
+    "fedlora_jax.lora": {"LoraFactors", "apply", "apply_merged", "apply_stacked", "merge", "unmerge", "init", "rank_mask",
                          "rank_masks", "count_params", "count_bytes", "apply_masks", "delta"},
     "fedlora_jax.linalg": {"SVDResult", "lowrank_svd", "stacked_lowrank_svd", "dense_svd", "randomized_svd",
                            "svd_safe", "truncate_to_factors"},

@@ -8,6 +8,7 @@ path ``("layers", i, module, "kernel")`` in every architecture.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -70,6 +71,26 @@ def cast_dtype(x: Array, dtype) -> Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+MERGED_LORA_MODES = ("auto", "on", "off")
+
+
+def merged_lora_enabled(dtype) -> bool:
+    """Whether :class:`Dense` computes an adapted float32 linear as ``x @ (w + delta_w)``
+    (:func:`fedlora_jax.lora.apply_merged`) instead of base + low-rank path.
+
+    ``FEDLORA_JAX_MERGED_LORA`` (read at trace time): ``auto`` (default: on for float32 compute
+    on the CPU backend, where it measured faster; off elsewhere), ``on`` (float32 compute on
+    any backend) or ``off``. Half-precision compute always keeps the low-rank path (folding a
+    small ``delta_w`` into a bfloat16 kernel would round it away).
+    """
+    mode = os.environ.get("FEDLORA_JAX_MERGED_LORA", "auto").strip().lower()
+    if mode not in MERGED_LORA_MODES:
+        raise ValueError(f"FEDLORA_JAX_MERGED_LORA must be one of {MERGED_LORA_MODES}, got {mode!r}")
+    if jnp.dtype(dtype) != jnp.float32 or mode == "off":
+        return False
+    return mode == "on" or jax.default_backend() == "cpu"
+
+
 class Dense(nnx.Module):
     """A frozen linear map ``y = x @ kernel (+ bias)`` with ``kernel: [N, M]`` (Flax orientation)."""
 
@@ -83,8 +104,10 @@ class Dense(nnx.Module):
     def __call__(self, x: Array, *, dtype, key: str | None = None,
                  adapter: AdapterCall | None = None) -> Array:
         """``[..., N] -> [..., M]`` in ``dtype``; adds the LoRA path when ``adapter.lora[key]``
-        exists. With a mask, the low-rank matmul runs under ``lax.cond`` and is skipped when the
-        whole mask is zero (an unbatched mask; under ``vmap`` the cond becomes a select)."""
+        exists: folded into the kernel when :func:`merged_lora_enabled` (float32 on CPU by
+        default), else as a low-rank path which, with a mask, runs under ``lax.cond`` and is
+        skipped when the whole mask is zero (an unbatched mask; under ``vmap`` the cond
+        becomes a select)."""
         w = self.kernel[...]
         b = None if self.bias is None else self.bias[...]
         factors = None
@@ -94,6 +117,9 @@ class Dense(nnx.Module):
             y = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
             return y if b is None else y + cast_dtype(b, dtype)
         mask = None if adapter.masks is None else adapter.masks.get(key)
+        if merged_lora_enabled(dtype):
+            return lora_lib.apply_merged(cast_dtype(x, dtype), w, factors, mask, scale=adapter.scale,
+                                         bias=b)
         if mask is None:
             return lora_lib.apply(x, w, factors, None, scale=adapter.scale, bias=b,
                                   compute_dtype=dtype)

@@ -188,3 +188,57 @@ def test_jit_and_grad_through_apply():
     # Gradients of masked slots are exactly zero.
     assert not np.any(np.asarray(g.a[:, 2:])) and not np.any(np.asarray(g.b[2:, :]))
     assert np.any(np.asarray(g.a[:, :2]))
+
+
+def _merged_inputs(key, with_e):
+    ks = jax.random.split(key, 7)
+    x = jax.random.normal(ks[0], (3, 5, 16))
+    w = jax.random.normal(ks[1], (16, 12))
+    bias = jax.random.normal(ks[2], (12,))
+    e = jax.random.normal(ks[5], (4,)) if with_e else None
+    f = LoraFactors(jax.random.normal(ks[3], (16, 4)), jax.random.normal(ks[4], (4, 12)), e)
+    ct = jax.random.normal(ks[6], (3, 5, 12))
+    return x, w, bias, f, ct
+
+
+@pytest.mark.parametrize("with_e", [False, True])
+@pytest.mark.parametrize("mask", [None, (1.0, 0.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_apply_merged_values_and_all_gradients_match_apply(with_e, mask, with_bias):
+    x, w, bias, f, ct = _merged_inputs(jax.random.key(3), with_e)
+    bias = bias if with_bias else None
+    m = None if mask is None else jnp.asarray(mask)
+
+    def loss(fn, x, w, bias, f, m, scale):
+        return jnp.sum(fn(x, w, f, m, scale=scale, bias=bias) * ct)
+
+    args = (x, w, bias, f, m, jnp.float32(0.7))
+    argnums = tuple(i for i, v in enumerate(args) if v is not None)
+    np.testing.assert_allclose(np.asarray(lora.apply_merged(x, w, f, m, scale=0.7, bias=bias)),
+                               np.asarray(lora.apply(x, w, f, m, scale=0.7, bias=bias)), rtol=1e-5, atol=1e-5)
+    ref = jax.grad(lambda *a: loss(lora.apply, *a), argnums=argnums)(*args)
+    got = jax.jit(jax.grad(lambda *a: loss(lora.apply_merged, *a), argnums=argnums))(*args)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_apply_merged_vmapped_over_clients_equals_loop():
+    x, w, bias, f, ct = _merged_inputs(jax.random.key(4), True)
+    xs = jnp.stack([x, 2 * x])
+    fs = jax.tree.map(lambda t: jnp.stack([t, -0.5 * t]), f)
+    ms = jnp.array([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+
+    def loss(x, fc, m):
+        return jnp.sum(lora.apply_merged(x, w, fc, m, scale=0.5, bias=bias) * ct)
+
+    got = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(xs, fs, ms)
+    for c in range(2):
+        ref = jax.grad(loss, argnums=(0, 1))(xs[c], jax.tree.map(lambda t, c=c: t[c], fs), ms[c])
+        for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(jax.tree.map(lambda t, c=c: t[c], got)), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_merged_refuses_half_precision():
+    x, w, bias, f, _ = _merged_inputs(jax.random.key(5), False)
+    with pytest.raises(TypeError, match="float32"):
+        lora.apply_merged(x.astype(jnp.bfloat16), w, f, None, scale=1.0)
