@@ -1,9 +1,9 @@
 """Plot client-steps/s against the number of clients C from ``round_bench.py`` JSON lines.
 
-Usage::
+Usage (from ``benchmarks/``)::
 
-    python benchmarks/round_bench.py --clients 8 16 32 64 128 --peer --out benchmarks/results/round_cpu_scaling.jsonl
-    python benchmarks/plot_scaling.py benchmarks/results/round_cpu_scaling.jsonl --out benchmarks/results/round_cpu_scaling.png
+    python round_bench.py --clients 8 16 32 64 128 --rounds 2 --peer --out results/round_cpu_scaling.jsonl
+    python plot_scaling.py results/round_cpu_scaling.jsonl --out results/round_cpu_scaling.png
 
 One line for ours and one for the peer (rows with ``client_steps_per_s``); the title names the
 hardware and date from the file's ``env`` row. Rows of a different pooling / size than the first

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -154,7 +155,16 @@ def run_ours(a, C):
                 client_steps_per_s=round(C * a.steps / best, 2), tokens_per_s=round(tokens / best),
                 model_tflops=round(mflops / best / 1e12, 4),
                 peer_formula_tflops=round(peer_flops_per_token(h, f, L) * tokens / best / 1e12, 4),
-                peak_bytes=mem.get("peak_bytes_in_use"), traces=rf.trace_count(), xla_flops=xla_flops)
+                peak_bytes=mem.get("peak_bytes_in_use"), process_peak_rss_mb=peak_rss_mb(),
+                traces=rf.trace_count(), xla_flops=xla_flops)
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory (MiB) of this process so far, or of its largest finished child
+    (``children``); monotone over a run, so with increasing C a flat value means memory does
+    not grow with C. On CPU this is the only peak-memory figure (``memory_stats()`` is None)."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)        # Linux: KiB
 
 
 def run_peer(a, C):
@@ -167,7 +177,9 @@ def run_peer(a, C):
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"system": "torch+peft sequential", "error": out.stderr[-2000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["largest_peer_process_peak_rss_mb"] = peak_rss_mb(children=True)
+    return row
 
 
 def main():
