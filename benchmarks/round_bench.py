@@ -38,6 +38,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -159,12 +160,33 @@ def run_ours(a, C):
                 traces=rf.trace_count(), xla_flops=xla_flops)
 
 
-def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident memory (MiB) of this process so far, or of its largest finished child
-    (``children``); monotone over a run, so with increasing C a flat value means memory does
-    not grow with C. On CPU this is the only peak-memory figure (``memory_stats()`` is None)."""
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    return round(resource.getrusage(who).ru_maxrss / 1024, 1)        # Linux: KiB
+def peak_rss_mb() -> float:
+    """Peak resident memory (MiB) of this process so far; monotone over a run (the rows of
+    larger C come later). On CPU this is the only peak-memory figure (``memory_stats()`` is
+    None there)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)   # Linux: KiB
+
+
+def run_with_peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float | None]:
+    """Run ``cmd``; also return its peak RSS in MiB, read from ``/proc/<pid>/status`` (VmHWM,
+    which restarts at ``exec``) while it runs, or ``None`` where ``/proc`` is unavailable.
+    (``RUSAGE_CHILDREN`` is no good here: it counts the forked copy of this process.)"""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        hwm = None
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            hwm = max(hwm or 0.0, int(line.split()[1]) / 1024)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return done, None if hwm is None else round(hwm, 1)
 
 
 def run_peer(a, C):
@@ -174,11 +196,11 @@ def run_peer(a, C):
     cmd = [sys.executable, str(peer), "--size", a.size, "--clients", str(C), "--steps", str(a.steps),
            "--batch", str(a.batch), "--seq", str(a.seq), "--rank", str(a.rank), "--rounds", str(a.rounds),
            "--dtype", "bf16" if a.dtype == "bf16" else "f32"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out, rss = run_with_peak_rss(cmd)
     if out.returncode != 0:
         return {"system": "torch+peft sequential", "error": out.stderr[-2000:]}
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["largest_peer_process_peak_rss_mb"] = peak_rss_mb(children=True)
+    row["peer_process_peak_rss_mb"] = rss
     return row
 
 

@@ -68,3 +68,12 @@ def test_scaling_plot_refuses_mixed_workloads_and_garbage(tmp_path):
     empty.write_text(json.dumps({"kind": "env"}) + "\n")
     with pytest.raises(ValueError, match="no rows of ours"):
         ps.load_rows(empty)
+
+
+def test_peer_peak_rss_is_the_childs_own():
+    import sys
+    rb = _load("round_bench")
+    code = "import time; x = bytearray(80 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.6); print('ok')"
+    done, rss = rb.run_with_peak_rss([sys.executable, "-c", code])
+    assert done.returncode == 0 and done.stdout.strip() == "ok"
+    assert rss is not None and 80 <= rss < 200 < rb.peak_rss_mb()   # its own ~80 MiB, not a copy of us
