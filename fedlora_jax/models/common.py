@@ -8,7 +8,6 @@ path ``("layers", i, module, "kernel")`` in every architecture.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ from flax import nnx
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree
 from fedlora_jax.models import norm_vjp
+from fedlora_jax.models.switches import cpu_default_switch
 
 Array = jax.Array
 
@@ -71,9 +71,6 @@ def cast_dtype(x: Array, dtype) -> Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-MERGED_LORA_MODES = ("auto", "on", "off")
-
-
 def merged_lora_enabled(dtype) -> bool:
     """Whether :class:`Dense` computes an adapted float32 linear as ``x @ (w + delta_w)``
     (:func:`fedlora_jax.lora.apply_merged`) instead of base + low-rank path.
@@ -83,12 +80,7 @@ def merged_lora_enabled(dtype) -> bool:
     any backend) or ``off``. Half-precision compute always keeps the low-rank path (folding a
     small ``delta_w`` into a bfloat16 kernel would round it away).
     """
-    mode = os.environ.get("FEDLORA_JAX_MERGED_LORA", "auto").strip().lower()
-    if mode not in MERGED_LORA_MODES:
-        raise ValueError(f"FEDLORA_JAX_MERGED_LORA must be one of {MERGED_LORA_MODES}, got {mode!r}")
-    if jnp.dtype(dtype) != jnp.float32 or mode == "off":
-        return False
-    return mode == "on" or jax.default_backend() == "cpu"
+    return cpu_default_switch("FEDLORA_JAX_MERGED_LORA") and jnp.dtype(dtype) == jnp.float32
 
 
 class Dense(nnx.Module):
@@ -230,14 +222,15 @@ def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bo
 _MASKED = -1e30
 
 
-def _subscripts(q: Array) -> str:
-    """Einsum letters of a query block: ``"bhq"`` (``[B, H, Tq, D]``) or ``"bhgq"`` (grouped)."""
-    return "bhgq" if q.ndim == 5 else "bhq"
+def _lead(q: Array) -> str:
+    """Einsum letters before ``q d`` of a query block: ``"bh"`` (``[B, H, Tq, D]``) or ``"bhg"``
+    (grouped ``[B, Hk, G, Tq, D]``)."""
+    return "bhg" if q.ndim == 5 else "bh"
 
 
 def _attention_probs(q, k, bias):
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
-    lead = _subscripts(q)[:-1]
+    lead = _lead(q)
     s = jnp.einsum(f"{lead}qd,bhkd->{lead}qk", q, k, preferred_element_type=jnp.float32) * scale + bias
     s = s - jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s)
@@ -254,7 +247,7 @@ def _attention_core(q: Array, k: Array, v: Array, bias: Array) -> Array:
 
 def _attention_core_fwd(q, k, v, bias):
     p = _attention_probs(q, k, bias)
-    lead = _subscripts(q)[:-1]
+    lead = _lead(q)
     out = jnp.einsum(f"{lead}qk,bhkd->{lead}qd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out, (q, k, v, p, out, bias)
 
@@ -263,7 +256,7 @@ def _attention_core_bwd(res, g):
     """Softmax backward with ``rowsum(dp * p) = rowsum(g * out)`` (FlashAttention's identity):
     the row term comes from ``[Tq, D]`` arrays, so ``ds`` is elementwise in ``dp``."""
     q, k, v, p, out, bias = res
-    lead = _subscripts(q)[:-1]
+    lead = _lead(q)
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
     g = g.astype(jnp.float32)
     dv = jnp.einsum(f"{lead}qk,{lead}qd->bhkd", p, g)

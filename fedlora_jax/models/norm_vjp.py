@@ -22,25 +22,18 @@ backend, off elsewhere), ``on`` or ``off``.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from fedlora_jax.models.switches import cpu_default_switch
+
 Array = jax.Array
-
-BARRIER_MODES = ("auto", "on", "off")
-
 
 def barrier_enabled() -> bool:
     """Whether :func:`layer_norm` materialises its input gradient (see the module docstring)."""
-    mode = os.environ.get("FEDLORA_JAX_NORM_BARRIER", "auto").strip().lower()
-    if mode not in BARRIER_MODES:
-        raise ValueError(f"FEDLORA_JAX_NORM_BARRIER must be one of {BARRIER_MODES}, got {mode!r}")
-    if mode == "auto":
-        return jax.default_backend() == "cpu"
-    return mode == "on"
+    return cpu_default_switch("FEDLORA_JAX_NORM_BARRIER")
 
 
 @jax.custom_vjp
