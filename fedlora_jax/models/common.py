@@ -194,9 +194,8 @@ def attention(q: Array, k: Array, v: Array, attention_mask: Array, *, causal: bo
     The backward pass is written out (:func:`_attention_core`'s VJP reuses the saved
     probabilities and takes the softmax row term from the saved output), and multi-head
     attention (``Hq == Hk``) runs on 4-D ``[B, H, T, D]`` blocks without a group axis (XLA:CPU
-    copied the probabilities around a size-1 group axis); on the MiniLM round this measured
-    ~5-10% faster per client step than the previous version of this function, itself ~5%
-    faster than autodiff of ``jax.nn.dot_product_attention`` on XLA:CPU. Values and gradients
+    copied the probabilities around a size-1 group axis); measurements (ad-hoc A/B runs and
+    the noisier stored round rows) are in ``benchmarks/README.md``. Values and gradients
     equal ``jax.nn.dot_product_attention``'s (tested, grouped and multi-head).
     """
     b, t, hq, d = q.shape
