@@ -11,7 +11,8 @@ GPU (RoBERTa-base size; one command, run on a machine with jax[cuda] + torch)::
 Our model classifies from the first token by default (``--pooling cls``), as the peer's
 ``RobertaForSequenceClassification`` does; our encoder then evaluates its last block at that token
 only (``EncoderConfig.cls_shortcut``: same logits and gradients, fewer FLOPs). ``--pooling mean``
-needs every token of every block.
+needs every token of every block. ``--norm-barrier`` / ``--merged-lora`` (``auto | on | off``) set the
+model config's CPU speed-up switches; each row records the values they resolved to.
 
 Prints one JSON line per configuration (ours, and the peer when ``--peer``), with client-steps/s,
 tokens/s, compile time, the model FLOP rate and its fraction of a measured matmul peak.
@@ -102,7 +103,8 @@ def run_ours(a, C):
     size = SIZES[a.size]
     dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float32
     cfg = EncoderConfig(model_type="bert", max_position_embeddings=max(512, a.seq), num_labels=20,
-                        pooling=a.pooling, dtype=dtype, param_dtype=dtype, **size)
+                        pooling=a.pooling, dtype=dtype, param_dtype=dtype, norm_barrier=a.norm_barrier,
+                        merged_lora=a.merged_lora, **size)
     model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
     graphdef, base, head = split_for_round(model)
     targets = model.adapter_targets(["query", "value"])
@@ -151,6 +153,7 @@ def run_ours(a, C):
                 jax=jax.__version__, size=a.size, pooling=a.pooling, clients=C, chunk=min(chunk, C),
                 steps=a.steps, batch=a.batch,
                 seq=a.seq, rank=a.rank, dtype=a.dtype, remat=a.remat, static_cut=a.static_cut,
+                norm_barrier=model.config.norm_barrier, merged_lora=model.config.merged_lora,
                 compile_s=round(compile_s, 2),
                 round_s=round(best, 4), round_times=[round(x, 4) for x in times],
                 client_steps_per_s=round(C * a.steps / best, 2), tokens_per_s=round(tokens / best),
@@ -223,6 +226,10 @@ def main():
                         "RobertaForSequenceClassification does (with EncoderConfig.cls_shortcut the last "
                         "block runs at that token only); mean is MiniLM's sentence pooling (every token)")
     p.add_argument("--remat", action="store_true", help="jax.checkpoint each transformer block")
+    p.add_argument("--norm-barrier", choices=["auto", "on", "off"], default="auto",
+                   help="EncoderConfig.norm_barrier (LayerNorm gradient barrier; auto = on for CPU)")
+    p.add_argument("--merged-lora", choices=["auto", "on", "off"], default="auto",
+                   help="EncoderConfig.merged_lora (float32 LoRA folded into the kernel; auto = on for CPU)")
     p.add_argument("--static-cut", type=int, default=None,
                    help="no backward below this layer, compiled statically (FedARA module pruning)")
     p.add_argument("--peer", action="store_true", help="also run ../shared/bench/peer_torch_peft.py")

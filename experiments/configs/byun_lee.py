@@ -1,5 +1,9 @@
 """Byun & Lee (arXiv 2406.17477): replication padding vs zero padding (HetLoRA) vs FedIT vs
-FlexLoRA under heterogeneous LoRA ranks, SST-2.
+FlexLoRA under heterogeneous LoRA ranks, SST-2. ``naive_zero_padding`` (FedIT with the same
+heterogeneous ranks: data weights, no renormalisation) is the paper's clean control beside
+HetLoRA's norm-weighted zero padding (added 2026-12-01; not in the committed results below).
+The paper's own setting (rank tied to data quality) is expressed with
+``ExperimentConfig.client_groups``, e.g. ``client_groups=((4, 10.0, 16), (36, 0.3, 4))``.
 
 Runbook:
   command:  python experiments/run_comparison.py --config experiments/configs/byun_lee.py
@@ -26,6 +30,7 @@ SEEDS = (0, 1, 2)
 METHODS = {
     "replication": {"algorithm": "replication"},
     "zero_padding": {"algorithm": "hetlora"},
+    "naive_zero_padding": {"algorithm": "fedit"},
     "fedit_rmax": {"algorithm": "fedit", "client_ranks": ()},
     "flexlora": {"algorithm": "flexlora"},
 }

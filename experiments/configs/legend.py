@@ -1,6 +1,11 @@
 """LEGEND (arXiv 2412.20004): device-capability-driven LoRA depth and rank ramp vs uniform
 depth/rank (FedIT, every client at r_max on every layer) on a heterogeneous device mix, SST-2:
-simulated time and uplink traffic to a target accuracy.
+simulated time and uplink traffic to a target accuracy. ``bottom_control`` is the control the
+claim needs (added 2026-12-01, not in the committed results below): the same per-device depths
+and ranks mirrored onto the bottom layers (``algo={"placement": "bottom"}``). The committed
+runs' plans were degenerate (FedIT for 3 of 4 device types, ``fidelity_audit.md`` A14); a
+fixed deadline between the devices' full-config times (``algo={"deadline": "between"}``) gives
+intermediate configurations (``fedlora_jax.algorithms.legend.deadline_between``).
 
 Runbook:
   command:  python experiments/run_comparison.py --config experiments/configs/legend.py
@@ -25,6 +30,7 @@ SEEDS = (0, 1, 2)
 
 METHODS = {
     "legend": {"algorithm": "legend", "algo": {}},
+    "bottom_control": {"algorithm": "legend", "algo": {"placement": "bottom"}},
     "uniform_fedit": {"algorithm": "fedit", "algo": {}},
 }
 

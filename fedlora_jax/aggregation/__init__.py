@@ -19,6 +19,7 @@ from fedlora_jax.aggregation.base import (
     comm_summary,
     get_aggregator,
     register,
+    round_bytes,
 )
 from fedlora_jax.aggregation.frozen import fedsa_lora, ffa_lora
 from fedlora_jax.aggregation.padding import (
@@ -62,5 +63,6 @@ __all__ = [
     "rank1_adaptive",
     "register",
     "replication_padding",
+    "round_bytes",
     "zero_padding",
 ]

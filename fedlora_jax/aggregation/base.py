@@ -239,6 +239,34 @@ def comm_summary(aggregator: Aggregator, tree: LoraTree, up_masks: MaskTree | No
                                      bytes_per_param=bytes_per_param)}
 
 
+def round_bytes(aggregator: Aggregator, tree: LoraTree, head: Any, up_masks: MaskTree,
+                down_masks: MaskTree, *, bytes_per_param: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes each client sends and receives in one round, head included (host NumPy).
+
+    The one communication count of a run: the driver uses it for the simulated transfer
+    times (deadlines) and for the logged metrics. Each client sends the parts named by
+    ``aggregator.uplink_parts`` over its update masks plus the whole head, and receives
+    ``downlink_parts`` over its forward masks plus the head.
+
+    Args:
+      aggregator: gives the parts.
+      tree: the global adapter (unstacked).
+      head: the trainable head pytree (every client sends and receives all of it).
+      up_masks: ``{key: [C, R]}`` update masks (the slots each client trained).
+      down_masks: ``{key: [C, R]}`` forward masks (the slots each client received).
+      bytes_per_param: default the itemsize of the adapter's storage dtype.
+
+    Returns:
+      ``(bytes_up [C], bytes_down [C])`` float64.
+    """
+    if bytes_per_param is None:
+        bytes_per_param = jnp.dtype(next(iter(tree.values())).a.dtype).itemsize
+    head_params = sum(int(np.size(x)) for x in jax.tree.leaves(head))
+    up = np.asarray(comm_params(aggregator, tree, up_masks, direction="up"), np.float64)
+    down = np.asarray(comm_params(aggregator, tree, down_masks, direction="down"), np.float64)
+    return bytes_per_param * (up + head_params), bytes_per_param * (down + head_params)
+
+
 def check_parts(parts: Sequence[str], what: str) -> tuple[str, ...]:
     """Validate a parts tuple against :data:`PART_TOKENS`."""
     parts = tuple(parts)

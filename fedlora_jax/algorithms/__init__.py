@@ -1,19 +1,28 @@
-"""The seed algorithms as compositions of the library's pure pieces.
+"""Federated LoRA methods, one file each, on one interface (:mod:`~fedlora_jax.algorithms.base`).
 
-- :mod:`~fedlora_jax.algorithms.compose`: ``build_algorithm(name, ctx)`` -> :class:`Algorithm`
-  (FedIT, HetLoRA, replication padding, FlexLoRA, FLoRA, FedEx-LoRA, FFA-LoRA, HAFL, FedARA, LEGEND).
+- :mod:`~fedlora_jax.algorithms.base`: :class:`Algorithm`, :class:`ClientPlan`,
+  :class:`ClientOptions`, :class:`ClientStateRule`, :class:`RoundOutputs`,
+  :class:`RoundReport`, :class:`AlgoContext`.
+- :mod:`~fedlora_jax.algorithms.registry`: ``build_algorithm(name, ctx, **options)`` and the
+  table of methods (``fedit.py``, ``hetlora.py``, ``replication.py``, ``flexlora.py``,
+  ``flora.py``, ``fedex.py``, ``ffa.py``, ``fedsa.py``, ``hafl.py``, ``fedara.py``,
+  ``adalora.py``, ``legend.py``).
 - :mod:`~fedlora_jax.algorithms.rank_rules`: FedARA allocation / pruning, HAFL truncation and
   freezing masks, prefix masks, orthogonality regulariser.
-- :mod:`~fedlora_jax.algorithms.legend`: LEGEND's capacity estimates and LCD configurator.
+- :mod:`~fedlora_jax.algorithms.legend`: LEGEND's capacity estimates, LCD configurator and
+  the algorithm.
 """
 
 from fedlora_jax.algorithms import legend, rank_rules
-from fedlora_jax.algorithms.compose import (
-    BUILDERS,
+from fedlora_jax.algorithms.base import (
     AlgoContext,
     Algorithm,
-    Plan,
-    build_algorithm,
+    ClientOptions,
+    ClientPlan,
+    ClientStateRule,
+    EmptyAlgoState,
+    RoundOutputs,
+    RoundReport,
 )
 from fedlora_jax.algorithms.legend import (
     CapacityEstimate,
@@ -38,19 +47,28 @@ from fedlora_jax.algorithms.rank_rules import (
     prune_modules,
     svd_adapter_init,
 )
+from fedlora_jax.algorithms.registry import ALIASES, BUILDERS, NAMES, build_algorithm, canonical_name
 
 __all__ = [
+    "ALIASES",
     "BUILDERS",
+    "NAMES",
     "AlgoContext",
     "Algorithm",
     "CapacityEstimate",
+    "ClientOptions",
+    "ClientPlan",
+    "ClientStateRule",
+    "EmptyAlgoState",
     "HaflMasks",
     "LcdPlan",
     "LoraConfig",
     "Measurement",
-    "Plan",
+    "RoundOutputs",
+    "RoundReport",
     "active_modules",
     "build_algorithm",
+    "canonical_name",
     "depth_mask",
     "fedara_allocate",
     "hafl_truncation_masks",

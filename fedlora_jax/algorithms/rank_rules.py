@@ -48,14 +48,21 @@ def _safe_fro(x: Array) -> Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-def orth_penalty(factors: LoraFactors, mask: Array | None = None) -> tuple[Array, Array]:
+ORTH_FORMS = ("fro", "fro_sq")
+
+
+def orth_penalty(factors: LoraFactors, mask: Array | None = None, *, form: str = "fro") -> tuple[Array, Array]:
     """Orthogonality terms of one module: ``||(Q Q^T - I) * zz^T||_F``, ``||(P^T P - I) * zz^T||_F``.
 
     With ``Q = a^T`` (``Q Q^T = a^T a``) and ``P = b^T`` (``P^T P = b b^T``), both ``[R, R]``.
+    ``form="fro"`` (PEFT / AdaLoRA) is the plain norm; ``"fro_sq"`` its square, whose gradient
+    vanishes as ``P`` and ``Q`` approach orthonormality.
 
     Returns:
       ``(q_term, p_term)``, each ``[...]`` float32.
     """
+    if form not in ORTH_FORMS:
+        raise ValueError(f"form must be one of {ORTH_FORMS}, got {form!r}")
     a = factors.a.astype(jnp.float32)
     b = factors.b.astype(jnp.float32)
     r = a.shape[-1]
@@ -66,11 +73,13 @@ def orth_penalty(factors: LoraFactors, mask: Array | None = None) -> tuple[Array
         z = mask.astype(jnp.float32)
         zz = z[..., :, None] * z[..., None, :]
         qq, pp = qq * zz, pp * zz
+    if form == "fro_sq":
+        return jnp.sum(qq * qq, axis=(-2, -1)), jnp.sum(pp * pp, axis=(-2, -1))
     return _safe_fro(qq), _safe_fro(pp)
 
 
 def orth_regularizer(lora_tree: LoraTree, masks: MaskTree | None = None, *,
-                     count: str = "active") -> Array:
+                     count: str = "active", form: str = "fro") -> Array:
     """AdaLoRA orthogonality regulariser (PEFT ``AdaLoraModel.forward``, plain Frobenius).
 
     ``R = (1 / n_matrices) * sum_modules ||(QQ^T - I) * zz^T||_F + ||(P^TP - I) * zz^T||_F``
@@ -81,6 +90,7 @@ def orth_regularizer(lora_tree: LoraTree, masks: MaskTree | None = None, *,
       count: ``"active"`` (default; FedARA removes pruned modules, so only modules with at
         least one active slot count, two matrices each) or ``"all"`` (every module counts,
         as PEFT with all modules present).
+      form: ``"fro"`` (plain norm, PEFT) or ``"fro_sq"`` (squared), see :func:`orth_penalty`.
 
     Returns:
       ``[...]`` float32 (a scalar for an unstacked tree). Gradient is finite everywhere.
@@ -90,7 +100,7 @@ def orth_regularizer(lora_tree: LoraTree, masks: MaskTree | None = None, *,
     total, n = 0.0, 0.0
     for k, f in lora_tree.items():
         m = None if masks is None else masks[k]
-        q, p = orth_penalty(f, m)
+        q, p = orth_penalty(f, m, form=form)
         total = total + q + p
         if count == "all" or m is None:
             n = n + 2.0
@@ -155,9 +165,8 @@ def fedara_allocate(masks: MaskTree, agg_scores: Mapping[str, Array], round_idx,
       schedule: ``t -> (budget, allocate_now)``, e.g. :class:`fedlora_jax.importance.BudgetSchedule`.
       r_min: module pruning threshold.
       nested: True (FedARA, monotone: a pruned triplet never returns); False = AdaLoRA's
-        centralised rule (global top-k over all triplets each time). With scores from masked
-        training, a pruned triplet scores 0 and does not come back either (see
-        ``algorithms.compose.fedara``).
+        rule (global top-k over all triplets each time; a triplet can revive when its score,
+        from unmasked training, rises again: ``algorithms.adalora``).
 
     Returns:
       New masks, ``new <= masks`` element-wise.

@@ -1,6 +1,7 @@
 """Device profiles and the client cost model (FLOPs, memory, bytes, time, energy).
 
-See :mod:`fedlora_jax.devices.profiles` and :mod:`fedlora_jax.devices.cost`.
+See :mod:`fedlora_jax.devices.profiles`, :mod:`fedlora_jax.devices.cost` and
+:mod:`fedlora_jax.devices.simulate` (true device speed and measured times).
 """
 
 from fedlora_jax.devices.cost import (
@@ -29,6 +30,7 @@ from fedlora_jax.devices.profiles import (
     stack_profiles,
     take_devices,
 )
+from fedlora_jax.devices.simulate import MeasuredTimes, measure_round, true_speed_factor
 
 __all__ = [
     "PROFILES",
@@ -36,6 +38,7 @@ __all__ = [
     "ClientTime",
     "DeviceArrays",
     "DeviceProfile",
+    "MeasuredTimes",
     "ModelShape",
     "bytes_down",
     "bytes_up",
@@ -47,10 +50,12 @@ __all__ = [
     "get_profile",
     "load_profiles",
     "lora_params",
+    "measure_round",
     "payload_bytes",
     "profile_from_dict",
     "ranks_from_masks",
     "round_time",
     "stack_profiles",
     "take_devices",
+    "true_speed_factor",
 ]

@@ -18,8 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-ALGORITHMS = ("fedit", "hetlora", "replication", "hafl", "flexlora", "flora", "fedex", "ffa",
-              "fedsa", "fedara", "legend")
+from fedlora_jax.algorithms.base import build_options
+from fedlora_jax.algorithms.registry import BUILDERS, canonical_name
+
+#: Registered algorithm names (aliases such as ``fedavg`` are accepted too), from the registry.
+ALGORITHMS = tuple(BUILDERS)
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 
 
@@ -40,19 +43,31 @@ class ExperimentConfig:
       r_max (static ``R``), lora_alpha (scale = lora_alpha / r_max), target_modules,
       client_ranks: ranks assigned round-robin to clients (heterogeneous ranks), or empty
       for ``r_max`` everywhere.
+      client_groups: data-quality groups ``((num_clients, dirichlet_alpha, rank), ...)``
+        (Byun & Lee's setting): the examples are split over the groups in proportion to their
+        sizes, each group's share is Dirichlet-partitioned with its own alpha, and its clients
+        get its rank. The sizes must sum to ``num_clients``; excludes ``client_ranks`` and
+        needs ``partition="dirichlet"``.
     Algorithm:
-      algorithm (one of ``ALGORITHMS``), algo: extra hyperparameters of the algorithm
-      (e.g. ``{"target_rank": 4}`` for FedARA), aggregator_options for the aggregator.
+      algorithm (one of ``ALGORITHMS`` or an alias), algo: the keyword options of the
+      algorithm's factory (e.g. ``{"target_rank": 4}`` for FedARA; the factory's signature is
+      the schema), aggregator_options for the aggregator.
     Devices:
       device_mix: device profile names assigned round-robin to clients (cost model);
       deadline_s: clients slower than this (simulated) are dropped (0 = none);
-      dropout_prob: probability a sampled client fails mid-round.
+      dropout_prob: probability a sampled client fails mid-round;
+      device_drift, device_noise: the simulated devices' true speed drifts (per-round std of
+        a log random walk per client) and jitters (per-round log std) around the profile's
+        nominal speed (``devices.true_speed_factor``); 0 = every device runs at its nominal
+        speed. The measured times feed deadlines and LEGEND's capacity estimates.
     Optimisation / run:
       lr, weight_decay, seed, chunk_size (an upper bound: the driver lowers it to fit the
       device's memory and, on CPU, to ``federated.cpu_cache_chunk_cap``), eval_every,
       eval_batch_size, checkpoint_every, dtype (compute dtype ``float32 | bfloat16``),
       remat (``jax.checkpoint`` each transformer block: less activation memory for ~1 extra
-      forward).
+      forward), norm_barrier and merged_lora (the models' exact CPU speed-ups, ``auto | on |
+      off``, see :mod:`fedlora_jax.models.switches`; ``auto`` is resolved when the model is
+      built and the resolved choice is written to ``summary.json``).
     """
 
     name: str = "experiment"
@@ -79,12 +94,15 @@ class ExperimentConfig:
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("query", "value")
     client_ranks: tuple[int, ...] = ()
+    client_groups: tuple[tuple[int, float, int], ...] = ()
     algorithm: str = "fedit"
     algo: dict = dataclasses.field(default_factory=dict)
     aggregator_options: dict = dataclasses.field(default_factory=dict)
     device_mix: tuple[str, ...] = ("jetson_agx_orin_64gb",)
     deadline_s: float = 0.0
     dropout_prob: float = 0.0
+    device_drift: float = 0.0
+    device_noise: float = 0.0
     lr: float = 5e-4
     weight_decay: float = 0.0
     seed: int = 0
@@ -94,6 +112,8 @@ class ExperimentConfig:
     checkpoint_every: int = 1
     dtype: str = "float32"
     remat: bool = False
+    norm_barrier: str = "auto"
+    merged_lora: str = "auto"
 
     def __post_init__(self):
         validate(self)
@@ -140,8 +160,12 @@ def validate(cfg: ExperimentConfig) -> None:
             _fail(f, v, "an int >= 0")
     if cfg.clients_per_round > cfg.num_clients:
         _fail("clients_per_round", cfg.clients_per_round, f"<= num_clients ({cfg.num_clients})")
-    if cfg.algorithm not in ALGORITHMS:
+    try:
+        name = canonical_name(cfg.algorithm)
+    except (TypeError, ValueError):
         _fail("algorithm", cfg.algorithm, f"one of {ALGORITHMS}{_suggest(cfg.algorithm, ALGORITHMS)}")
+    build_options(BUILDERS[name], cfg.algo, name)
+    _validate_groups(cfg)
     if cfg.partition not in PARTITIONS:
         _fail("partition", cfg.partition, f"one of {PARTITIONS}{_suggest(cfg.partition, PARTITIONS)}")
     if cfg.partition == "dirichlet" and not cfg.dirichlet_alpha > 0:
@@ -165,6 +189,30 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("dtype", cfg.dtype, "'float32' or 'bfloat16'")
     if not cfg.device_mix:
         _fail("device_mix", cfg.device_mix, "at least one device profile name")
+    for f in ("norm_barrier", "merged_lora"):
+        if getattr(cfg, f) not in ("auto", "on", "off"):
+            _fail(f, getattr(cfg, f), "'auto', 'on' or 'off'")
+    for f in ("device_drift", "device_noise"):
+        v = getattr(cfg, f)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 10:
+            _fail(f, v, "a float in [0, 10)")
+
+
+def _validate_groups(cfg: ExperimentConfig) -> None:
+    if not cfg.client_groups:
+        return
+    want = "a tuple of (num_clients: int >= 1, dirichlet_alpha: float > 0, rank: int in [1, r_max]) triples"
+    for g in cfg.client_groups:
+        if (not isinstance(g, (tuple, list)) or len(g) != 3 or not isinstance(g[0], int) or g[0] < 1
+                or not isinstance(g[1], (int, float)) or not g[1] > 0 or not isinstance(g[2], int)
+                or not 1 <= g[2] <= cfg.r_max):
+            _fail("client_groups", cfg.client_groups, want)
+    if sum(g[0] for g in cfg.client_groups) != cfg.num_clients:
+        _fail("client_groups", cfg.client_groups, f"group sizes summing to num_clients ({cfg.num_clients})")
+    if cfg.client_ranks:
+        _fail("client_groups", cfg.client_groups, "no client_ranks beside it (groups carry their ranks)")
+    if cfg.partition != "dirichlet":
+        _fail("client_groups", cfg.client_groups, "partition='dirichlet' (each group has its own alpha)")
 
 
 def _suggest(word: str, choices) -> str:

@@ -34,17 +34,12 @@ def evaluate_run(run_dir: str | Path) -> dict:
     """Test accuracy and loss of the run's latest checkpoint."""
     import jax
 
-    from fedlora_jax.driver.run import _eval_masks
-    from fedlora_jax.driver.tasks import add_base_delta, make_evaluate
+    from fedlora_jax.driver.run import evaluate_global
+    from fedlora_jax.driver.tasks import make_evaluate
 
     setup, state, r = load_run(run_dir)
-    base = setup.base
-    bd = getattr(state.agg_state, "base_delta", None)
-    if bd is not None:
-        base = add_base_delta(base, bd)
     evaluate = make_evaluate(setup.graphdef, scale=setup.cfg.scale)
-    acc, loss = evaluate(base, state.head, state.lora, _eval_masks(setup, state),
-                         jax.tree.map(jnp.asarray, setup.test_batches))
+    acc, loss = evaluate_global(setup, state, evaluate, jax.tree.map(jnp.asarray, setup.test_batches))
     return {"run": str(run_dir), "round": r, "test_accuracy": float(acc), "test_loss": float(loss)}
 
 
@@ -57,13 +52,14 @@ def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     from safetensors.numpy import save_file
 
+    from fedlora_jax.driver.run import eval_masks
     from fedlora_jax.models.peft_io import export_peft
 
     setup, state, _ = load_run(run_dir)
     if getattr(state.agg_state, "base_delta", None) is not None:
         raise ValueError(f"algorithm {setup.cfg.algorithm!r} folds updates into the base weights; "
                          "its result is not a pure LoRA adapter and cannot be exported as PEFT")
-    masks = {k: jnp.asarray(v) for k, v in state.extra["z"].items()} if setup.algo.shared_masks else None
+    masks = eval_masks(setup, state)
     folded = {}
     for k, f in state.lora.items():
         g = lora_lib.effective_gain(f, None if masks is None else masks[k])

@@ -33,12 +33,12 @@ from fedlora_jax import data as data_lib
 from fedlora_jax import devices as dev_lib
 from fedlora_jax import lora as lora_lib
 from fedlora_jax._atomic import atomic_write_bytes
-from fedlora_jax.aggregation import comm_params
-from fedlora_jax.algorithms.compose import AlgoContext, build_algorithm
+from fedlora_jax.aggregation import round_bytes
+from fedlora_jax.algorithms import AlgoContext, RoundReport, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
-from fedlora_jax.driver.tasks import add_base_delta, classification_task, client_accuracies, make_evaluate
-from fedlora_jax.federated import ServerState, init_server_state, make_round, make_spec, round_key
+from fedlora_jax.driver.tasks import classification_task, client_accuracies, make_evaluate
+from fedlora_jax.federated import ServerState, effective_base, init_server_state, make_round, make_spec, round_key
 from fedlora_jax.federated.memory import (
     choose_chunk_size,
     cpu_cache_chunk_cap,
@@ -49,6 +49,12 @@ from fedlora_jax.models import loading as model_loading
 from fedlora_jax.models.common import split_for_round
 
 DEFAULT_CACHE = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora_jax"))
+
+#: Key streams derived from the experiment seed: ``fold_in(key(seed), stream)``.
+LORA_INIT_STREAM = 7
+HEAD_INIT_STREAM = 10_000_019
+#: NumPy streams ``default_rng([seed, round, stream])``: client sampling, failures, device speed.
+SAMPLE_STREAM, DROPOUT_STREAM = 1, 2
 
 
 def _log(msg: str, *, quiet: bool) -> None:
@@ -74,6 +80,7 @@ class Setup:
     ctx: AlgoContext
     model_shape: Any
     device_table: Any
+    task: Any
     chunk_size: int = 1
 
 
@@ -98,16 +105,47 @@ def _model_shape(model, cfg: ExperimentConfig, targets: dict, num_labels: int):
                               seq_len=cfg.max_length, modules=per_layer, num_labels=num_labels)
 
 
-def _partition(cfg: ExperimentConfig, labels: np.ndarray) -> list:
+def _partition(cfg: ExperimentConfig, labels: np.ndarray, num_clients: int, alpha: float, seed) -> list:
     if cfg.partition == "iid":
-        return data_lib.iid_partition(len(labels), cfg.num_clients, seed=cfg.seed)
+        return data_lib.iid_partition(len(labels), num_clients, seed=seed)
     if cfg.partition == "dirichlet":
-        return data_lib.dirichlet_partition(labels, cfg.num_clients, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+        return data_lib.dirichlet_partition(labels, num_clients, alpha=alpha, seed=seed)
     if cfg.partition == "shards":
-        return data_lib.shard_partition(labels, cfg.num_clients, shards_per_client=cfg.shards_per_client,
-                                        seed=cfg.seed)
-    return data_lib.quantity_skew_partition(len(labels), cfg.num_clients, power=cfg.quantity_power,
-                                            seed=cfg.seed)
+        return data_lib.shard_partition(labels, num_clients, shards_per_client=cfg.shards_per_client, seed=seed)
+    return data_lib.quantity_skew_partition(len(labels), num_clients, power=cfg.quantity_power, seed=seed)
+
+
+def _partition_clients(cfg: ExperimentConfig, labels: np.ndarray) -> tuple[list, np.ndarray]:
+    """Client index lists and each client's group (``[K]`` int, all 0 without ``client_groups``).
+
+    With ``client_groups`` (Byun & Lee's data-quality groups) the examples are first split
+    IID over the groups in proportion to their sizes, then each group's share is partitioned
+    over its clients with the group's own Dirichlet alpha; group ``g``'s clients follow
+    group ``g - 1``'s in client order.
+    """
+    if not cfg.client_groups:
+        return _partition(cfg, labels, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed), np.zeros(cfg.num_clients, int)
+    sizes = np.array([g[0] for g in cfg.client_groups])
+    order = np.random.default_rng([cfg.seed, 0, 4]).permutation(len(labels))
+    cuts = np.floor(np.cumsum(sizes) / sizes.sum() * len(labels)).astype(int)[:-1]
+    parts, group = [], []
+    for g, (idx, (n, alpha, _rank)) in enumerate(zip(np.split(order, cuts), cfg.client_groups, strict=True)):
+        idx = np.sort(idx)
+        if len(idx) < n:
+            raise ValueError(f"config field 'client_groups': group {g} has {n} clients but only {len(idx)} examples")
+        sub = data_lib.dirichlet_partition(labels[idx], n, alpha=float(alpha), seed=cfg.seed + 7919 * (g + 1))
+        parts += [idx[p] for p in sub]
+        group += [g] * n
+    return parts, np.asarray(group)
+
+
+def _client_ranks(cfg: ExperimentConfig, group_of_client: np.ndarray) -> np.ndarray:
+    """``[K]`` rank of every client: its group's rank, else ``client_ranks`` round-robin, else ``r_max``."""
+    if cfg.client_groups:
+        return np.array([cfg.client_groups[g][2] for g in group_of_client], np.int32)
+    if cfg.client_ranks:
+        return np.array([cfg.client_ranks[i % len(cfg.client_ranks)] for i in range(cfg.num_clients)], np.int32)
+    return np.full((cfg.num_clients,), cfg.r_max, np.int32)
 
 
 def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path | None = None) -> Setup:
@@ -129,7 +167,8 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                          "training examples")
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     model = model_loading.from_pretrained(cfg.model, num_labels=num_labels, dtype=dtype,
-                                          key=jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019))
+                                          key=jax.random.fold_in(jax.random.key(cfg.seed), HEAD_INIT_STREAM),
+                                          norm_barrier=cfg.norm_barrier, merged_lora=cfg.merged_lora)
     max_pos = getattr(model.config, "max_len", getattr(model.config, "max_position_embeddings", None))
     if max_pos is not None and cfg.max_length > max_pos:
         raise ValueError(f"config field 'max_length' = {cfg.max_length} exceeds the model's maximum "
@@ -141,7 +180,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
     ev = data_lib.eval_batches(test, cfg.eval_batch_size)
     test_batches = {"input_ids": ev.input_ids, "attention_mask": ev.attention_mask, "labels": ev.labels,
                     "example_mask": ev.example_mask}
-    parts = _partition(cfg, train.labels)
+    parts, group_of_client = _partition_clients(cfg, train.labels)
     targets = model.adapter_targets(list(cfg.target_modules))
     for t in targets.values():
         if cfg.r_max > min(t.in_features, t.out_features):
@@ -149,29 +188,24 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                              f"{t.module!r} ({t.in_features} x {t.out_features})")
     graphdef, base, head0 = split_for_round(model)
     keys = tuple(sorted(targets))
-    ranks = (np.array([cfg.client_ranks[i % len(cfg.client_ranks)] for i in range(cfg.num_clients)], np.int32)
-             if cfg.client_ranks else np.full((cfg.num_clients,), cfg.r_max, np.int32))
+    ranks = _client_ranks(cfg, group_of_client)
     profiles = _resolve_devices(cfg)
     client_devices = np.array([i % len(profiles) for i in range(cfg.num_clients)], np.int32)
     shape = _model_shape(model, cfg, targets, num_labels)
-    planner = None
-    if cfg.algorithm == "legend":
-        from fedlora_jax.algorithms.legend_planner import LegendPlanner
-
-        planner = LegendPlanner(profiles, client_devices, shape, r_max=cfg.r_max,
-                                r_min=int(cfg.algo.get("r_min", 1)), batch=cfg.batch_size,
-                                steps=cfg.local_steps, deadline_s=cfg.deadline_s or None)
     ctx = AlgoContext(keys=keys, layer_of_key={k: targets[k].layer for k in keys},
                       num_layers=model.config.num_layers, r_max=cfg.r_max, client_ranks=ranks,
                       client_devices=client_devices, rounds=cfg.rounds, scale=cfg.scale,
-                      options=dict(cfg.algo), aggregator_options=dict(cfg.aggregator_options), planner=planner)
-    algo = build_algorithm(cfg.algorithm, ctx)
+                      aggregator_options=dict(cfg.aggregator_options), seed=cfg.seed,
+                      device_profiles=tuple(profiles), model_shape=shape, batch_size=cfg.batch_size,
+                      local_steps=cfg.local_steps, deadline_s=cfg.deadline_s or None)
+    algo = build_algorithm(cfg.algorithm, ctx, **cfg.algo)
+    task = classification_task(graphdef, scale=cfg.scale, remat=cfg.remat)
     chunk_size = _fit_chunk_size(cfg, model, targets)
     _log(f"setup: {len(train.labels)} train / {len(test.labels)} test examples, {num_labels} labels, "
          f"{len(keys)} adapted modules, {time.time() - t0:.1f}s", quiet=quiet)
     return Setup(cfg, model, graphdef, base, head0, targets, train, test_batches, parts,
                  list(train_ds.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
-                 chunk_size)
+                 task, chunk_size)
 
 
 def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
@@ -197,15 +231,15 @@ def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
 def init_state(setup: Setup) -> ServerState:
     cfg = setup.cfg
     shapes = {k: (t.in_features, t.out_features) for k, t in setup.targets.items()}
-    lora0 = lora_lib.init(jax.random.fold_in(jax.random.key(cfg.seed), 7), shapes, cfg.r_max,
+    lora0 = lora_lib.init(jax.random.fold_in(jax.random.key(cfg.seed), LORA_INIT_STREAM), shapes, cfg.r_max,
                           scheme=setup.algo.init_scheme)
-    return init_server_state(lora0, setup.head0, setup.algo.aggregator, setup.algo.init_extra(lora0))
+    return init_server_state(lora0, setup.head0, setup.algo, num_clients=cfg.num_clients)
 
 
 def sample_clients(cfg: ExperimentConfig, round_idx: int) -> np.ndarray:
     """Clients of round ``round_idx``: uniform without replacement, sorted, from
     ``default_rng([seed, round, 1])``."""
-    rng = np.random.default_rng([cfg.seed, round_idx, 1])
+    rng = np.random.default_rng([cfg.seed, round_idx, SAMPLE_STREAM])
     return np.sort(rng.choice(cfg.num_clients, size=cfg.clients_per_round, replace=False)).astype(np.int32)
 
 
@@ -219,49 +253,61 @@ def _batches_for(setup: Setup, client_ids: np.ndarray, round_idx: int):
     return batch, cb.num_steps, cb.num_examples
 
 
-def _client_costs(setup: Setup, spec, client_ids, bytes_up, bytes_down):
-    """Simulated per-client compute FLOPs, time (s) and energy (J) from the cost model."""
+def simulate_devices(setup: Setup, spec, client_ids: np.ndarray, round_idx: int, bytes_up, bytes_down):
+    """The device stage of a round: FLOPs from the cost model, the times the devices take at
+    their *true* speed (``devices.true_speed_factor``: drift and noise per client, seeded),
+    energy, and the :class:`RoundReport` an algorithm may learn from.
+
+    Returns ``(flops [C], times: MeasuredTimes, energy [C], report)``.
+    """
     cfg = setup.cfg
-    ranks = dev_lib.ranks_from_masks({k: np.asarray(v) for k, v in spec.update_masks.items()},
-                                     setup.model_shape)
+    ranks = dev_lib.ranks_from_masks({k: np.asarray(v) for k, v in spec.update_masks.items()}, setup.model_shape)
     per_step = dev_lib.client_flops(np.asarray(ranks), np.asarray(spec.grad_cut), setup.model_shape,
                                     batch=cfg.batch_size, steps=1)
     flops = np.asarray(per_step, np.float64) * np.asarray(spec.num_steps, np.float64)
-    devs = dev_lib.take_devices(setup.device_table, setup.ctx.client_devices[client_ids])
-    t = dev_lib.client_time(np.asarray(flops, np.float64), np.asarray(bytes_up, np.float64),
-                            np.asarray(bytes_down, np.float64), devs)
-    energy = dev_lib.client_energy(t, devs)
-    return np.asarray(flops, np.float64), t, np.asarray(energy, np.float64)
+    device_ids = setup.ctx.client_devices[client_ids]
+    devs = dev_lib.take_devices(setup.device_table, device_ids)
+    speed = dev_lib.true_speed_factor(client_ids, round_idx, seed=cfg.seed, drift=cfg.device_drift,
+                                      noise=cfg.device_noise, tag=0)
+    link = dev_lib.true_speed_factor(client_ids, round_idx, seed=cfg.seed, drift=cfg.device_drift,
+                                     noise=cfg.device_noise, tag=1)
+    times = dev_lib.measure_round(flops, bytes_up, bytes_down, devs, speed, link_factors=link)
+    energy = np.asarray(dev_lib.client_energy(dev_lib.ClientTime(times.compute_s, times.up_s + times.down_s,
+                                                                 times.total_s), devs), np.float64)
+    report = RoundReport(np.asarray(client_ids), np.asarray(device_ids), np.asarray(spec.weight) > 0, flops,
+                         times.compute_s, np.asarray(bytes_up), times.up_s, np.asarray(bytes_down), times.down_s)
+    return flops, times, energy, report
 
 
 def make_round_fn(setup: Setup, static_grad_cut: int | None = None):
-    cfg, algo = setup.cfg, setup.algo
-    task = classification_task(setup.graphdef, scale=cfg.scale, remat=cfg.remat)
+    cfg = setup.cfg
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    return make_round(task, algo.aggregator, optimizer=opt, chunk_size=setup.chunk_size,
-                      track_importance=algo.track_importance, shared_masks=algo.shared_masks,
-                      regularizer=algo.regularizer, rank_rule=algo.rank_rule, frozen_parts=algo.frozen_parts,
-                      personal_lora=algo.personal_lora, static_grad_cut=static_grad_cut)
+    return make_round(setup.task, setup.algo, optimizer=opt, chunk_size=setup.chunk_size,
+                      static_grad_cut=static_grad_cut)
 
 
 def _spec(setup: Setup, plan, client_ids, num_steps, weights):
-    cfg = setup.cfg
-    masks = plan.masks
-    if setup.algo.shared_masks:
-        c = len(client_ids)
-        masks = {k: np.broadcast_to(np.asarray(v), (c, cfg.r_max)) for k, v in masks.items()}
-    spec = make_spec(masks, update_masks=plan.update_masks, num_steps=num_steps, weight=weights,
+    return make_spec(plan.masks, update_masks=plan.update_masks, num_steps=num_steps, weight=weights,
                      client_id=client_ids, num_layers=setup.ctx.num_layers, depth_mask=plan.depth_mask,
-                     device_id=setup.ctx.client_devices[client_ids], layer_of_key=setup.ctx.layer_of_key)
-    if setup.algo.shared_masks:
-        spec = spec._replace(masks={k: np.asarray(v, np.float32) for k, v in plan.masks.items()})
-    return spec
+                     device_id=setup.ctx.client_devices[client_ids], layer_of_key=setup.ctx.layer_of_key,
+                     global_masks=plan.global_masks)
 
 
-def _eval_masks(setup: Setup, state: ServerState):
-    if setup.algo.shared_masks:
-        return {k: jnp.asarray(v) for k, v in state.extra["z"].items()}
-    return None
+def eval_masks(setup: Setup, state: ServerState):
+    """Masks of the global model at evaluation (the algorithm's, e.g. FedARA's ``z``), or ``None``."""
+    m = setup.algo.eval_masks(state.algo)
+    return None if m is None else {k: jnp.asarray(v) for k, v in m.items()}
+
+
+def evaluate_global(setup: Setup, state: ServerState, evaluate, test_batches):
+    """``evaluate(...)`` of the global model: the base with any folded update, the global head
+    and adapter under :func:`eval_masks`."""
+    base = effective_base(setup.task, setup.base, state.agg_state)
+    return evaluate(base, state.head, state.lora, eval_masks(setup, state), test_batches)
+
+
+def _jsonable_option(v):
+    return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
 
 
 def _json_round(x):
@@ -300,14 +346,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
         last, state, meta = ckpt.restore(ckpt_dir, state, fingerprint=cfg.fingerprint())
         start = last + 1
         cumulative = meta.get("cumulative", cumulative)
-        if setup.algo.name == "legend" and "planner" in meta:
-            setup.ctx.planner.load_state_dict(meta["planner"])
         _truncate_metrics(metrics_path, start)
         _log(f"resumed from round {last} ({ckpt_dir})", quiet=quiet)
     round_fns: dict = {}
 
     def round_fn_for(spec):
-        """One compiled round, or one per static gradient cut (FedARA static_cut)."""
+        """One compiled round, or one per static gradient cut (``Algorithm.static_cut``)."""
         k = int(np.min(spec.grad_cut)) if setup.algo.static_cut else None
         if k not in round_fns:
             round_fns[k] = make_round_fn(setup, static_grad_cut=k)
@@ -319,21 +363,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     test_batches = jax.tree.map(jnp.asarray, setup.test_batches)
 
     def evaluate_state(st):
-        base = setup.base
-        bd = getattr(st.agg_state, "base_delta", None)
-        if bd is not None:
-            base = add_base_delta(base, bd)
-        acc, loss, per_class = evaluate(base, st.head, st.lora, _eval_masks(setup, st), test_batches)
-        evaluate_state.last_clients = client_accuracies(per_class, label_hist)
-        return float(acc), float(loss)
+        """``(accuracy, loss, per-client accuracy [K])`` of the global model."""
+        acc, loss, per_class = evaluate_global(setup, st, evaluate, test_batches)
+        return float(acc), float(loss), client_accuracies(per_class, label_hist)
 
     if start == 0:
-        acc0, loss0 = evaluate_state(state)
+        acc0, loss0, _ = evaluate_state(state)
         _log(f"round   0 (before training): test accuracy {acc0:.4f}", quiet=quiet)
         _append_jsonl(metrics_path, {"round": -1, "test_accuracy": acc0, "test_loss": loss0})
-    history = []
     t_run = time.time()
     rounds_done = 0
+
     def round_inputs():
         # Host-side batch building runs in a background thread, one round ahead (double buffer).
         for rr in range(start, cfg.rounds):
@@ -346,31 +386,21 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             t0 = time.time()
             ids, batch, num_steps, num_examples = next(prefetch)
             plan = setup.algo.plan(state, ids, r)
-            rng = np.random.default_rng([cfg.seed, r, 2])
+            rng = np.random.default_rng([cfg.seed, r, DROPOUT_STREAM])
             dropped = rng.random(len(ids)) < cfg.dropout_prob
             weights = np.where(dropped, 0.0, num_examples.astype(np.float32))
             spec = _spec(setup, plan, ids, num_steps, weights)
-            # Simulated times before the round decide the stragglers (deadline).
-            up_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, spec.update_masks, direction="up"))
-            down_m = spec.masks if not setup.algo.shared_masks else {
-                k: np.broadcast_to(v, (len(ids), cfg.r_max)) for k, v in spec.masks.items()}
-            down_p = np.asarray(comm_params(setup.algo.aggregator, state.lora, down_m, direction="down"))
-            head_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.head))
-            bytes_up, bytes_down = 4.0 * (up_p + head_params), 4.0 * (down_p + head_params)
-            flops, times, energy = _client_costs(setup, spec, ids, bytes_up, bytes_down)
-            round_s, kept = dev_lib.round_time(np.asarray(times.total_s), cfg.deadline_s or None,
-                                               valid=weights > 0)
+            bytes_up, bytes_down = round_bytes(setup.algo.aggregator, state.lora, state.head, spec.update_masks,
+                                               spec.masks)
+            flops, times, energy, report = simulate_devices(setup, spec, ids, r, bytes_up, bytes_down)
+            round_s, kept = dev_lib.round_time(np.asarray(times.total_s), cfg.deadline_s or None, valid=weights > 0)
             stragglers = (weights > 0) & ~np.asarray(kept)
             weights = np.where(stragglers, 0.0, weights)
             spec = spec._replace(weight=weights.astype(np.float32))
-            key = round_key(cfg.seed, r)
-            state, m = round_fn_for(spec)(state, batch, spec, key, setup.base)
-            if setup.algo.observe is not None:
-                m_host = {"client_scores": m["client_scores"], "agg_scores": m["agg_scores"],
-                          "client_time_s": np.asarray(times.total_s), "client_flops": flops,
-                          "client_bytes": bytes_up + bytes_down}
-                state = setup.algo.observe(state, ids, m_host)
+            state, m = round_fn_for(spec)(state, batch, spec, round_key(cfg.seed, r), setup.base)
             participated = np.asarray(m["client_weight"]) > 0
+            if setup.algo.observe is not None:
+                state = state._replace(algo=setup.algo.observe(state.algo, report._replace(participated=participated)))
             cumulative["bytes_up"] += float(np.sum(bytes_up[participated]))
             cumulative["bytes_down"] += float(np.sum(bytes_down))
             cumulative["sim_time_s"] += float(round_s)
@@ -388,6 +418,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
                 "bytes_up": float(np.sum(bytes_up[participated])),
                 "bytes_down": float(np.sum(bytes_down)),
                 "client_bytes_up": bytes_up.tolist(),
+                "client_bytes_down": bytes_down.tolist(),
                 "sim_round_time_s": float(round_s),
                 "sim_energy_j": float(np.sum(energy)),
                 "client_sim_time_s": np.asarray(times.total_s).round(6).tolist(),
@@ -396,22 +427,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
                 "grad_cut": np.asarray(spec.grad_cut).tolist(),
                 **{f"cum_{k}": v for k, v in cumulative.items()},
             }
-            if setup.algo.shared_masks:
-                line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in state.extra["z"].items()}
+            global_masks = setup.algo.eval_masks(state.algo)
+            if global_masks is not None:
+                line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in global_masks.items()}
             if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
-                acc, loss = evaluate_state(state)
+                acc, loss, ca = evaluate_state(state)
                 line["test_accuracy"], line["test_loss"] = acc, loss
-                ca = evaluate_state.last_clients
                 line["client_test_accuracy"] = {"mean": float(np.mean(ca)), "min": float(np.min(ca)),
                                                 "p10": float(np.percentile(ca, 10)), "max": float(np.max(ca))}
             line["wall_s"] = round(time.time() - t0, 3)
             _append_jsonl(metrics_path, line)
-            history.append(line)
             if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
-                meta = {"cumulative": cumulative}
-                if setup.algo.name == "legend":
-                    meta["planner"] = setup.ctx.planner.state_dict()
-                ckpt.save(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(), extra_meta=meta)
+                ckpt.save(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
+                          extra_meta={"cumulative": cumulative})
             rounds_done += 1
             _progress(r, cfg, line, t_run, rounds_done, quiet=quiet)
             if stop_after is not None and rounds_done >= stop_after:
@@ -419,6 +447,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     finally:
         prefetch.close()
     summary = _summary(metrics_path, cfg, sum(f.trace_count() for f in round_fns.values()))
+    summary["model_switches"] = {f: getattr(setup.model.config, f, None) for f in ("norm_barrier", "merged_lora")}
+    summary["algorithm_options"] = {k: _jsonable_option(v) for k, v in setup.algo.options.items()}
     ckpt.write_json_atomic(out / "summary.json", summary)
     if not quiet and summary.get("final_test_accuracy") is not None and rounds_done and r == cfg.rounds - 1:
         _log(_summary_text(summary), quiet=quiet)

@@ -2,9 +2,11 @@
 
 from fedlora_jax.federated.round import (
     ClientOutput,
-    RoundConfig,
+    RoundFn,
+    RoundSettings,
     Task,
     client_update,
+    effective_base,
     init_server_state,
     make_round,
     round_key,
@@ -15,11 +17,13 @@ from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec, num_c
 __all__ = [
     "ClientOutput",
     "ClientSpec",
-    "RoundConfig",
+    "RoundFn",
+    "RoundSettings",
     "ServerState",
     "Task",
     "client_mesh",
     "client_update",
+    "effective_base",
     "init_server_state",
     "make_round",
     "make_spec",

@@ -1,19 +1,23 @@
-"""One federated round as ONE ``jax.jit``: client updates, rank rules, aggregation.
+"""One federated round as ONE ``jax.jit``: client updates, aggregation, algorithm update.
 
-Data flow (once per round)::
+Data flow (once per round), four stages, each a small function below::
 
-    server_state --distribute--> per-client start adapters
-      lax.map over chunks of ``chunk_size`` clients, vmap inside a chunk:
-        client_update: lax.scan over S local steps, optax on the trainable leaves only,
-                       updates masked by the spec (ranks, frozen slots, depth), steps past
-                       ``num_steps`` exact no-ops, importance EMA on the side
-      non-finite clients dropped (weight 0, reported)
-      aggregator.aggregate(global, clients, weights, update_masks, state, extras=scores)
-      head: weighted FedAvg;  rank_rule(state, scores) -> new algorithm state
+    distribute   per-client start adapters (algorithm.distribute, per-client state gathered
+                 by client id)
+    train        lax.map over chunks of ``chunk_size`` clients, vmap inside a chunk:
+                 client_update = lax.scan over S local steps, optax on the trainable leaves,
+                 updates masked by the spec (ranks, frozen slots, depth), steps past
+                 ``num_steps`` exact no-ops, importance EMA on the side
+    screen       non-finite clients dropped (weight 0, reported), optional update clipping
+    aggregate    aggregator.aggregate(global, clients, weights, update_masks, state,
+                 extras=scores); head FedAvg; per-client state written back by client id;
+                 algorithm.server_update(algo_state, RoundOutputs)
     -> new ServerState, metrics
 
-The model is abstracted by a :class:`Task` (a loss on one step's batch), so the same engine
-serves encoders, decoders and the tiny test models.
+The engine reads everything method-specific from the :class:`~fedlora_jax.algorithms.Algorithm`
+(client options, distribute, per-client state, server update); its own arguments are engine
+settings only. The model is abstracted by a :class:`Task` (a loss on one step's batch), so
+the same engine serves encoders, decoders and the tiny test models.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import optax
 
 from fedlora_jax import importance as imp
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.aggregation import comm_params
+from fedlora_jax.algorithms.base import Algorithm, ClientOptions, RoundOutputs, from_aggregator
 from fedlora_jax.federated.spec import ClientSpec, ServerState, pad_clients
 
 Array = jax.Array
@@ -52,20 +56,25 @@ class Task(NamedTuple):
     add_base_delta: Callable | None = None
 
 
-class RoundConfig(NamedTuple):
-    """Static settings of a compiled round (hashable; changing one recompiles)."""
+class RoundSettings(NamedTuple):
+    """Engine settings of a compiled round (static; changing one recompiles)."""
 
     chunk_size: int
-    track_importance: bool = False
-    beta1: float = 0.85
-    beta2: float = 0.85
-    shared_masks: bool = False
     drop_nonfinite: bool = True
     clip_update_norm: float | None = None
-    frozen_parts: tuple[str, ...] = ()
+    static_grad_cut: int | None = None
 
 
 class ClientOutput(NamedTuple):
+    """One client's result (a leading ``C`` when stacked).
+
+    Attributes:
+      lora: trained adapter. head: trained head.
+      scores: triplet scores ``{key: [R]}`` (``{}`` without importance tracking), unmasked.
+      loss: mean loss over valid steps. correct, count: totals over valid steps.
+      steps_done: number of valid steps.
+    """
+
     lora: Any
     head: Any
     scores: Any
@@ -75,46 +84,73 @@ class ClientOutput(NamedTuple):
     steps_done: Array
 
 
+def effective_base(task: Task, base: Any, agg_state: Any) -> Any:
+    """The frozen base with the aggregator's folded dense update (FLoRA / FedEx-LoRA) added.
+
+    The one place the base-delta fold is asked for: ``agg_state.base_delta`` when the
+    aggregator keeps one, else ``base`` unchanged.
+    """
+    base_delta = getattr(agg_state, "base_delta", None)
+    if base_delta is None:
+        return base
+    if task.add_base_delta is None:
+        raise ValueError("the aggregator folds updates into the base, but the task has no add_base_delta")
+    return task.add_base_delta(base, base_delta)
+
+
 def _masked_update(tree_new, tree_old, cond):
     return jax.tree.map(lambda n, o: jnp.where(cond, n, o), tree_new, tree_old)
 
 
-def _mask_lora_updates(updates_lora, update_masks, frozen_parts=()):
-    """Zero the optimizer updates of frozen slots (``update_masks == 0``) and frozen factors."""
+def _mask_lora_updates(updates_lora, update_masks, options: ClientOptions):
+    """Zero the optimizer updates of frozen slots (``update_masks == 0``) and frozen factors;
+    scale the updates of factors listed in ``options.update_scale``."""
     out = lora_lib.apply_masks(updates_lora, update_masks)
-    if frozen_parts:
-        out = {k: u._replace(**{p: jnp.zeros_like(getattr(u, p)) for p in frozen_parts}) for k, u in out.items()}
+    scale = dict(options.update_scale)
+    if options.frozen_parts or scale:
+        def fix(u):
+            changes = {p: jnp.zeros_like(getattr(u, p)) for p in options.frozen_parts}
+            changes.update({p: getattr(u, p) * jnp.asarray(f, getattr(u, p).dtype) for p, f in scale.items()
+                            if getattr(u, p) is not None and p not in changes})
+            return u._replace(**changes)
+
+        out = {k: fix(u) for k, u in out.items()}
     return out
 
 
-def client_update(task: Task, optimizer: optax.GradientTransformation, config: RoundConfig,
-                  trainable: dict, base: Any, batches: Any, spec: ClientSpec, key: Array,
-                  regularizer: Callable | None = None) -> ClientOutput:
+def client_update(task: Task, optimizer: optax.GradientTransformation, options: ClientOptions,
+                  trainable: dict, base: Any, batches: Any, spec: ClientSpec, key: Array, *,
+                  round_idx: Array | int = 0) -> ClientOutput:
     """Local training of ONE client: ``lax.scan`` over the ``S`` steps of ``batches``.
 
     Args:
+      task: the model's :class:`Task`.
+      optimizer: the inner optax optimizer (fresh state: clients are stateless).
+      options: :class:`~fedlora_jax.algorithms.ClientOptions` (importance tracking,
+        regulariser, frozen factors, per-factor update scale).
       trainable: ``{"lora": LoraTree, "head": pytree}`` start point (from ``distribute``).
       base: frozen model parameters (no gradient, no optimizer state).
       batches: leaves ``[S, B, ...]``.
       spec: this client's spec (no client axis).
       key: this client's key; step ``s`` uses ``fold_in(key, s)``.
-      regularizer: optional ``(lora, masks) -> scalar`` added to the loss (FedARA orth.).
+      round_idx: the round (passed to the regulariser, e.g. for a warm-up).
 
     Returns:
-      :class:`ClientOutput` with the trained adapter and head, triplet importance scores
-      (``{key: [R]}`` or ``{}``), mean loss over valid steps, correct/count totals.
+      :class:`ClientOutput`. Scores are *unmasked*: a frozen slot (update mask 0, forward mask
+      1) is scored from its gradient like any other, so importance selection can move.
 
     Frozen slots (``update_masks == 0``) and steps ``>= num_steps`` are exact no-ops: the
     optimizer's *updates* are masked (not only the gradient), so weight decay and momentum
     cannot move them either.
     """
     opt_state = optimizer.init(trainable)
-    ema = imp.ema_init(trainable["lora"]) if config.track_importance else None
+    ema = imp.ema_init(trainable["lora"]) if options.track_importance else None
+    regularizer = options.regularizer
 
     def loss_fn(tr, batch, k):
         loss, aux = task.loss(tr, base, batch, spec.masks, spec.grad_cut, k)
         if regularizer is not None:
-            loss = loss + regularizer(tr["lora"], spec.masks)
+            loss = loss + regularizer(tr["lora"], spec.masks, round_idx)
         return loss, aux
 
     def step(carry, xs):
@@ -122,15 +158,15 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, config: R
         s, batch = xs
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr, batch, jax.random.fold_in(key, s))
         updates, new_ost = optimizer.update(grads, ost, tr)
-        updates = dict(updates, lora=_mask_lora_updates(updates["lora"], spec.update_masks,
-                                                        config.frozen_parts))
+        updates = dict(updates, lora=_mask_lora_updates(updates["lora"], spec.update_masks, options))
         new_tr = optax.apply_updates(tr, updates)
         valid = s < spec.num_steps
         new_tr = _masked_update(new_tr, tr, valid)
         new_ost = _masked_update(new_ost, ost, valid)
         if ema_s is not None:
             sens = imp.sensitivity(tr["lora"], grads["lora"])
-            new_ema = imp.ema_update(ema_s, sens, beta1=config.beta1, beta2=config.beta2)
+            new_ema = imp.ema_update(ema_s, sens, beta1=options.beta1, beta2=options.beta2,
+                                     uncertainty=options.uncertainty)
             ema_s = _masked_update(new_ema, ema_s, valid)
         correct = aux.get("correct", jnp.zeros((), jnp.float32))
         vf = valid.astype(jnp.float32)
@@ -142,8 +178,7 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, config: R
     mean_loss = jnp.sum(losses) / jnp.maximum(n_valid, 1.0)
     scores = {}
     if ema is not None:
-        scores = imp.triplet_scores(imp.element_scores(ema))
-        scores = {k: v * spec.update_masks[k] for k, v in scores.items()}
+        scores = imp.triplet_scores(imp.element_scores(ema, uncertainty=options.uncertainty))
     return ClientOutput(tr["lora"], tr["head"], scores, mean_loss, jnp.sum(correct), jnp.sum(count),
                         n_valid)
 
@@ -169,68 +204,100 @@ def _weighted_mean(stacked, weights, fallback):
     return jax.tree.map(avg, stacked, fallback)
 
 
-def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformation | None = None,
-               chunk_size: int = 8, track_importance: bool = False, beta1: float = 0.85,
-               beta2: float = 0.85, shared_masks: bool = False, regularizer: Callable | None = None,
-               rank_rule: Callable | None = None, drop_nonfinite: bool = True,
-               clip_update_norm: float | None = None, frozen_parts: tuple[str, ...] = (),
-               uplink_bytes_per_param: int = 4, personal_lora: bool = False,
-               static_grad_cut: int | None = None,
-               mesh: jax.sharding.Mesh | None = None, donate: bool = False):
+def _per_client(flag, x):
+    """Broadcast a ``[C]`` flag against a ``[C, ...]`` leaf."""
+    return flag.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _gather_clients(tree, ids):
+    return jax.tree.map(lambda x: x[ids], tree)
+
+
+def _scatter_clients(tree, ids, new, keep):
+    """``tree[ids] = new`` where ``keep``; other rows unchanged (leaves ``[K, ...]``)."""
+    def put(p, x):
+        old = p[ids]
+        return p.at[ids].set(jnp.where(_per_client(keep, x), x.astype(p.dtype), old))
+
+    return jax.tree.map(put, tree, new)
+
+
+def _screen(outs: ClientOutput, starts, head0, weights, settings: RoundSettings):
+    """Update norms, non-finite detection (dropped with weight 0), optional norm clipping.
+
+    Returns ``(client_lora, client_head, weights, norms, finite)``.
+    """
+    delta_lora = jax.tree.map(lambda n, s: n.astype(jnp.float32) - s.astype(jnp.float32), outs.lora, starts)
+    norms = jax.vmap(_tree_norm)(delta_lora)
+    finite = jax.vmap(_all_finite)((outs.lora, outs.head)) & jnp.isfinite(outs.loss)
+    client_lora, client_head = outs.lora, outs.head
+    if settings.drop_nonfinite:
+        weights = jnp.where(finite, weights, 0.0)
+        client_lora = jax.tree.map(lambda x, s: jnp.where(_per_client(finite, x), x, s.astype(x.dtype)),
+                                   client_lora, starts)
+        client_head = jax.tree.map(lambda x, s: jnp.where(_per_client(finite, x), x, s[None]), client_head, head0)
+    if settings.clip_update_norm is not None:
+        factor = jnp.minimum(1.0, settings.clip_update_norm / jnp.maximum(norms, 1e-12))
+        client_lora = jax.tree.map(
+            lambda x, s: (s.astype(jnp.float32) + _per_client(factor, x)
+                          * (x.astype(jnp.float32) - s.astype(jnp.float32))).astype(x.dtype),
+            client_lora, starts)
+    return client_lora, client_head, weights, norms, finite
+
+
+def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation | None = None,
+               chunk_size: int = 8, drop_nonfinite: bool = True, clip_update_norm: float | None = None,
+               static_grad_cut: int | None = None, mesh: jax.sharding.Mesh | None = None,
+               donate: bool = False) -> RoundFn:
     """Build the one-jit federated round.
 
     Args:
       task: the model's :class:`Task`.
-      aggregator: an ``Aggregator`` (see ``fedlora_jax.aggregation``).
+      algorithm: an :class:`~fedlora_jax.algorithms.Algorithm` (its client options,
+        distribute, per-client state and server update are used), or a bare ``Aggregator``
+        (wrapped by :func:`~fedlora_jax.algorithms.base.from_aggregator`: plain clients).
       optimizer: the inner optax optimizer (default ``optax.adamw(1e-4)``); state is created
         per client per round (stateless clients) over the trainable leaves only.
       chunk_size: static number of clients processed at once (``vmap``); chunks go through
         ``lax.map``, so memory is bounded by the chunk, not by ``C``. ``C`` need not divide:
         padding clients get weight 0 and 0 steps (exact no-ops).
-      track_importance: keep AdaLoRA EMA scores during local training and return triplet
-        scores (HAFL, FedARA); passed to the aggregator as ``extras["scores"]``.
-      shared_masks: spec masks are global ``[R]`` leaves (not batched over clients): lets a
-        module with an all-zero mask skip its adapter matmul (FedARA module pruning).
-      regularizer: ``(lora, masks) -> scalar`` added to every client's loss.
-      rank_rule: ``(server_state, agg_scores) -> extra`` run inside the jit after
-        aggregation (e.g. FedARA's budgeted mask update); default keeps ``extra``.
       drop_nonfinite: a client whose result has NaN/inf gets weight 0 and its result is
         replaced by the start point (so ``0 * nan`` never reaches the average); reported.
       clip_update_norm: optional server-side clip of each client's adapter update norm.
-      frozen_parts: factors no client ever updates, e.g. ``("a",)`` for FFA-LoRA.
-      uplink_bytes_per_param: bytes per sent parameter for the communication metrics.
       static_grad_cut: a Python int ``k``: every client's backward pass stops below layer ``k``
         *statically* (the layers below are never differentiated, so their backward FLOPs and
         saved activations really disappear), instead of the per-client dynamic cut of the spec
         (which zeroes the same gradients but still runs the work under ``vmap``). A different
-        ``k`` is a different program: build one round per cut (FedARA's cut only moves up).
-      personal_lora: keep every client's last adapter in ``server_state.extra["personal"]``
-        (leaves ``[K, ...]`` for the whole population, indexed by ``client_id``) and pass it to
-        ``distribute(..., client_lora=...)``: client-local factors (FedSA-LoRA keeps ``b``).
+        ``k`` is a different program: build one round per cut.
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
       donate: donate the server state buffers to the round.
 
     Returns:
-      ``round_fn(server_state, client_batches, client_specs, key, base) -> (state, metrics)``
-      where ``client_batches`` leaves are ``[C, S, B, ...]``, ``client_specs`` a stacked
-      :class:`ClientSpec`, ``key`` the *round* key (``fold_in(seed_key, round)``; client
-      keys are ``fold_in(key, client_id)``), ``base`` the frozen model parameters.
-      ``round_fn.trace_count()`` tells how many times it was traced (compiled).
+      a :class:`RoundFn`: ``round_fn(server_state, client_batches, client_specs, key, base)
+      -> (state, metrics)`` where ``client_batches`` leaves are ``[C, S, B, ...]``,
+      ``client_specs`` a stacked :class:`ClientSpec`, ``key`` the *round* key
+      (``fold_in(seed_key, round)``; client keys are ``fold_in(key, client_id)``), ``base``
+      the frozen model parameters.
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if static_grad_cut is not None and (not isinstance(static_grad_cut, int) or static_grad_cut < 0):
         raise ValueError(f"static_grad_cut must be None or an int >= 0, got {static_grad_cut!r}")
-    optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
-    config = RoundConfig(chunk_size, track_importance, beta1, beta2, shared_masks, drop_nonfinite,
-                         clip_update_norm, tuple(frozen_parts))
+    if clip_update_norm is not None and not clip_update_norm > 0:
+        raise ValueError(f"clip_update_norm must be None or > 0, got {clip_update_norm!r}")
     if mesh is not None and "clients" not in mesh.axis_names:
         raise ValueError(f"mesh must have a 'clients' axis, got axes {mesh.axis_names}")
+    algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
+    optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
+    settings = RoundSettings(chunk_size, drop_nonfinite, clip_update_norm, static_grad_cut)
+    distribute = algo.distribute_fn()
+    rule = algo.client_state
+    aggregator = algo.aggregator
     traces = [0]
 
-    def impl(state: ServerState, batches, specs: ClientSpec, key, base):
-        traces[0] += 1
+    def train(state, batches, specs, own, key, base_eff):
+        """Distribute + local training of every client, chunked; returns stacked outputs."""
         c = specs.weight.shape[0]
         k = min(chunk_size, c)
         n_chunks = -(-c // k)
@@ -238,18 +305,9 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
         if mesh is not None and k % mesh.shape["clients"]:
             raise ValueError(f"chunk_size {k} must be a multiple of the mesh's clients axis "
                              f"({mesh.shape['clients']})")
-        base_eff = base
-        base_delta = getattr(state.agg_state, "base_delta", None)
-        if base_delta is not None:
-            if task.add_base_delta is None:
-                raise ValueError(f"aggregator {aggregator.name!r} folds updates into the base, "
-                                 "but the task has no add_base_delta")
-            base_eff = task.add_base_delta(base, base_delta)
-
-        shared = (specs.masks,) if shared_masks else ()
-        per_client = specs._replace(masks=None) if shared_masks else specs
-        padded = pad_clients((batches, per_client), c_pad)
-        (batches_p, specs_p) = padded
+        shared = specs.global_masks
+        per_client = specs._replace(global_masks=None)
+        batches_p, specs_p, own_p = pad_clients((batches, per_client, own), c_pad)
         pad_flag = jnp.arange(c_pad) < c
         specs_p = specs_p._replace(weight=specs_p.weight * pad_flag, num_steps=specs_p.num_steps * pad_flag)
 
@@ -260,121 +318,106 @@ def make_round(task: Task, aggregator, *, optimizer: optax.GradientTransformatio
                 y = jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
             return y
 
-        chunked = jax.tree.map(to_chunks, (batches_p, specs_p))
-
-        personal = state.extra.get("personal") if personal_lora else None
-
-        def one_client(b, sp, *maybe_masks):
-            if shared_masks:
-                sp = sp._replace(masks=maybe_masks[0])
+        def one_client(b, sp, own_c, gm):
+            if gm is not None:
+                sp = sp._replace(masks=gm)
             if static_grad_cut is not None:
                 sp = sp._replace(grad_cut=static_grad_cut)
-            if personal is not None:
-                own = jax.tree.map(lambda x: x[sp.client_id], personal)
-                start = aggregator.distribute(state.lora, sp.masks, state.agg_state, client_lora=own)
-            else:
-                start = aggregator.distribute(state.lora, sp.masks, state.agg_state)
+            start = distribute(state, sp.masks, own_c)
             trainable = {"lora": start, "head": state.head}
             ck = jax.random.fold_in(key, sp.client_id)
-            out = client_update(task, optimizer, config, trainable, base_eff, b, sp, ck, regularizer)
+            out = client_update(task, optimizer, algo.client, trainable, base_eff, b, sp, ck, round_idx=state.round)
             return out, start
 
-        in_axes = (0, 0) + ((None,) if shared_masks else ())
-
         def one_chunk(xs):
-            b, sp = xs
-            return jax.vmap(one_client, in_axes=in_axes)(b, sp, *shared)
+            b, sp, own_c = xs
+            return jax.vmap(one_client, in_axes=(0, 0, 0, None))(b, sp, own_c, shared)
 
-        outs, starts = jax.lax.map(one_chunk, chunked)
-        unchunk = lambda x: x.reshape((c_pad,) + x.shape[2:])[:c]
-        outs, starts = jax.tree.map(unchunk, (outs, starts))
+        outs, starts = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (batches_p, specs_p, own_p)))
+        return jax.tree.map(lambda x: x.reshape((c_pad,) + x.shape[2:])[:c], (outs, starts))
 
-        # Update norms, non-finite detection, optional clipping.
-        delta_lora = jax.tree.map(lambda n, s: n.astype(jnp.float32) - s.astype(jnp.float32),
-                                  outs.lora, starts)
-        norms = jax.vmap(_tree_norm)(delta_lora)
-        finite = jax.vmap(_all_finite)((outs.lora, outs.head)) & jnp.isfinite(outs.loss)
-        weights = specs.weight
-        client_lora, client_head = outs.lora, outs.head
-        if drop_nonfinite:
-            weights = jnp.where(finite, weights, 0.0)
-            client_lora = jax.tree.map(
-                lambda x, s: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, s.astype(x.dtype)),
-                client_lora, starts)
-            client_head = jax.tree.map(
-                lambda x, s: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, s[None]),
-                client_head, state.head)
-        if clip_update_norm is not None:
-            factor = jnp.minimum(1.0, clip_update_norm / jnp.maximum(norms, 1e-12))
-            client_lora = jax.tree.map(
-                lambda x, s: (s.astype(jnp.float32) + factor.reshape((-1,) + (1,) * (x.ndim - 1))
-                              * (x.astype(jnp.float32) - s.astype(jnp.float32))).astype(x.dtype),
-                client_lora, starts)
+    def impl(state: ServerState, batches, specs: ClientSpec, key, base):
+        traces[0] += 1
+        base_eff = effective_base(task, base, state.agg_state)
+        own = _gather_clients(state.clients, specs.client_id) if rule is not None else ()
+        outs, starts = train(state, batches, specs, own, key, base_eff)
+        client_lora, client_head, weights, norms, finite = _screen(outs, starts, state.head, specs.weight, settings)
 
-        upd_masks = specs.update_masks
-        extras = {"scores": outs.scores} if track_importance else None
-        new_lora, new_agg = aggregator.aggregate(state.lora, client_lora, weights, upd_masks,
+        extras = {"scores": outs.scores} if algo.client.track_importance else None
+        new_lora, new_agg = aggregator.aggregate(state.lora, client_lora, weights, specs.update_masks,
                                                  state.agg_state, extras=extras)
         new_head = _weighted_mean(client_head, weights, state.head)
+        new_clients = state.clients
+        if rule is not None:
+            screened = outs._replace(lora=client_lora, head=client_head)
+            new_own = jax.vmap(rule.update)(own, screened)
+            new_clients = _scatter_clients(state.clients, specs.client_id, new_own, weights > 0)
+        next_round = state.round + 1
+        new_algo = state.algo
+        if algo.server_update is not None:
+            outputs = RoundOutputs(next_round, new_lora, new_agg, outs.scores, weights, specs.masks,
+                                   specs.update_masks)
+            new_algo = algo.server_update(state.algo, outputs)
+        new_state = ServerState(next_round, new_lora, new_head, new_agg, new_algo, new_clients)
 
-        agg_scores = {}
-        if track_importance:
-            wn = weights / jnp.maximum(jnp.sum(weights), 1e-30)
-            agg_scores = {kk: jnp.tensordot(wn, v, axes=1) for kk, v in outs.scores.items()}
-        new_extra = state.extra
-        if personal is not None:
-            # Client-local factors (FedSA-LoRA's b): store every sampled client's result.
-            ids = specs.client_id
-            new_extra = dict(state.extra, personal=jax.tree.map(
-                lambda p, x: p.at[ids].set(x.astype(p.dtype)), personal, client_lora))
-        new_state = ServerState(state.round + 1, new_lora, new_head, new_agg, new_extra)
-        extra = rank_rule(new_state, agg_scores) if rank_rule is not None else new_extra
-        new_state = new_state._replace(extra=extra)
-
-        up_masks = specs.update_masks
-        down_masks = specs.masks if not shared_masks else jax.tree.map(
-            lambda m: jnp.broadcast_to(m, (c,) + m.shape), specs.masks)
-        up = comm_params(aggregator, state.lora, up_masks, direction="up")
-        down = comm_params(aggregator, state.lora, down_masks, direction="down")
         tot_w = jnp.maximum(jnp.sum(weights), 1e-30)
-        count = jnp.maximum(outs.count, 1.0)
         metrics = {
             "client_loss": outs.loss,
-            "client_accuracy": outs.correct / count,
+            "client_accuracy": outs.correct / jnp.maximum(outs.count, 1.0),
             "client_examples": outs.count,
             "client_steps": outs.steps_done,
             "client_update_norm": norms,
             "client_finite": finite,
             "client_weight": weights,
-            "client_params_up": up,
-            "client_params_down": down,
-            "client_bytes_up": up * uplink_bytes_per_param,
-            "client_bytes_down": down * uplink_bytes_per_param,
             "train_loss": jnp.sum(weights * outs.loss) / tot_w,
             "train_accuracy": jnp.sum(outs.correct) / jnp.maximum(jnp.sum(outs.count), 1.0),
             "num_dropped_nonfinite": jnp.sum(~finite & (specs.weight > 0)),
-            "agg_scores": agg_scores,
             "client_scores": outs.scores,
         }
         return new_state, metrics
 
     jitted = jax.jit(impl, donate_argnums=(0,) if donate else ())
-
-    def round_fn(server_state, client_batches, client_specs, key, base):
-        if mesh is not None:
-            with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-                return jitted(server_state, client_batches, client_specs, key, base)
-        return jitted(server_state, client_batches, client_specs, key, base)
-
-    round_fn.trace_count = lambda: traces[0]
-    round_fn.jitted = jitted
-    round_fn.config = config
-    return round_fn
+    return RoundFn(jitted, traces, settings, algo, mesh)
 
 
-def init_server_state(lora, head, aggregator, extra: dict | None = None) -> ServerState:
-    """Round-0 server state: ``aggregator.init(lora)`` and an int32 round counter."""
-    return ServerState(jnp.zeros((), jnp.int32), lora, head, aggregator.init(lora), extra or {})
+class RoundFn:
+    """A compiled federated round: ``round_fn(state, batches, specs, key, base)``.
+
+    Attributes:
+      jitted: the ``jax.jit`` function (``.lower(...)`` for cost analysis).
+      settings: the :class:`RoundSettings`.
+      algorithm: the :class:`~fedlora_jax.algorithms.Algorithm` it runs.
+    """
+
+    def __init__(self, jitted, traces, settings: RoundSettings, algorithm: Algorithm, mesh):
+        self.jitted, self._traces, self.settings, self.algorithm, self._mesh = jitted, traces, settings, algorithm, mesh
+
+    def __call__(self, server_state, client_batches, client_specs, key, base):
+        if self._mesh is not None:
+            use_mesh = jax.sharding.use_mesh if hasattr(jax.sharding, "use_mesh") else (lambda m: m)
+            with use_mesh(self._mesh):
+                return self.jitted(server_state, client_batches, client_specs, key, base)
+        return self.jitted(server_state, client_batches, client_specs, key, base)
+
+    def trace_count(self) -> int:
+        """How many times the round was traced (compiled); 1 in a healthy run."""
+        return self._traces[0]
+
+
+def init_server_state(lora, head, algorithm, *, num_clients: int = 0) -> ServerState:
+    """Round-0 server state: the aggregator's state, the algorithm's state and, for algorithms
+    with per-client state, that state for a population of ``num_clients``.
+
+    ``algorithm``: an :class:`~fedlora_jax.algorithms.Algorithm` or a bare ``Aggregator``.
+    """
+    algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
+    clients = ()
+    if algo.client_state is not None:
+        if not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"algorithm {algo.name!r} keeps per-client state: num_clients must be an int >= 1, "
+                             f"got {num_clients!r}")
+        clients = algo.client_state.init(lora, num_clients)
+    return ServerState(jnp.zeros((), jnp.int32), lora, head, algo.aggregator.init(lora), algo.init(lora), clients)
 
 
 def round_key(seed: int, round_idx) -> Array:

@@ -23,8 +23,7 @@ class ClientSpec(NamedTuple):
 
     Attributes:
       masks: forward rank masks ``{key: [C, R]}`` (LoRA depth folded in: a layer outside the
-        client's depth has an all-zero mask). With ``make_round(shared_masks=True)`` the leaves
-        are ``[R]`` (one global mask, FedARA), which lets pruned modules skip their matmuls.
+        client's depth has an all-zero mask).
       update_masks: slots each client trains and sends ``{key: [C, R]}`` (HAFL freezing:
         forward mask all ones, update mask = its top components). Usually equal to ``masks``.
       depth_mask: ``[C, L]`` 1 where the layer carries an adapter (reported; folded in masks).
@@ -33,6 +32,9 @@ class ClientSpec(NamedTuple):
       weight: ``[C]`` float32 aggregation weight (e.g. example count); 0 = not aggregated.
       client_id: ``[C]`` int32 global client index (keys are derived from it, not position).
       device_id: ``[C]`` int32 index into the device profile table (cost model).
+      global_masks: ``{key: [R]}`` one forward mask shared by every client (no client axis),
+        or ``None``. When set, the forward uses it unbatched, so a module whose mask is all
+        zero skips its adapter matmul (FedARA module pruning); ``masks`` equals it broadcast.
     """
 
     masks: MaskTree
@@ -43,24 +45,29 @@ class ClientSpec(NamedTuple):
     weight: Array
     client_id: Array
     device_id: Array
+    global_masks: MaskTree | None = None
 
 
 class ServerState(NamedTuple):
-    """Global state carried from round to round.
+    """Global state carried from round to round (arrays only; checkpointed as a whole).
 
     Attributes:
       round: int32 scalar, index of the next round.
       lora: global adapter tree (``[N, R]``/``[R, M]`` leaves, no client axis).
       head: global trainable head pytree (classifier), or ``{}``.
       agg_state: the aggregator's state (e.g. ``base_delta`` for FedEx-LoRA / FLoRA).
-      extra: algorithm state (e.g. FedARA's global mask and scores), a dict of arrays.
+      algo: the algorithm's typed state (e.g. ``FedaraState(z)``), see
+        :class:`fedlora_jax.algorithms.Algorithm`.
+      clients: population state indexed by client id (leaves ``[K, ...]``: FedSA-LoRA's local
+        adapters, HAFL's score history), or ``()``.
     """
 
     round: Array
     lora: LoraTree
     head: Any
     agg_state: Any
-    extra: dict
+    algo: Any = ()
+    clients: Any = ()
 
 
 def num_clients(spec: ClientSpec) -> int:
@@ -80,6 +87,7 @@ def make_spec(
     grad_cut=None,
     device_id=None,
     layer_of_key: dict[str, int] | None = None,
+    global_masks: MaskTree | None = None,
 ) -> ClientSpec:
     """Build and validate a :class:`ClientSpec` on the host.
 
@@ -93,6 +101,8 @@ def make_spec(
       grad_cut: ``[C]``; default: the lowest layer with an active module (``L`` if none).
       device_id: ``[C]``; default zeros.
       layer_of_key: ``{key: layer index}`` used for the defaults above.
+      global_masks: ``{key: [R]}`` one forward mask for every client (see
+        :class:`ClientSpec`); ``masks`` must equal it broadcast over ``C``.
 
     Raises:
       ValueError: on inconsistent client counts, negative steps or weights, bad masks.
@@ -122,6 +132,18 @@ def make_spec(
         k: np.asarray(v, np.float32) for k, v in update_masks.items()}
     if set(update_masks) != set(masks):
         raise ValueError("update_masks and masks must have the same keys")
+    for k, v in update_masks.items():
+        if v.shape != masks[k].shape or not np.all((v == 0) | (v == 1)):
+            raise ValueError(f"update_masks[{k!r}] must be 0/1 of shape {masks[k].shape}, got {v.shape}")
+    if global_masks is not None:
+        global_masks = {k: np.asarray(v, np.float32) for k, v in global_masks.items()}
+        if set(global_masks) != set(masks):
+            raise ValueError("global_masks and masks must have the same keys")
+        for k, v in global_masks.items():
+            if v.shape != masks[k].shape[1:]:
+                raise ValueError(f"global_masks[{k!r}] must be [R={masks[k].shape[1]}], got {v.shape}")
+            if not np.array_equal(np.broadcast_to(v, masks[k].shape), masks[k]):
+                raise ValueError(f"masks[{k!r}] must equal global_masks[{k!r}] broadcast over the clients")
     active_layers = np.zeros((c, num_layers), np.float32)
     if layer_of_key is not None:
         for k, v in masks.items():
@@ -139,7 +161,7 @@ def make_spec(
     device_id = np.zeros((c,), np.int32) if device_id is None else np.asarray(device_id, np.int32)
     return ClientSpec(masks=masks, update_masks=update_masks, depth_mask=depth_mask,
                       grad_cut=grad_cut, num_steps=num_steps, weight=weight,
-                      client_id=client_id, device_id=device_id)
+                      client_id=client_id, device_id=device_id, global_masks=global_masks)
 
 
 def pad_clients(tree: Any, c_pad: int) -> Any:

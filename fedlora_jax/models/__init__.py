@@ -23,6 +23,7 @@ from fedlora_jax.models.loading import (
     resolve_model_dir,
 )
 from fedlora_jax.models.peft_io import export_peft, import_peft
+from fedlora_jax.models.switches import resolve_switches
 
 __all__ = [
     "EncoderClassifier",
@@ -41,5 +42,6 @@ __all__ = [
     "load_tokenizer",
     "merge_lora_into_base",
     "resolve_model_dir",
+    "resolve_switches",
     "split_for_round",
 ]

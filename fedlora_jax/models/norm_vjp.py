@@ -1,13 +1,12 @@
 """LayerNorm with a hand-written backward pass, and the XLA:CPU fusion barrier it uses.
 
-Why this exists (measured with ``benchmarks/step_bench.py``, CPU, jax 0.10.2, 2 cores, MiniLM
-shape B=8 T=64, one client's loss + gradient): with autodiff's LayerNorm, XLA:CPU fuses the
-elementwise part of every LayerNorm backward into all of its consumers *by duplication*; in a
-post-LN encoder the residual-stream gradient runs through two LayerNorms per block, so each
-fusion re-evaluates the elementwise chain of every block above it (fusions of 250+ ops with
-100+ operands) and the backward grows quadratically with depth: 130 ms for 6 layers, 427 ms
-for 12. Materialising the gradient that leaves each LayerNorm (with the explicit VJPs of this
-change) brings it to ~110 ms / ~220 ms.
+Why this exists: with autodiff's LayerNorm, XLA:CPU fuses the elementwise part of every
+LayerNorm backward into all of its consumers *by duplication*; in a post-LN encoder the
+residual-stream gradient runs through two LayerNorms per block, so each fusion re-evaluates the
+elementwise chain of every block above it (fusions of 250+ ops with 100+ operands) and the
+backward grows quadratically with depth. Materialising the gradient that leaves each LayerNorm
+keeps the fusions per block (measured with ``benchmarks/step_bench.py``; numbers in
+``benchmarks/README.md``).
 
 ``jax.lax.optimization_barrier`` does not help: XLA:CPU removes it before fusion. A
 ``lax.cond`` is never fused across, so :func:`cotangent_barrier` routes the cotangent through
@@ -16,8 +15,9 @@ unless the parameter is NaN; the false branch returns ``g + anchor``, i.e. NaN, 
 ever changed). On GPU a conditional costs a device-to-host read of the predicate, so the
 barrier is only used on the CPU backend by default.
 
-``FEDLORA_JAX_NORM_BARRIER`` (read at trace time) chooses: ``auto`` (default: on for the CPU
-backend, off elsewhere), ``on`` or ``off``.
+The model configs choose it with their ``norm_barrier`` field (``"auto"``: on for the CPU
+backend, off elsewhere; see :mod:`fedlora_jax.models.switches`), passed to
+:class:`common.LayerNorm` as ``use_barrier``.
 """
 
 from __future__ import annotations
@@ -27,13 +27,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.models.switches import cpu_default_switch
-
 Array = jax.Array
-
-def barrier_enabled() -> bool:
-    """Whether :func:`layer_norm` materialises its input gradient (see the module docstring)."""
-    return cpu_default_switch("FEDLORA_JAX_NORM_BARRIER")
 
 
 @jax.custom_vjp
@@ -92,21 +86,19 @@ def _layer_norm_bwd(eps, res, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, barrier: bool | None = None) -> Array:
+def layer_norm(x: Array, scale: Array, bias: Array, *, eps: float, barrier: bool = False) -> Array:
     """LayerNorm over the last axis in float32 with an explicit VJP; returns ``x.dtype``.
 
     Args:
       x: ``[..., D]``; scale, bias: ``[D]``.
       eps: variance epsilon.
-      barrier: materialise the input gradient (:func:`cotangent_barrier`); ``None`` =
-        :func:`barrier_enabled`.
+      barrier: materialise the input gradient (:func:`cotangent_barrier`; see the module
+        docstring).
 
     Same values as ``(x - mean) / sqrt(var + eps) * scale + bias`` and the same gradients as
     autodiff of that formula (tested against it), for ``x``, ``scale`` and ``bias``.
     """
     xf = x.astype(jnp.float32)
-    if barrier is None:
-        barrier = barrier_enabled()
     if barrier:
         xf = cotangent_barrier(xf, jax.lax.stop_gradient(scale.reshape(-1)[0]).astype(jnp.float32))
     y = _layer_norm(xf, scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps))

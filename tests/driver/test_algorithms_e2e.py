@@ -34,7 +34,7 @@ def _rows(out):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_algorithm_runs_end_to_end(algorithm, tiny_model, tmp_path):
-    algo = {"fedara": {"target_rank": 1}}.get(algorithm, {})
+    algo = {"fedara": {"target_rank": 1}, "adalora": {"target_rank": 1}}.get(algorithm, {})
     cfg = tiny_config(tiny_model, algorithm, algo=algo)
     summary = run_experiment(cfg, tmp_path / algorithm, quiet=True, cache_dir=tmp_path / "cache")
     assert summary["rounds_completed"] == 3

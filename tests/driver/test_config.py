@@ -18,10 +18,14 @@ def test_unknown_key_suggests_closest():
 
 
 def test_overrides_are_typed_and_never_evaluated():
-    cfg = apply_overrides(ExperimentConfig(), ["rounds=3", "lr=1e-3", "target_modules=['query','key']",
-                                               "client_ranks=[2,4]", "algo.target_rank=2", "name=abc"])
+    cfg = apply_overrides(ExperimentConfig(algorithm="fedara"),
+                          ["rounds=3", "lr=1e-3", "target_modules=['query','key']", "client_ranks=[2,4]",
+                           "algo.target_rank=2", "name=abc"])
     assert cfg.rounds == 3 and cfg.lr == 1e-3 and cfg.target_modules == ("query", "key")
     assert cfg.client_ranks == (2, 4) and cfg.algo == {"target_rank": 2} and cfg.name == "abc"
+    # An option the algorithm does not have is refused when the config is built.
+    with pytest.raises(ValueError, match=r"algorithm 'fedit': unknown option\(s\) \['target_rank'\]"):
+        apply_overrides(ExperimentConfig(), ["algo.target_rank=2"])
     # A Python expression is not evaluated: it stays a string and fails the type check.
     with pytest.raises(ValueError, match="rounds"):
         apply_overrides(ExperimentConfig(), ["rounds=__import__('os').getpid()"])

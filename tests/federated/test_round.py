@@ -11,7 +11,7 @@ from helpers import tiny
 
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.federated import client_update, init_server_state, make_round, make_spec
-from fedlora_jax.federated.round import RoundConfig
+from fedlora_jax.algorithms import ClientOptions
 
 R = 4
 TOL_F32 = dict(rtol=2e-5, atol=2e-6)  # written down once: chunked/vmapped vs loop, float32
@@ -59,7 +59,7 @@ def specs_for(c, ranks, steps, weights, layer_ranks=None):
 def loop_reference(base, head, glob, data, spec, key, opt):
     """Plain Python loop over clients: the definition the compiled round must equal."""
     agg = fedavg_aggregator()
-    cfg = RoundConfig(chunk_size=1)
+    cfg = ClientOptions()
     c = spec.weight.shape[0]
     outs = []
     for i in range(c):
@@ -139,7 +139,7 @@ def test_masked_slots_and_frozen_components_unchanged_bitwise():
     upd = {k: v * np.array([1, 0, 1, 1], np.float32) for k, v in spec.masks.items()}
     spec = spec._replace(update_masks=upd)
     agg = fedavg_aggregator()
-    cfg = RoundConfig(chunk_size=1)
+    cfg = ClientOptions()
     opt = optax.adamw(1e-1, weight_decay=0.5)
     for i in range(c):
         sp = jax.tree.map(lambda x: x[i], spec)
@@ -164,7 +164,7 @@ def test_depth_mask_layers_below_cut_unchanged():
     agg = fedavg_aggregator()
     sp = jax.tree.map(lambda x: x[0], spec)
     start = agg.distribute(glob, sp.masks, ())
-    out = client_update(tiny.TASK, optax.adam(1e-1), RoundConfig(chunk_size=1), {"lora": start, "head": head},
+    out = client_update(tiny.TASK, optax.adam(1e-1), ClientOptions(), {"lora": start, "head": head},
                         base, jax.tree.map(lambda x: x[0], data), sp, jax.random.key(0))
     for k in ("layer.0.fc", "layer.1.fc"):
         np.testing.assert_array_equal(np.asarray(out.lora[k].a), np.asarray(start[k].a))
@@ -179,7 +179,7 @@ def test_zero_steps_client_is_exact_noop():
     agg = fedavg_aggregator()
     sp = jax.tree.map(lambda x: x[0], spec)
     start = agg.distribute(glob, sp.masks, ())
-    out = client_update(tiny.TASK, optax.adamw(1e-1), RoundConfig(chunk_size=1), {"lora": start, "head": head},
+    out = client_update(tiny.TASK, optax.adamw(1e-1), ClientOptions(), {"lora": start, "head": head},
                         base, jax.tree.map(lambda x: x[0], data), sp, jax.random.key(0))
     for k in glob:
         np.testing.assert_array_equal(np.asarray(out.lora[k].a), np.asarray(start[k].a))
@@ -211,16 +211,21 @@ def test_nonfinite_client_dropped_and_reported():
         np.testing.assert_allclose(np.asarray(state.lora[k].a), np.asarray(ref.lora[k].a), **TOL_F32)
 
 
-def test_bytes_metrics_from_masks():
+def test_bytes_from_masks():
+    """The one communication count (``aggregation.round_bytes``): up over the update masks, down
+    over the forward masks, plus the head both ways."""
+    from fedlora_jax.aggregation import round_bytes
+
     c = 2
     base, head, glob, data = setup(c)
     spec = specs_for(c, ranks=[1, 3], steps=[1, 1], weights=[1, 1])
+    full = {k: np.ones_like(v) for k, v in spec.masks.items()}
     agg = fedavg_aggregator()
-    rf = make_round(tiny.TASK, agg, optimizer=optax.sgd(0.1), chunk_size=2)
-    _, m = rf(init_server_state(glob, head, agg), data, spec, jax.random.key(0), base)
+    up, down = round_bytes(agg, glob, head, spec.update_masks, full)
     per_rank = tiny.L * (tiny.D + tiny.D)
-    np.testing.assert_array_equal(np.asarray(m["client_params_up"]), [1 * per_rank, 3 * per_rank])
-    np.testing.assert_array_equal(np.asarray(m["client_bytes_down"]), [4 * per_rank, 12 * per_rank])
+    head_params = sum(int(np.size(x)) for x in jax.tree.leaves(head))
+    np.testing.assert_array_equal(up, [4 * (1 * per_rank + head_params), 4 * (3 * per_rank + head_params)])
+    np.testing.assert_array_equal(down, [4 * (4 * per_rank + head_params)] * 2)
 
 
 def test_bad_chunk_size():
@@ -238,30 +243,35 @@ def test_make_spec_validation():
 
 
 def test_fedsa_personal_b_stays_local_and_returns():
-    from fedlora_jax.aggregation import fedsa_lora
+    from fedlora_jax.algorithms import fedsa
+    from fedlora_jax.algorithms.base import AlgoContext
 
     c = 2
     base, head, glob, data = setup(c)
     spec = specs_for(c, ranks=[4, 4], steps=[2, 2], weights=[1, 1])
     spec = spec._replace(client_id=np.array([1, 3], np.int32))
-    agg = fedsa_lora()
     k_total = 5
-    personal = jax.tree.map(lambda x: jnp.broadcast_to(x, (k_total,) + x.shape).copy(), glob)
-    state = init_server_state(glob, head, agg, {"personal": personal})
-    rf = make_round(tiny.TASK, agg, optimizer=optax.adam(1e-2), chunk_size=2, personal_lora=True)
+    ctx = AlgoContext(keys=tuple(tiny.keys()), layer_of_key={k: i for i, k in enumerate(tiny.keys())},
+                      num_layers=tiny.L, r_max=R, client_ranks=np.full(k_total, R), client_devices=np.zeros(k_total, int),
+                      rounds=1, scale=0.5)
+    algo = fedsa.build(ctx)
+    agg = algo.aggregator
+    state = init_server_state(glob, head, algo, num_clients=k_total)
+    personal = state.clients
+    rf = make_round(tiny.TASK, algo, optimizer=optax.adam(1e-2), chunk_size=2)
     s1, _ = rf(state, data, spec, jax.random.key(0), base)
     # Reference: each client trains from (global a, its own b); its trained b is stored for it.
     for pos, cid in enumerate([1, 3]):
         sp = jax.tree.map(lambda x: x[pos], spec)
         start = agg.distribute(glob, sp.masks, (), client_lora=jax.tree.map(lambda x: x[cid], personal))
-        out = client_update(tiny.TASK, optax.adam(1e-2), RoundConfig(chunk_size=1), {"lora": start, "head": head},
+        out = client_update(tiny.TASK, optax.adam(1e-2), ClientOptions(), {"lora": start, "head": head},
                             base, jax.tree.map(lambda x: x[pos], data), sp, jax.random.fold_in(jax.random.key(0), cid))
         for k in glob:
-            np.testing.assert_allclose(np.asarray(s1.extra["personal"][k].b[cid]), np.asarray(out.lora[k].b),
+            np.testing.assert_allclose(np.asarray(s1.clients[k].b[cid]), np.asarray(out.lora[k].b),
                                        **TOL_F32)
     for k in glob:
         # Non-participants keep their adapters; the server's b is never touched by FedSA.
-        np.testing.assert_array_equal(np.asarray(s1.extra["personal"][k].b[0]), np.asarray(glob[k].b))
+        np.testing.assert_array_equal(np.asarray(s1.clients[k].b[0]), np.asarray(glob[k].b))
         np.testing.assert_array_equal(np.asarray(s1.lora[k].b), np.asarray(glob[k].b))
         assert np.any(np.asarray(s1.lora[k].a) != np.asarray(glob[k].a))
 

@@ -73,16 +73,22 @@ def test_barrier_survives_compilation_and_vmap(batched):
     assert " conditional(" not in _grad_hlo(False, batched)
 
 
-def test_barrier_mode_from_environment(monkeypatch):
-    monkeypatch.setenv("FEDLORA_JAX_NORM_BARRIER", "off")
-    assert norm_vjp.barrier_enabled() is False
-    monkeypatch.setenv("FEDLORA_JAX_NORM_BARRIER", "on")
-    assert norm_vjp.barrier_enabled() is True
-    monkeypatch.setenv("FEDLORA_JAX_NORM_BARRIER", "auto")
-    assert norm_vjp.barrier_enabled() is (jax.default_backend() == "cpu")
-    monkeypatch.setenv("FEDLORA_JAX_NORM_BARRIER", "sometimes")
-    with pytest.raises(ValueError, match="FEDLORA_JAX_NORM_BARRIER"):
-        norm_vjp.barrier_enabled()
+def _barrier_enabled(mode: str) -> bool:
+    """Whether the LayerNorms of an encoder built with ``norm_barrier=mode`` use the barrier."""
+    cfg = EncoderConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48,
+                        max_position_embeddings=16, norm_barrier=mode)
+    model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
+    flags = {n.use_barrier for n in (model.embed_norm, model.layers[0].attn_norm, model.layers[0].ffn_norm)}
+    assert len(flags) == 1 and (model.config.norm_barrier == "on") is next(iter(flags))
+    return next(iter(flags))
+
+
+def test_barrier_mode_from_config():
+    assert _barrier_enabled("off") is False
+    assert _barrier_enabled("on") is True
+    assert _barrier_enabled("auto") is (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="norm_barrier"):
+        _barrier_enabled("sometimes")
 
 
 def _max_fusion_operands(hlo: str) -> int:
@@ -91,27 +97,27 @@ def _max_fusion_operands(hlo: str) -> int:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion behaviour")
-def test_encoder_backward_has_no_cross_layer_fusions(monkeypatch):
+def test_encoder_backward_has_no_cross_layer_fusions():
     """Regression test for the quadratic backward: without the barrier, XLA:CPU fuses the
     LayerNorm-backward chains of all blocks above into each block's fusions (operand counts
     grow with depth: 105 at 6 layers here); with it they stay per-block (12)."""
     # hidden 128 / T 16: at toy sizes (hidden 32) XLA:CPU inlines the dots into loop fusions
     # and the pattern does not arise
-    cfg = EncoderConfig(vocab_size=50, hidden_size=128, num_layers=6, num_heads=2, intermediate_size=256,
-                        max_position_embeddings=16, num_labels=3)
-    model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
-    graphdef, base, head = split_for_round(model)
     ids = jnp.ones((2, 16), jnp.int32)
     am = jnp.ones((2, 16), jnp.int32)
-    shapes = {k: (t.in_features, t.out_features) for k, t in model.adapter_targets(["query", "value"]).items()}
-    lora = lora_lib.init(jax.random.key(1), shapes, 4)
-
-    def loss(lora, base):
-        logits = common.functional_forward(graphdef, base, head, ids, am, lora=lora, masks=None, scale=1.0)
-        return jnp.sum(logits ** 2)
 
     def compiled(mode):
-        monkeypatch.setenv("FEDLORA_JAX_NORM_BARRIER", mode)
+        cfg = EncoderConfig(vocab_size=50, hidden_size=128, num_layers=6, num_heads=2, intermediate_size=256,
+                            max_position_embeddings=16, num_labels=3, norm_barrier=mode)
+        model = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
+        graphdef, base, head = split_for_round(model)
+        shapes = {k: (t.in_features, t.out_features) for k, t in model.adapter_targets(["query", "value"]).items()}
+        lora = lora_lib.init(jax.random.key(1), shapes, 4)
+
+        def loss(lora, base):
+            logits = common.functional_forward(graphdef, base, head, ids, am, lora=lora, masks=None, scale=1.0)
+            return jnp.sum(logits ** 2)
+
         return jax.jit(jax.grad(loss)).lower(lora, base).compile().as_text()
 
     with_barrier, without = _max_fusion_operands(compiled("on")), _max_fusion_operands(compiled("off"))

@@ -10,7 +10,7 @@ from reliability import _tiny_round as tr
 from fedlora_jax import aggregation
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.federated import client_update, init_server_state, make_round, make_spec
-from fedlora_jax.federated.round import RoundConfig
+from fedlora_jax.algorithms import ClientOptions
 
 
 def _run(seed, *, rounds=2, round_fn=None):
@@ -64,7 +64,7 @@ def _clip_setup(c=3, s=3, b=4):
 def _client_results(base, head, glob, data, spec, key, opt):
     """Python loop over clients: (start, trained) adapters of each, as float64 NumPy."""
     agg = aggregation.fedit()
-    update = jax.jit(lambda tr_, b, sp, k: client_update(tiny.TASK, opt, RoundConfig(chunk_size=1), tr_, base,
+    update = jax.jit(lambda tr_, b, sp, k: client_update(tiny.TASK, opt, ClientOptions(), tr_, base,
                                                          b, sp, k))
     out = []
     for i in range(spec.weight.shape[0]):

@@ -25,7 +25,7 @@ from jax import monitoring
 
 from fedlora_jax import aggregation, data, devices
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.algorithms.compose import build_algorithm
+from fedlora_jax.algorithms import build_algorithm
 from fedlora_jax.driver import run as driver_run
 from fedlora_jax.driver.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from fedlora_jax.models import loading

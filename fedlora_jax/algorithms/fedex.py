@@ -1,0 +1,9 @@
+"""FedEx-LoRA (Singhal et al., arXiv 2410.09432): FedAvg of the factors plus the exact residual
+(mean of products minus product of means) folded into the frozen base."""
+
+from fedlora_jax import aggregation as agg_lib
+from fedlora_jax.algorithms.base import AlgoContext, Algorithm, static_rank
+
+
+def build(ctx: AlgoContext) -> Algorithm:
+    return static_rank("fedex", agg_lib.fedex_lora(scale=ctx.scale, **ctx.aggregator_options), ctx)

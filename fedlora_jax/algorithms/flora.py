@@ -1,0 +1,9 @@
+"""FLoRA (Wang et al., arXiv 2409.05976): the clients' adapters are stacked, the stacked product
+is folded into the frozen base and the adapters restart."""
+
+from fedlora_jax import aggregation as agg_lib
+from fedlora_jax.algorithms.base import AlgoContext, Algorithm, static_rank
+
+
+def build(ctx: AlgoContext) -> Algorithm:
+    return static_rank("flora", agg_lib.flora(scale=ctx.scale, **ctx.aggregator_options), ctx)
