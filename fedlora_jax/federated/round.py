@@ -380,6 +380,36 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
     return RoundFn(jitted, traces, settings, algo, mesh)
 
 
+def check_round_inputs(state: ServerState, specs: ClientSpec) -> None:
+    """Host-side checks before tracing: the spec's masks match the global adapter's keys and
+    ``[C, R]`` shapes, and client ids lie inside the population of the per-client state.
+
+    Raises:
+      ValueError: naming the module, the shape or the id.
+    """
+    c = int(np.shape(specs.weight)[0])
+    for name in ("masks", "update_masks"):
+        masks = getattr(specs, name)
+        if set(masks) != set(state.lora):
+            raise ValueError(f"client spec {name} keys {sorted(masks)} do not match the adapter's keys "
+                             f"{sorted(state.lora)}")
+        for k, m in masks.items():
+            want = (c, state.lora[k].a.shape[-1])
+            if tuple(np.shape(m)) != want:
+                raise ValueError(f"client spec {name}[{k!r}] has shape {tuple(np.shape(m))}, expected [C, R] = {want}")
+    if specs.global_masks is not None:
+        for k, m in specs.global_masks.items():
+            if tuple(np.shape(m)) != (state.lora[k].a.shape[-1],):
+                raise ValueError(f"client spec global_masks[{k!r}] has shape {tuple(np.shape(m))}, expected [R]")
+    leaves = jax.tree.leaves(state.clients)
+    if leaves and not isinstance(specs.client_id, jax.core.Tracer):
+        population = int(np.shape(leaves[0])[0])
+        ids = np.asarray(specs.client_id)
+        if ids.size and (ids.min() < 0 or ids.max() >= population):
+            raise ValueError(f"client ids {ids.tolist()} lie outside the population of {population} clients whose "
+                             "state the server keeps (ids must be in [0, num_clients))")
+
+
 class RoundFn:
     """A compiled federated round: ``round_fn(state, batches, specs, key, base)``.
 
@@ -393,6 +423,7 @@ class RoundFn:
         self.jitted, self._traces, self.settings, self.algorithm, self._mesh = jitted, traces, settings, algorithm, mesh
 
     def __call__(self, server_state, client_batches, client_specs, key, base):
+        check_round_inputs(server_state, client_specs)
         if self._mesh is not None:
             use_mesh = jax.sharding.use_mesh if hasattr(jax.sharding, "use_mesh") else (lambda m: m)
             with use_mesh(self._mesh):
