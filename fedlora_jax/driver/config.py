@@ -68,6 +68,10 @@ class ExperimentConfig:
       forward), norm_barrier and merged_lora (the models' exact CPU speed-ups, ``auto | on |
       off``, see :mod:`fedlora_jax.models.switches`; ``auto`` is resolved when the model is
       built and the resolved choice is written to ``summary.json``).
+    Diagnostics:
+      diagnose_first_round: after round 0, log the test accuracy of the highest-rank
+        participating client's own model just before aggregation and of what it receives just
+        after (Byun & Lee's dilution diagnostic), as ``first_round_diagnostic`` in the metrics.
     """
 
     name: str = "experiment"
@@ -114,6 +118,7 @@ class ExperimentConfig:
     remat: bool = False
     norm_barrier: str = "auto"
     merged_lora: str = "auto"
+    diagnose_first_round: bool = False
 
     def __post_init__(self):
         validate(self)

@@ -283,7 +283,33 @@ def make_round_fn(setup: Setup, static_grad_cut: int | None = None):
     cfg = setup.cfg
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     return make_round(setup.task, setup.algo, optimizer=opt, chunk_size=setup.chunk_size,
-                      static_grad_cut=static_grad_cut)
+                      static_grad_cut=static_grad_cut, return_client_models=cfg.diagnose_first_round)
+
+
+def first_round_diagnostic(setup: Setup, before: ServerState, after: ServerState, spec, metrics, evaluate,
+                           test_batches) -> dict | None:
+    """Test accuracy of the highest-rank participating client's own model just before the
+    aggregation and of the model it receives just after (Byun & Lee's dilution diagnostic).
+
+    Returns ``{"client", "rank", "local_accuracy", "after_aggregation_accuracy"}`` or ``None``
+    when no client took part.
+    """
+    weights = np.asarray(metrics["client_weight"])
+    if not np.any(weights > 0):
+        return None
+    ranks = np.stack([np.asarray(v).sum(-1) for v in spec.update_masks.values()]).max(0)
+    pos = int(np.argmax(np.where(weights > 0, ranks, -1)))
+    masks = {k: jnp.asarray(v[pos]) for k, v in spec.masks.items()}
+    own_lora = jax.tree.map(lambda x: x[pos], metrics["client_lora"])
+    own_head = jax.tree.map(lambda x: x[pos], metrics["client_head"])
+    base_before = effective_base(setup.task, setup.base, before.agg_state)
+    local = evaluate(base_before, own_head, own_lora, masks, test_batches)[0]
+    own_state = jax.tree.map(lambda x: x[int(spec.client_id[pos])], after.clients) if after.clients else ()
+    received = setup.algo.distribute_fn()(after, masks, own_state)
+    base_after = effective_base(setup.task, setup.base, after.agg_state)
+    merged = evaluate(base_after, after.head, received, masks, test_batches)[0]
+    return {"client": int(spec.client_id[pos]), "rank": int(ranks[pos]), "local_accuracy": float(local),
+            "after_aggregation_accuracy": float(merged)}
 
 
 def _spec(setup: Setup, plan, client_ids, num_steps, weights):
@@ -397,7 +423,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
             stragglers = (weights > 0) & ~np.asarray(kept)
             weights = np.where(stragglers, 0.0, weights)
             spec = spec._replace(weight=weights.astype(np.float32))
+            before = state
             state, m = round_fn_for(spec)(state, batch, spec, round_key(cfg.seed, r), setup.base)
+            diagnostic = None
+            if cfg.diagnose_first_round and r == 0:
+                diagnostic = first_round_diagnostic(setup, before, state, spec, m, evaluate, test_batches)
             participated = np.asarray(m["client_weight"]) > 0
             if setup.algo.observe is not None:
                 state = state._replace(algo=setup.algo.observe(state.algo, report._replace(participated=participated)))
@@ -427,6 +457,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
                 "grad_cut": np.asarray(spec.grad_cut).tolist(),
                 **{f"cum_{k}": v for k, v in cumulative.items()},
             }
+            if diagnostic is not None:
+                line["first_round_diagnostic"] = diagnostic
             global_masks = setup.algo.eval_masks(state.algo)
             if global_masks is not None:
                 line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in global_masks.items()}

@@ -63,6 +63,7 @@ class RoundSettings(NamedTuple):
     drop_nonfinite: bool = True
     clip_update_norm: float | None = None
     static_grad_cut: int | None = None
+    return_client_models: bool = False
 
 
 class ClientOutput(NamedTuple):
@@ -248,7 +249,7 @@ def _screen(outs: ClientOutput, starts, head0, weights, settings: RoundSettings)
 def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation | None = None,
                chunk_size: int = 8, drop_nonfinite: bool = True, clip_update_norm: float | None = None,
                static_grad_cut: int | None = None, mesh: jax.sharding.Mesh | None = None,
-               donate: bool = False) -> RoundFn:
+               donate: bool = False, return_client_models: bool = False) -> RoundFn:
     """Build the one-jit federated round.
 
     Args:
@@ -272,6 +273,9 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
       donate: donate the server state buffers to the round.
+      return_client_models: also return every client's trained adapter and head (after
+        screening) as ``metrics["client_lora"]`` / ``metrics["client_head"]`` (leaves
+        ``[C, ...]``): diagnostics such as a client's accuracy before aggregation.
 
     Returns:
       a :class:`RoundFn`: ``round_fn(server_state, client_batches, client_specs, key, base)
@@ -290,7 +294,8 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         raise ValueError(f"mesh must have a 'clients' axis, got axes {mesh.axis_names}")
     algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
     optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
-    settings = RoundSettings(chunk_size, drop_nonfinite, clip_update_norm, static_grad_cut)
+    settings = RoundSettings(chunk_size, drop_nonfinite, clip_update_norm, static_grad_cut,
+                             bool(return_client_models))
     distribute = algo.distribute_fn()
     rule = algo.client_state
     aggregator = algo.aggregator
@@ -374,6 +379,8 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             "num_dropped_nonfinite": jnp.sum(~finite & (specs.weight > 0)),
             "client_scores": outs.scores,
         }
+        if settings.return_client_models:
+            metrics["client_lora"], metrics["client_head"] = client_lora, client_head
         return new_state, metrics
 
     jitted = jax.jit(impl, donate_argnums=(0,) if donate else ())

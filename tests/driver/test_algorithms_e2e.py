@@ -88,3 +88,40 @@ def test_dropout_and_deadline_exclusions_reported(tiny_model, tmp_path):
     run_experiment(cfg2, tmp_path / "dl", quiet=True, cache_dir=tmp_path / "cache")
     rows = [r for r in _rows(tmp_path / "dl") if r["round"] >= 0]
     assert all(r["dropped_deadline"] == 3 for r in rows)
+
+
+def test_byun_lee_quality_groups_ranks_and_first_round_diagnostic(tiny_model, tmp_path):
+    """Client groups of different data quality carry their own Dirichlet alpha and rank; the
+    first-round diagnostic reports the high-rank client's accuracy before and after aggregation."""
+    cfg = tiny_config(tiny_model, "replication", client_ranks=(), num_clients=4, clients_per_round=4, rounds=2,
+                      partition="dirichlet", client_groups=((1, 100.0, 4), (3, 0.05, 1)), diagnose_first_round=True)
+    run_experiment(cfg, tmp_path / "bl", quiet=True, cache_dir=tmp_path / "cache")
+    rows = [r for r in _rows(tmp_path / "bl") if r["round"] >= 0]
+    ranks = [sum(v[c] for v in rows[0]["active_ranks"].values()) / len(rows[0]["active_ranks"]) for c in range(4)]
+    assert ranks == [4, 1, 1, 1]                       # group 0 (client 0) at rank 4, group 1 at rank 1
+    diag = rows[0]["first_round_diagnostic"]
+    assert diag["client"] == 0 and diag["rank"] == 4
+    assert 0 <= diag["local_accuracy"] <= 1 and 0 <= diag["after_aggregation_accuracy"] <= 1
+    assert "first_round_diagnostic" not in rows[1]
+
+
+def test_client_groups_partition_balance():
+    from fedlora_jax.driver.run import _client_ranks, _partition_clients
+
+    labels = np.repeat(np.arange(4), 500)
+    cfg = ExperimentConfig(num_clients=10, clients_per_round=2, partition="dirichlet", r_max=16,
+                           client_groups=((2, 50.0, 16), (8, 0.1, 4)))
+    parts, group = _partition_clients(cfg, labels)
+    assert group.tolist() == [0, 0] + [1] * 8
+    assert _client_ranks(cfg, group).tolist() == [16, 16] + [4] * 8
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))   # a partition of all rows
+
+    def skew(p):
+        h = np.bincount(labels[p], minlength=4) / len(p)
+        return float(np.max(h))
+
+    assert max(skew(p) for p in parts[:2]) < min(skew(p) for p in parts[2:])
+    with pytest.raises(ValueError, match="client_groups"):
+        ExperimentConfig(num_clients=10, clients_per_round=2, client_groups=((2, 1.0, 4),))
+    with pytest.raises(ValueError, match="client_groups"):
+        ExperimentConfig(num_clients=2, clients_per_round=2, client_groups=((2, 1.0, 4),), client_ranks=(2,))
