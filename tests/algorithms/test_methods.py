@@ -293,3 +293,21 @@ def test_round_refuses_bad_masks_and_ids_before_tracing():
     with pytest.raises(ValueError, match=r"expected \[C, R\]"):
         rf(state, data, bad, jax.random.key(0), base)
     assert rf.trace_count() == 1
+
+
+def test_docs_worked_example_a_new_method_is_one_file(monkeypatch):
+    """The example of docs/architecture.md, executed: registered with one line, it runs."""
+    import re
+    from pathlib import Path
+
+    from fedlora_jax.algorithms import registry
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(# fedlora_jax/algorithms/top_heavy\.py.*?)```", doc, re.S).group(1)
+    module = {}
+    exec(compile(code, "top_heavy.py", "exec"), module)
+    monkeypatch.setitem(registry.BUILDERS, "top_heavy", module["build"])
+    state, metrics, rf = ar.run("top_heavy", rounds=2, options={"keep": 0.5})
+    assert rf.trace_count() == 1 and int(state.round) == 2
+    with pytest.raises(ValueError, match="option keep"):
+        ar.run("top_heavy", rounds=1, options={"keep": 2.0})
