@@ -10,8 +10,8 @@ import pytest
 from helpers import tiny
 
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.federated import client_update, init_server_state, make_round, make_spec
 from fedlora_jax.algorithms import ClientOptions
+from fedlora_jax.federated import client_update, init_server_state, make_round, make_spec
 
 R = 4
 TOL_F32 = dict(rtol=2e-5, atol=2e-6)  # written down once: chunked/vmapped vs loop, float32

@@ -9,8 +9,8 @@ from reliability import _tiny_round as tr
 
 from fedlora_jax import aggregation
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.federated import client_update, init_server_state, make_round, make_spec
 from fedlora_jax.algorithms import ClientOptions
+from fedlora_jax.federated import client_update, init_server_state, make_round, make_spec
 
 
 def _run(seed, *, rounds=2, round_fn=None):
