@@ -28,7 +28,13 @@ per arm)::
 
     JAX_PLATFORMS=cpu python experiments/fedara_adapter_check.py            # default arm list
     JAX_PLATFORMS=cpu python experiments/fedara_adapter_check.py --list     # all arm names
-    JAX_PLATFORMS=cpu python experiments/fedara_adapter_check.py --arms svd_r6_g0.1,lora_r6
+    JAX_PLATFORMS=cpu python experiments/fedara_adapter_check.py --arms svd_g0.1_r6,lora_r6
+
+Arm names: ``head`` (no adapter), ``lora``, ``svd`` + ``_lr1e-2`` (lr 1e-2, else 2e-3),
+``_lamK`` (lambda's lr K times the rest), ``_sq`` (squared Frobenius penalty, else plain),
+``_hold50`` (gamma 0 for steps 0-49) / ``_ramp100`` (gamma ramped linearly over 100 steps),
+``_gG`` (penalty weight), then ``_r6`` (Adam state re-created every 6 steps) or ``_nr`` (never),
+then ``_s1`` for seed 1 (adapter init and batch order; seed 0 has no suffix).
 
 The optimizer is ``optax.adamw(1.0, weight_decay=0)`` followed by a multiplication of the
 updates by the arm's learning rate (so lr is a runtime argument and all SVD arms share one
@@ -120,18 +126,16 @@ def all_arms() -> dict:
     return arms
 
 
-# The default run list, most important first (Adam-reset variants are what the federated run sees).
+# The default run list, most important first (Adam-reset variants are what the federated run
+# sees). This is what produced experiments/results/fedara_adapter/check.jsonl (17 arms, ~20 min
+# on 2 shared CPU cores); every other name in all_arms() (e.g. gamma 0.01, lambda x30, no-reset
+# variants of the fixes) runs with --arms.
 DEFAULT_ARMS = (
-    # reset every 6 steps
     "head_r6", "lora_r6", "svd_g0.1_r6", "svd_g0_r6", "svd_lr1e-2_g0.1_r6", "svd_lam10_g0.1_r6",
-    "svd_sq_g0.1_r6", "svd_hold50_g0.1_r6", "svd_ramp100_g0.1_r6",
-    "svd_g0.01_r6", "svd_lam10_g0_r6", "svd_lam30_g0.1_r6", "svd_sq_lam10_g0.1_r6",
-    "svd_lr1e-2_g0_r6", "svd_lam10_hold50_g0.1_r6",
-    # no reset
-    "lora_nr", "svd_g0.1_nr", "svd_g0_nr", "svd_lr1e-2_g0.1_nr", "svd_lam10_g0.1_nr", "svd_sq_g0.1_nr",
-    # second seed for the reference arms and the top candidates
-    "lora_r6_s1", "svd_g0.1_r6_s1", "svd_lam10_g0.1_r6_s1", "svd_lr1e-2_g0.1_r6_s1",
-    "svd_lam10_g0_r6_s1", "svd_lam30_g0.1_r6_s1",
+    "svd_sq_g0.1_r6", "svd_hold50_g0.1_r6", "svd_ramp100_g0.1_r6", "lora_nr", "svd_g0.1_nr",
+    # second seed for the references and the top candidates, and the combined fix
+    "lora_r6_s1", "svd_g0.1_r6_s1", "svd_lam10_g0.1_r6_s1", "svd_lam10_hold50_g0.1_r6",
+    "svd_lam10_hold50_g0.1_r6_s1", "svd_lr1e-2_g0.1_r6_s1",
 )
 
 
@@ -364,17 +368,35 @@ def run_arm(name: str, arm: dict, env: dict, fns, *, steps: int, test_size: int)
 
 # ------------------------------------------------------------------------------------------ main
 
+def _library_commit(checkout_commit: str) -> str:
+    """The commit the imported ``fedlora_jax`` came from: ``$FEDLORA_LIB_COMMIT`` when set (name
+    the commit of a ``git archive`` snapshot there), the checkout's commit plus ``+dirty`` when it
+    is imported from this checkout with local changes, else ``"unknown"``."""
+    if os.environ.get("FEDLORA_LIB_COMMIT"):
+        return os.environ["FEDLORA_LIB_COMMIT"]
+    lib = Path(lora_lib.__file__).resolve().parents[1]
+    if lib.parent != REPO:
+        return "unknown"
+    try:
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "fedlora_jax"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return checkout_commit + ("+dirty" if dirty else "")
+
+
 def metadata() -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "host": platform.node(), "machine": platform.machine(), "platform": platform.platform(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "optax": optax.__version__, "backend": jax.default_backend(),
             "git_commit": commit, "fedlora_jax_path": str(Path(lora_lib.__file__).resolve().parents[1]),
+            "library_commit": _library_commit(commit),
             "pythonpath": os.environ.get("PYTHONPATH", "")}
 
 
@@ -406,6 +428,27 @@ def append_line(path: Path, rec: dict) -> None:
     os.replace(tmp, path)
 
 
+def table(path: Path) -> str:
+    """A markdown table of the results in ``path`` (one row per arm, in file order)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    head = ("| arm | lr | lam x | gamma | penalty | warm-up | reset | seed | probe loss @0/25/50/75/100 | "
+            "final train acc | held-out acc | mean abs lambda | sum norm dW | lambda-grad flips | s |")
+    out = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        pl = "/".join(f"{r['probe_loss'][k]:.3f}" for k in r["probe_loss"])
+        lam = "-" if r["mean_abs_lambda"] is None else f"{r['mean_abs_lambda']:.3f}"
+        fl = "-" if r["lambda_grad_sign_flip_frac"] is None else f"{r['lambda_grad_sign_flip_frac']:.2f}"
+        svd = r["kind"] == "svd"
+        gamma = f"{r['gamma']:g}" if svd else "-"
+        pen = r["penalty"] if svd else "-"
+        warm = r["warmup"] if svd else "-"
+        lamx = f"{r['lam_mult']:g}" if svd else "-"
+        out.append(f"| {r['arm']} | {r['lr']:g} | {lamx} | {gamma} | {pen} | {warm} | {r['reset_every'] or '-'} | "
+                   f"{r['seed']} | {pl} | {r['final_train_acc']:.3f} | {r['test_acc']:.3f} | {lam} | "
+                   f"{r['delta_w_norm_sum']:.1f} | {fl} | {r['wall_s']:.0f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arms", default="default",
@@ -416,7 +459,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting new arms after this many seconds (0: no limit)")
     p.add_argument("--list", action="store_true", help="print the arm names and exit")
+    p.add_argument("--table", action="store_true", help="print a markdown table of --out and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
     arms = all_arms()
     if args.list:
         for k, v in arms.items():

@@ -39,7 +39,7 @@ class AdaloraState(NamedTuple):
 
 
 def build(ctx: AlgoContext, *, target_rank: int | None = None, orth_reg: float = 0.1, orth_form: str = "fro",
-          orth_warmup_frac: float = 0.0, lambda_lr_scale: float = 1.0, t_init_frac: float = 0.25,
+          orth_warmup_frac: float = 0.0, lambda_lr_scale: float = 10.0, t_init_frac: float = 0.25,
           t_final_frac: float = 0.25, mask_interval: int = 1) -> Algorithm:
     """AdaLoRA-in-FL (see the module docstring); options as :func:`fedlora_jax.algorithms.fedara.build`."""
     target = max(1, ctx.r_max // 3) if target_rank is None else target_rank

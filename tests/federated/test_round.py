@@ -302,3 +302,22 @@ def test_static_grad_cut_same_result_fewer_flops():
     assert flops(sta) < flops(dyn)
     with pytest.raises(ValueError, match="static_grad_cut"):
         make_round(tiny.TASK, agg, chunk_size=2, static_grad_cut=-1)
+
+
+def test_update_scale_multiplies_one_factors_step():
+    """``ClientOptions.update_scale`` scales the optimizer's update of one factor only (a per-factor
+    learning rate): with SGD the lambda step is exactly 10x, a and b unchanged."""
+    c = 1
+    base, head, glob, data = setup(c)
+    glob = {k: lora_lib.LoraFactors(f.a, f.b, jnp.full((R,), 0.3)) for k, f in glob.items()}
+    spec = specs_for(c, ranks=[4], steps=[1], weights=[1])
+    sp = jax.tree.map(lambda x: x[0], spec)
+    batch = jax.tree.map(lambda x: x[0], data)
+    run = lambda opts: client_update(tiny.TASK, optax.sgd(0.1), opts, {"lora": glob, "head": head}, base, batch,
+                                     sp, jax.random.key(0))
+    plain, scaled = run(ClientOptions()), run(ClientOptions(update_scale=(("e", 10.0),)))
+    for k in glob:
+        np.testing.assert_allclose(np.asarray(scaled.lora[k].e - glob[k].e),
+                                   10 * np.asarray(plain.lora[k].e - glob[k].e), rtol=1e-5, atol=5e-7)  # f32 at 0.3
+        np.testing.assert_array_equal(np.asarray(scaled.lora[k].a), np.asarray(plain.lora[k].a))
+        assert np.any(np.asarray(plain.lora[k].e) != 0.3)
