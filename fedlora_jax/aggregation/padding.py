@@ -126,6 +126,9 @@ def zero_padding(*, weighting: str = "sparsity", data_weighted: bool = False) ->
       data_weighted: multiply the sparsity weights by ``p_k`` (ASSUMPTION option).
     """
     check_choice(weighting, "weighting", ("sparsity", "data"))
+    if weighting == "data" and data_weighted:
+        raise ValueError("zero_padding: data_weighted multiplies the sparsity weights; with weighting='data' "
+                         "it would be ignored")
     if weighting == "data":
         return _slot_mean_aggregator("zero_padding", _data_slot_weights, renorm=False)
 

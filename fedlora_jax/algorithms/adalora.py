@@ -27,7 +27,6 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax import aggregation as agg_lib
 from fedlora_jax.algorithms import fedara, rank_rules
 from fedlora_jax.algorithms.base import AlgoContext, Algorithm, ClientOptions, ClientPlan
 
@@ -44,8 +43,7 @@ def build(ctx: AlgoContext, *, target_rank: int | None = None, orth_reg: float =
     """AdaLoRA-in-FL (see the module docstring); options as :func:`fedlora_jax.algorithms.fedara.build`."""
     target = max(1, ctx.r_max // 3) if target_rank is None else target_rank
     schedule = fedara.budget_schedule(ctx, target, t_init_frac, t_final_frac, mask_interval)
-    agg_opts = {"score_beta": fedara.DEFAULT_SCORE_BETA, **ctx.aggregator_options}
-    aggregator = agg_lib.fedara(**agg_opts)
+    aggregator = fedara.shared_mask_aggregator(ctx)
     regularizer = fedara.orth_term(ctx, gamma=float(orth_reg), form=orth_form, warmup_frac=orth_warmup_frac,
                                    count="all")
     client = ClientOptions(track_importance=True, regularizer=regularizer,

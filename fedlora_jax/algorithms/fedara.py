@@ -75,10 +75,22 @@ def budget_schedule(ctx: AlgoContext, target_rank: int, t_init_frac: float, t_fi
                               total=ctx.rounds, mask_interval=mask_interval)
 
 
+def shared_mask_aggregator(ctx: AlgoContext):
+    """``aggregation.fedara`` with FedARA's default ``score_beta``; refuses ``averaging``, which
+    cannot change anything when every client holds the same mask (``renorm`` == ``zero_pad``)."""
+    if "averaging" in ctx.aggregator_options:
+        raise ValueError("aggregator option averaging ('renorm' / 'zero_pad') only differs for heterogeneous "
+                         "masks; every client of this algorithm holds the same mask, so it would be ignored")
+    return agg_lib.fedara(**{"score_beta": DEFAULT_SCORE_BETA, **ctx.aggregator_options})
+
+
 def orth_term(ctx: AlgoContext, *, gamma: float, form: str, warmup_frac: float, count: str):
     """The clients' regulariser ``(lora, masks, round) -> gamma * ramp(round) * R(P, Q)``, or ``None``."""
     if gamma < 0:
         raise ValueError(f"option orth_reg must be >= 0, got {gamma!r}")
+    if gamma == 0 and (form != "fro" or warmup_frac != 0.0):
+        raise ValueError("options orth_form / orth_warmup_frac shape the orthogonality penalty, which "
+                         "orth_reg=0 switches off")
     if form not in rank_rules.ORTH_FORMS:
         raise ValueError(f"option orth_form must be one of {rank_rules.ORTH_FORMS}, got {form!r}")
     warm = check_fraction("orth_warmup_frac", warmup_frac, upper_open=True) * ctx.rounds
@@ -121,8 +133,7 @@ def build(ctx: AlgoContext, *, target_rank: int | None = None, orth_reg: float =
     schedule = budget_schedule(ctx, target, t_init_frac, t_final_frac, mask_interval)
     if not isinstance(r_min, int) or not 1 <= r_min <= ctx.r_max:
         raise ValueError(f"option r_min must be an int in [1, r_max={ctx.r_max}], got {r_min!r}")
-    agg_opts = {"score_beta": DEFAULT_SCORE_BETA, **ctx.aggregator_options}
-    aggregator = agg_lib.fedara(**agg_opts)
+    aggregator = shared_mask_aggregator(ctx)
     regularizer = orth_term(ctx, gamma=float(orth_reg), form=orth_form, warmup_frac=orth_warmup_frac, count="active")
     client = ClientOptions(track_importance=True, regularizer=regularizer, update_scale=lambda_scale(lambda_lr_scale))
     keys, r_max = ctx.keys, ctx.r_max

@@ -6,4 +6,7 @@ from fedlora_jax.algorithms.base import AlgoContext, Algorithm, static_rank
 
 
 def build(ctx: AlgoContext) -> Algorithm:
+    if "scale" in ctx.aggregator_options:
+        raise ValueError("aggregator option scale is set by the algorithm (the run's LoRA scale lora_alpha / "
+                         "r_max); change lora_alpha instead")
     return static_rank("flora", agg_lib.flora(scale=ctx.scale, **ctx.aggregator_options), ctx)

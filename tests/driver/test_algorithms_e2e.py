@@ -125,3 +125,20 @@ def test_client_groups_partition_balance():
         ExperimentConfig(num_clients=10, clients_per_round=2, client_groups=((2, 1.0, 4),))
     with pytest.raises(ValueError, match="client_groups"):
         ExperimentConfig(num_clients=2, clients_per_round=2, client_groups=((2, 1.0, 4),), client_ranks=(2,))
+
+
+def test_fedara_static_cut_same_numbers_one_compile_per_cut(tiny_model, tmp_path):
+    """``static_cut``: the driver compiles one round per lowest active layer (the backward pass
+    below it is removed statically) and the run's numbers equal the dynamic cut's."""
+    algo = {"target_rank": 1, "t_init_frac": 0.0, "t_final_frac": 0.2, "r_min": 2}
+    base = tiny_config(tiny_model, "fedara", rounds=5, client_ranks=(), algo=algo, target_modules=("query",))
+    dyn = run_experiment(base, tmp_path / "dyn", quiet=True, cache_dir=tmp_path / "cache")
+    sta = run_experiment(dataclasses.replace(base, algo=dict(algo, static_cut=True)), tmp_path / "sta", quiet=True,
+                         cache_dir=tmp_path / "cache")
+    rows_d = [r for r in _rows(tmp_path / "dyn") if r["round"] >= 0]
+    rows_s = [r for r in _rows(tmp_path / "sta") if r["round"] >= 0]
+    cuts = {min(r["grad_cut"]) for r in rows_s}
+    assert len(cuts) >= 2                                   # the lowest active layer moved up
+    assert dyn["compilations_this_call"] == 1
+    assert sta["compilations_this_call"] == len(cuts)
+    np.testing.assert_allclose([r["train_loss"] for r in rows_s], [r["train_loss"] for r in rows_d], rtol=2e-5)
