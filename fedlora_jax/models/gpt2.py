@@ -35,12 +35,8 @@ _HF_SUFFIX = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "mlp_fc": "ml
 class GPT2Config:
     """Static hyperparameters of GPT-2.
 
-    ``norm_barrier`` / ``merged_lora``: ``"auto"`` (default) | ``"on"`` | ``"off"``, the exact CPU
-    speed-ups of :mod:`fedlora_jax.models.switches` (LayerNorm gradient barrier; float32 LoRA
-    folded into the kernel). ``"auto"`` is resolved once when the model is built
-    (:func:`~fedlora_jax.models.switches.resolve_switches`; ``"on"`` on the CPU backend, for
-    ``merged_lora`` with float32 ``dtype``; ``"off"`` elsewhere), so ``model.config`` records the
-    concrete choice.
+    ``norm_barrier`` / ``merged_lora``: the exact CPU speed-up switches, as in
+    :class:`~fedlora_jax.models.bert.EncoderConfig` (resolved when the model is built).
     """
 
     vocab_size: int = 50257

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -35,15 +35,13 @@ _HF_SUFFIX = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
 class LlamaConfig:
     """Static hyperparameters of a Llama / Qwen2 decoder.
 
-    ``norm_barrier`` / ``merged_lora``: ``"auto"`` (default) | ``"on"`` | ``"off"``, the exact CPU
-    speed-ups of :mod:`fedlora_jax.models.switches` (LayerNorm gradient barrier; float32 LoRA
-    folded into the kernel). ``"auto"`` is resolved once when the model is built
-    (:func:`~fedlora_jax.models.switches.resolve_switches`; ``"on"`` on the CPU backend, for
-    ``merged_lora`` with float32 ``dtype``; ``"off"`` elsewhere), so ``model.config`` records the
-    concrete choice. ``norm_barrier`` has no effect here (RMSNorm's backward is autodiff's, with
-    no barrier); it is resolved and recorded like the other architectures' for uniform run
-    records.
+    ``norm_barrier`` / ``merged_lora``: the exact CPU speed-up switches, as in
+    :class:`~fedlora_jax.models.bert.EncoderConfig` (resolved when the model is built). RMSNorm's
+    backward is autodiff's, with no barrier: ``norm_barrier`` resolves to ``"off"`` and ``"on"``
+    is refused.
     """
+
+    has_layer_norm: ClassVar[bool] = False
 
     model_type: str = "llama"
     vocab_size: int = 32000

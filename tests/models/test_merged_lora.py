@@ -114,13 +114,20 @@ def test_auto_is_resolved_and_recorded_on_the_built_config(config_cls, model_cls
     assert (cfg.norm_barrier, cfg.merged_lora) == ("auto", "auto")          # the config keeps the request
     model = model_cls(cfg, rngs=nnx.Rngs(0))
     want = "on" if jax.default_backend() == "cpu" else "off"
-    assert (model.config.norm_barrier, model.config.merged_lora) == (want, want)
+    barrier = want if config_cls is not LlamaConfig else "off"                # RMSNorm: nothing to put it on
+    assert (model.config.norm_barrier, model.config.merged_lora) == (barrier, want)
     assert model.config == resolve_switches(cfg) == resolve_switches(model.config)   # resolved once, idempotent
     assert all(d.use_merged_lora is (want == "on") for d in _adapted(model))
     assert all(n.use_barrier is (want == "on") for n in _norms(model))
     # half-precision compute: "auto" keeps the low-rank path and records it as "off"
     bf16 = model_cls(_tiny(config_cls, dtype="bfloat16"), rngs=nnx.Rngs(0)).config
-    assert (bf16.norm_barrier, bf16.merged_lora) == (want, "off")
+    assert (bf16.norm_barrier, bf16.merged_lora) == (barrier, "off")
+    # an explicit "on" that would be ignored is refused
+    with pytest.raises(ValueError, match="merged_lora='on' would be ignored"):
+        model_cls(_tiny(config_cls, dtype="bfloat16", merged_lora="on"), rngs=nnx.Rngs(0))
+    if config_cls is LlamaConfig:
+        with pytest.raises(ValueError, match="norm_barrier='on' would be ignored"):
+            model_cls(_tiny(config_cls, norm_barrier="on"), rngs=nnx.Rngs(0))
     # explicit choices are kept as given and reach the layers
     off = model_cls(_tiny(config_cls, norm_barrier="off", merged_lora="on"), rngs=nnx.Rngs(0))
     assert (off.config.norm_barrier, off.config.merged_lora) == ("off", "on")
@@ -132,7 +139,7 @@ def test_auto_is_resolved_and_recorded_on_the_built_config(config_cls, model_cls
 def test_from_pretrained_takes_the_switches(name):
     want = "on" if jax.default_backend() == "cpu" else "off"
     auto = load_golden_model(name)
-    assert (auto.config.norm_barrier, auto.config.merged_lora) == (want, want)
+    assert (auto.config.norm_barrier, auto.config.merged_lora) == (want if name != "llama" else "off", want)
     chosen = load_golden_model(name, norm_barrier="off", merged_lora="off")
     assert (chosen.config.norm_barrier, chosen.config.merged_lora) == ("off", "off")
     assert not any(d.use_merged_lora for d in _adapted(chosen))
