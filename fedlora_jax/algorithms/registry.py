@@ -77,10 +77,16 @@ def canonical_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in BUILDERS:
-        close = difflib.get_close_matches(key, list(BUILDERS) + list(ALIASES), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = _closest(key)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise ValueError(f"unknown algorithm {name!r}{hint}; known: {sorted(BUILDERS)}, aliases: {sorted(ALIASES)}")
     return key
+
+
+def _closest(key: str) -> str | None:
+    """The registered name or alias closest to ``key`` (aliases count: ``fedavgg`` -> ``fedavg``)."""
+    close = difflib.get_close_matches(key, list(BUILDERS) + list(ALIASES), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def build_algorithm(name: str, ctx: AlgoContext, **options) -> Algorithm:

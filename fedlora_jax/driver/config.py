@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora_jax.algorithms.base import build_options
-from fedlora_jax.algorithms.registry import BUILDERS, canonical_name
+from fedlora_jax.algorithms.registry import ALIASES, BUILDERS, canonical_name
 
 #: Registered algorithm names (aliases such as ``fedavg`` are accepted too), from the registry.
 ALGORITHMS = tuple(BUILDERS)
@@ -168,7 +168,9 @@ def validate(cfg: ExperimentConfig) -> None:
     try:
         name = canonical_name(cfg.algorithm)
     except (TypeError, ValueError):
-        _fail("algorithm", cfg.algorithm, f"one of {ALGORITHMS}{_suggest(cfg.algorithm, ALGORITHMS)}")
+        names = ALGORITHMS + tuple(ALIASES)
+        _fail("algorithm", cfg.algorithm, f"one of {ALGORITHMS} or an alias of {sorted(ALIASES)}"
+              f"{_suggest(str(cfg.algorithm).strip().lower(), names)}")
     build_options(BUILDERS[name], cfg.algo, name)
     _validate_groups(cfg)
     if cfg.partition not in PARTITIONS:

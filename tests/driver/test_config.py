@@ -98,3 +98,14 @@ def test_select_variant():
     assert s.name == "x-smoke" and s.rounds == SMOKE_OVERRIDES["rounds"] and s.target_modules == ("query",)
     with pytest.raises(ValueError, match="variant"):
         select_variant(cfg, "medium")
+
+
+def test_algorithm_aliases_and_fitting_suggestions():
+    assert ExperimentConfig(algorithm="fedavg").algorithm == "fedavg"          # an alias of fedit
+    with pytest.raises(ValueError, match="did you mean 'fedavg'"):              # not 'fedsa'
+        ExperimentConfig(algorithm="fedavgg")
+    from fedlora_jax.algorithms import build_algorithm, canonical_name
+
+    assert canonical_name("FedAvg") == "fedit" and canonical_name("zero-padding") == "hetlora"
+    with pytest.raises(ValueError, match="did you mean 'fedavg'"):
+        build_algorithm("fedavgg", None)
