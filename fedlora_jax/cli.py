@@ -66,6 +66,12 @@ def ckpt_error():
     return CheckpointError
 
 
+def lock_error():
+    from fedlora_jax.driver.lock import RunLockedError
+
+    return RunLockedError
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ckpt_error()) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ckpt_error(), lock_error()) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

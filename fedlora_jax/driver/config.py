@@ -294,7 +294,13 @@ def from_dict(d: dict) -> ExperimentConfig:
     """Build a config from a plain dict (e.g. a checkpoint's saved config); unknown keys refused."""
     for k in d:
         check_key(k)
-    kw = {k: (tuple(v) if isinstance(getattr(ExperimentConfig(), k), tuple) else v) for k, v in d.items()}
+    defaults, kw = ExperimentConfig(), {}
+    for k, v in d.items():
+        if isinstance(getattr(defaults, k), tuple):
+            if not isinstance(v, (list, tuple)):
+                _fail(k, v, "a list")
+            v = tuple(v)
+        kw[k] = v
     return ExperimentConfig(**kw)
 
 
@@ -313,24 +319,95 @@ def select_variant(cfg: ExperimentConfig, variant: str, **smoke_overrides) -> Ex
     raise ValueError(f"variant must be 'full' or 'smoke', got {variant!r}")
 
 
+class ConfigFileError(ValueError):
+    """A ``--config`` file that is not a usable config: names the file and what was expected."""
+
+
+#: What a config file must be, for the errors of :func:`load_config`.
+CONFIG_EXPECTED = "a .py file defining get_config(variant) -> ExperimentConfig, or a .json object of config fields"
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception, on one line."""
+    msg = " ".join(str(err).split())
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def _line_in(err: BaseException, path: Path) -> str:
+    """`` at line N``: where in ``path`` the exception was raised, if it was raised there."""
+    lineno, tb = None, err.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    return f" at line {lineno}" if lineno else ""
+
+
+def _load_json_config(path: Path) -> ExperimentConfig:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigFileError(f"config file {str(path)!r} is not valid JSON ({_one_line(err)}); expected "
+                              f"{CONFIG_EXPECTED}") from err
+    if not isinstance(d, dict):
+        raise ConfigFileError(f"config file {str(path)!r} holds a JSON {type(d).__name__}; expected "
+                              f"{CONFIG_EXPECTED}")
+    try:
+        return from_dict(d)
+    except (ValueError, TypeError) as err:
+        raise ConfigFileError(f"config file {str(path)!r}: {' '.join(str(err).split())}") from err
+
+
+def _load_module_config(path: Path, variant: str) -> ExperimentConfig:
+    spec = importlib.util.spec_from_file_location(f"fedlora_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        if err.filename and Path(err.filename) != path:  # a module the config imports
+            raise ConfigFileError(f"config file {str(path)!r} failed to import: {_one_line(err)}") from err
+        where = f" at line {err.lineno}" if err.lineno else ""
+        raise ConfigFileError(f"config file {str(path)!r} is not valid Python ({type(err).__name__}{where}: "
+                              f"{' '.join(str(err.msg).split())}); expected {CONFIG_EXPECTED}") from err
+    except Exception as err:
+        raise ConfigFileError(f"config file {str(path)!r} failed to import{_line_in(err, path)}: {_one_line(err)}"
+                              ) from err
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        raise ConfigFileError(f"config file {str(path)!r} defines no get_config(variant); expected {CONFIG_EXPECTED}")
+    if not callable(get_config):
+        raise ConfigFileError(f"config file {str(path)!r}: get_config is not a function (got "
+                              f"{type(get_config).__name__}); expected {CONFIG_EXPECTED}")
+    try:
+        cfg = get_config(variant)
+    except Exception as err:
+        raise ConfigFileError(f"config file {str(path)!r}: get_config({variant!r}) failed{_line_in(err, path)}: "
+                              f"{_one_line(err)}") from err
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigFileError(f"config file {str(path)!r}: get_config({variant!r}) returned a "
+                              f"{type(cfg).__name__}, expected an ExperimentConfig")
+    return cfg
+
+
 def load_config(path: str | Path, *, variant: str = "full", overrides: list[str] | None = None
                 ) -> ExperimentConfig:
     """Load ``get_config(variant)`` from a config module file, then apply overrides.
 
-    A ``.json`` file is read as a plain dict instead (keys checked the same way).
+    A ``.json`` file is read as a plain dict instead (keys checked the same way). Anything else
+    (another suffix, a module that does not import, no ``get_config``, a ``get_config`` that
+    raises or returns something else) raises :class:`ConfigFileError` (a ``ValueError``) with a
+    one-line message naming the file and what was expected; a missing file raises
+    ``FileNotFoundError``.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigFileError(f"config file {str(path)!r} is not a file; expected {CONFIG_EXPECTED}")
     if path.suffix == ".json":
-        cfg = from_dict(json.loads(path.read_text()))
+        cfg = _load_json_config(path)
+    elif path.suffix == ".py":
+        cfg = _load_module_config(path, variant)
     else:
-        spec = importlib.util.spec_from_file_location(f"fedlora_config_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ValueError(f"config file {str(path)!r} defines no get_config(variant)")
-        cfg = module.get_config(variant)
-        if not isinstance(cfg, ExperimentConfig):
-            raise TypeError(f"{path}: get_config must return ExperimentConfig, got {type(cfg).__name__}")
+        raise ConfigFileError(f"config file {str(path)!r} is not a .py or .json file; expected {CONFIG_EXPECTED}")
     return apply_overrides(cfg, overrides)

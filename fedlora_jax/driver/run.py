@@ -37,6 +37,7 @@ from fedlora_jax.aggregation import round_bytes
 from fedlora_jax.algorithms import AlgoContext, RoundReport, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.lock import RunLock
 from fedlora_jax.driver.tasks import classification_task, client_accuracies, make_evaluate
 from fedlora_jax.federated import ServerState, effective_base, init_server_state, make_round, make_spec, round_key
 from fedlora_jax.federated.memory import (
@@ -353,9 +354,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
       quiet: no progress output.
       stop_after: stop after this many rounds in this call (testing / preemption drills).
       cache_dir: tokenization cache (default ``~/.cache/fedlora_jax``).
+
+    ``out_dir`` is locked (:class:`~fedlora_jax.driver.lock.RunLock`) from before anything is
+    written to it until this returns or raises: a second run on it raises ``RunLockedError``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out) as lock:
+        if lock.took_over is not None:
+            _log(f"took over the stale lock of {out} ({lock.stale_reason})", quiet=quiet)
+        return _run_locked(cfg, out, resume=resume, quiet=quiet, stop_after=stop_after, cache_dir=cache_dir)
+
+
+def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, stop_after: int | None,
+                cache_dir: Path | None) -> dict:
+    """The body of :func:`run_experiment`, run while ``out`` is locked."""
     metrics_path = out / "metrics.jsonl"
     ckpt_dir = out / "checkpoints"
     if not resume and (ckpt.latest_round(ckpt_dir) is not None or metrics_path.exists()):
