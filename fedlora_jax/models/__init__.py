@@ -22,7 +22,7 @@ from fedlora_jax.models.loading import (
     load_tokenizer,
     resolve_model_dir,
 )
-from fedlora_jax.models.peft_io import export_peft, import_peft
+from fedlora_jax.models.peft_io import export_peft, import_peft, import_peft_head, peft_targets
 from fedlora_jax.models.switches import resolve_switches
 
 __all__ = [
@@ -35,9 +35,11 @@ __all__ = [
     "TargetInfo",
     "config_from_hf",
     "export_peft",
+    "peft_targets",
     "from_pretrained",
     "functional_forward",
     "import_peft",
+    "import_peft_head",
     "load_hf_weights",
     "load_tokenizer",
     "merge_lora_into_base",

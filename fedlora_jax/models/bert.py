@@ -7,7 +7,10 @@ classifier. No dropout (the frozen base is used deterministically; dropout of th
 is not modelled).
 
 Adapter module names (``"layer.{i}.{module}"``): ``query, key, value, attn_out, ffn_in,
-ffn_out``.
+ffn_out``. With ``pooling="pooler"`` the pooler's dense (``[D, D]``, HF ``pooler.dense``) is also
+adaptable under the key ``"layer.{L}.pooler"`` (``L = num_layers``: it runs after the last block),
+listed by :meth:`EncoderClassifier.pooler_targets`, not by ``adapter_targets`` (PEFT interop;
+the round machinery folds and schedules block modules only).
 
 Pooling (``EncoderConfig.pooling``):
   * ``"pooler"``: the checkpoint's BERT pooler (dense + tanh on the first token), frozen
@@ -36,6 +39,7 @@ from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, Targ
 Array = jax.Array
 
 MODULES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+POOLER_MODULE = "pooler"
 MODEL_TYPES = ("bert", "roberta")
 POOLINGS = ("pooler", "cls", "mean")
 _GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
@@ -219,6 +223,27 @@ class EncoderClassifier(nnx.Module):
         return common.layer_targets(self.layers, MODULES, modules, layers,
                                     lambda i, m: f"{prefix}encoder.layer.{i}.{_HF_SUFFIX[m]}")
 
+    def pooler_targets(self) -> dict[str, TargetInfo]:
+        """``{"layer.{L}.pooler": TargetInfo(L, "pooler", D, D, "<prefix>pooler.dense")}`` with
+        ``L = num_layers``: the pooler's dense as an adapter target (the HF ``pooler.dense``).
+
+        Raises ``ValueError`` unless the model pools with the pooler (``pooling="pooler"``)."""
+        cfg = self.config
+        if self.pooler is None:
+            raise ValueError(f"the pooler is an adapter target only with pooling='pooler'; this model pools "
+                             f"with {cfg.pooling!r}: load it with from_pretrained(..., pooling='pooler')")
+        prefix = "roberta." if cfg.model_type == "roberta" else "bert."
+        n = cfg.num_layers
+        return {f"layer.{n}.{POOLER_MODULE}": TargetInfo(n, POOLER_MODULE, self.pooler.in_features,
+                                                         self.pooler.out_features, f"{prefix}pooler.dense")}
+
+    def _checked_targets(self) -> dict[str, TargetInfo]:
+        """Every key a call accepts: :meth:`adapter_targets` plus the pooler (when used)."""
+        targets = self.adapter_targets()
+        if self.pooler is not None:
+            targets.update(self.pooler_targets())
+        return targets
+
     def position_ids(self, input_ids: Array) -> Array:
         """BERT: ``0..T-1``. RoBERTa: ``cumsum(ids != pad) * (ids != pad) + pad`` (``[B, T]``)."""
         cfg = self.config
@@ -240,7 +265,7 @@ class EncoderClassifier(nnx.Module):
         cfg = self.config
         common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
         common.check_grad_cut(grad_cut_layer, cfg.num_layers)
-        common.check_adapters(self.adapter_targets(), lora, masks)
+        common.check_adapters(self._checked_targets(), lora, masks)
         dt = cfg.dtype
         h = (self.word_embeddings(input_ids, dtype=jnp.float32)
              + self.position_embeddings(self.position_ids(input_ids), dtype=jnp.float32)
@@ -252,8 +277,10 @@ class EncoderClassifier(nnx.Module):
                               last_query_rows=1 if first_token_only else None)
         return h
 
-    def pool(self, hidden: Array, attention_mask: Array) -> Array:
-        """``[B, T, D] -> [B, D]`` float32 by ``config.pooling``."""
+    def pool(self, hidden: Array, attention_mask: Array, *, lora: LoraTree | None = None,
+             masks: MaskTree | None = None, scale=1.0) -> Array:
+        """``[B, T, D] -> [B, D]`` float32 by ``config.pooling``; with ``"pooler"`` the adapter
+        ``lora["layer.{L}.pooler"]`` (if present) adapts the pooler's dense."""
         pooling = self.config.pooling
         if pooling == "mean":
             m = (attention_mask != 0).astype(jnp.float32)[..., None]
@@ -262,7 +289,10 @@ class EncoderClassifier(nnx.Module):
         first = hidden[:, 0]
         if pooling == "cls":
             return first.astype(jnp.float32)
-        return jnp.tanh(self.pooler(first, dtype=self.config.dtype).astype(jnp.float32))
+        adapter = AdapterCall(lora, masks, scale)
+        key = f"layer.{self.config.num_layers}.{POOLER_MODULE}"
+        return jnp.tanh(self.pooler(first, dtype=self.config.dtype, key=key,
+                                    adapter=adapter).astype(jnp.float32))
 
     def __call__(self, input_ids: Array, attention_mask: Array, *,
                  lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0,
@@ -273,7 +303,7 @@ class EncoderClassifier(nnx.Module):
         h = self.encode(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
                         grad_cut_layer=grad_cut_layer, remat=remat,
                         first_token_only=cfg.cls_shortcut and cfg.pooling in ("cls", "pooler"))
-        return self.head(self.pool(h, attention_mask))
+        return self.head(self.pool(h, attention_mask, lora=lora, masks=masks, scale=scale))
 
 
 # ------------------------------------------------------------------ Hugging Face key table
