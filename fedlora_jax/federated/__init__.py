@@ -1,5 +1,13 @@
-"""The federated round: client specs, client update, one-jit round, sharding helpers."""
+"""The federated round: client specs, client update, one-jit round, sharding helpers, memory."""
 
+from fedlora_jax.federated.memory import (
+    MemoryBudgetError,
+    MemoryEstimate,
+    choose_chunk_size,
+    cpu_cache_chunk_cap,
+    device_memory_bytes,
+    estimate_round_memory,
+)
 from fedlora_jax.federated.round import (
     ClientOutput,
     RoundFn,
@@ -17,13 +25,19 @@ from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec, num_c
 __all__ = [
     "ClientOutput",
     "ClientSpec",
+    "MemoryBudgetError",
+    "MemoryEstimate",
     "RoundFn",
     "RoundSettings",
     "ServerState",
     "Task",
+    "choose_chunk_size",
     "client_mesh",
     "client_update",
+    "cpu_cache_chunk_cap",
+    "device_memory_bytes",
     "effective_base",
+    "estimate_round_memory",
     "init_server_state",
     "make_round",
     "make_spec",
@@ -31,22 +45,4 @@ __all__ = [
     "pad_clients",
     "round_key",
     "shard_base",
-]
-
-from fedlora_jax.federated.memory import (  # noqa: E402
-    MemoryBudgetError,
-    MemoryEstimate,
-    choose_chunk_size,
-    cpu_cache_chunk_cap,
-    device_memory_bytes,
-    estimate_round_memory,
-)
-
-__all__ += [
-    "MemoryBudgetError",
-    "MemoryEstimate",
-    "choose_chunk_size",
-    "cpu_cache_chunk_cap",
-    "device_memory_bytes",
-    "estimate_round_memory",
 ]
