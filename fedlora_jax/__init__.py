@@ -10,6 +10,7 @@ Subpackages (see ``docs/architecture.md`` for the contracts):
 - ``federated``: ``ClientSpec``, client update, the one-jit round, sharding.
 - ``devices``: device profiles and the cost model.
 - ``models``, ``data``, ``driver`` (loaded on first use: they import transformers/datasets).
+- ``testing``: the aggregator conformance battery, ``check_aggregator`` (loaded on first use).
 """
 
 import importlib
@@ -21,7 +22,7 @@ from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "data", "driver", "kernels")
+_LAZY = ("models", "data", "driver", "kernels", "testing")
 
 
 def __getattr__(name):
@@ -51,4 +52,5 @@ __all__ = [
     "lora",
     "make_round",
     "models",
+    "testing",
 ]

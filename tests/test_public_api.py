@@ -9,7 +9,7 @@ import fedlora_jax
 PUBLIC = {
     "fedlora_jax": {"Aggregator", "ClientSpec", "LoraFactors", "LoraTree", "MaskTree", "ServerState", "__version__",
                     "aggregation", "algorithms", "data", "devices", "driver", "federated", "get_aggregator",
-                    "importance", "kernels", "linalg", "lora", "make_round", "models"},
+                    "importance", "kernels", "linalg", "lora", "make_round", "models", "testing"},
     "fedlora_jax.lora": {"LoraFactors", "apply", "apply_merged", "apply_stacked", "merge", "unmerge", "init", "rank_mask",
                          "rank_masks", "count_params", "count_bytes", "apply_masks", "delta"},
     "fedlora_jax.linalg": {"SVDResult", "lowrank_svd", "stacked_lowrank_svd", "dense_svd", "randomized_svd",
@@ -28,6 +28,13 @@ PUBLIC = {
     "fedlora_jax.driver": {"ExperimentConfig", "run_experiment", "load_config", "evaluate_run", "export_run_peft"},
     "fedlora_jax.devices": {"DeviceProfile", "PROFILES", "ModelShape", "client_flops", "client_time",
                             "client_energy", "client_memory", "round_time", "load_profiles"},
+    "fedlora_jax.testing": {"ALL_CHECKS", "DEFAULT_SHAPES", "Case", "assert_trees_close", "check_aggregator",
+                            "check_all_zero_weights_keep_global", "check_contract", "check_distribute",
+                            "check_grad_matches_finite_differences", "check_identical_clients",
+                            "check_jit_matches_eager", "check_masked_slots_do_not_leak",
+                            "check_permutation_invariance", "check_shapes_and_dtypes", "check_vmap_over_rounds",
+                            "check_weight_scale_invariance", "check_zero_weight_clients", "default_ranks",
+                            "make_case"},
 }
 
 
@@ -48,3 +55,4 @@ def test_top_level_all_is_exact():
 def test_lazy_subpackages_resolve():
     assert fedlora_jax.models.from_pretrained is not None
     assert fedlora_jax.data.dirichlet_partition is not None
+    assert fedlora_jax.testing.check_aggregator is not None
