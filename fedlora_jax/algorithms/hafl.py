@@ -37,7 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import aggregation as agg_lib
-from fedlora_jax.algorithms.base import AlgoContext, Algorithm, ClientOptions, ClientPlan, ClientStateRule
+from fedlora_jax.algorithms import rank_rules
+from fedlora_jax.algorithms.base import (
+    AlgoContext,
+    Algorithm,
+    ClientOptions,
+    ClientPlan,
+    ClientStateRule,
+    prefix_plan_masks,
+)
+from fedlora_jax.importance import per_client_topk
 
 IMPORTANCE = {"sensitivity": False, "sensitivity_uncertainty": True}  # -> ClientOptions.uncertainty
 
@@ -91,17 +100,15 @@ def owner_mean_scores(client_scores, masks, weights, prev, *, beta: float = 0.0)
     return out
 
 
-def _top_masks(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """``[C, R]`` masks of each row's top-``ranks[c]`` entries (stable: ties to the lower slot)."""
-    order = np.argsort(-scores, axis=-1, kind="stable")
-    pos = np.argsort(order, axis=-1, kind="stable")
-    return (pos < ranks[:, None]).astype(np.float32)
+def _top_masks(scores, ranks: np.ndarray) -> np.ndarray:
+    """``[C, R]`` host masks of each row's top-``ranks[c]`` entries (ties to the lower slot)."""
+    return np.asarray(per_client_topk(jnp.asarray(scores), jnp.asarray(ranks)))
 
 
 def _start_masks(init: str, ranks: np.ndarray, client_ids: np.ndarray, r_max: int, seed: int,
                  round_idx: int) -> np.ndarray:
     if init == "prefix":
-        return (np.arange(r_max)[None, :] < ranks[:, None]).astype(np.float32)
+        return prefix_plan_masks(ranks, r_max)
     draws = np.stack([np.random.default_rng([seed, round_idx, 3, int(c)]).random(r_max) for c in client_ids])
     return _top_masks(draws, ranks)
 
@@ -173,8 +180,8 @@ def build(ctx: AlgoContext, *, mode: str = "freeze", first_round_init: str = "pr
             m = _start_masks(first_round_init, ranks, ids, r_max, ctx.seed, round_idx)
             masks = {k: m for k in keys}
         else:
-            masks = {k: _top_masks(np.broadcast_to(np.asarray(state.algo.global_scores[k]), (len(ids), r_max)),
-                                   ranks) for k in keys}
+            masks = {k: np.asarray(v) for k, v in
+                     rank_rules.hafl_truncation_masks(state.algo.global_scores, jnp.asarray(ranks)).items()}
         return ClientPlan(masks, masks)
 
     return Algorithm(name="hafl", aggregator=aggregator, plan=plan, client=client, init=init,

@@ -574,7 +574,7 @@ def build(ctx, *, r_min: int = 1, rho: float = 0.8, placement: str = "top", dead
       slope: ramp slope (:func:`rank_ramp`).
     """
     from fedlora_jax import aggregation as agg_lib
-    from fedlora_jax.algorithms.base import Algorithm, ClientPlan
+    from fedlora_jax.algorithms.base import Algorithm, ClientPlan, prefix_plan_masks
 
     if not ctx.device_profiles or ctx.model_shape is None:
         raise ValueError("legend needs the device profiles and the model shape in its AlgoContext")
@@ -610,8 +610,7 @@ def build(ctx, *, r_min: int = 1, rho: float = 0.8, placement: str = "top", dead
         del round_idx
         per_device = np.stack([np.asarray(c.ranks, np.int64) for c in plan_for(state.algo).configs])  # [D, L]
         layer_ranks = per_device[ctx.client_devices[np.asarray(client_ids)]]                         # [C, L]
-        masks = {k: (np.arange(r_max)[None, :] < layer_ranks[:, ctx.layer_of_key[k], None]).astype(np.float32)
-                 for k in keys}
+        masks = {k: prefix_plan_masks(layer_ranks[:, ctx.layer_of_key[k]], r_max) for k in keys}
         return ClientPlan(masks, masks, (layer_ranks > 0).astype(np.float32))
 
     def observe(algo_state, report):
