@@ -72,6 +72,7 @@ __all__ = [
     "check_weight_scale_invariance",
     "check_zero_weight_clients",
     "default_ranks",
+    "float64_enabled",
     "make_case",
 ]
 
@@ -449,7 +450,8 @@ def check_distribute(agg: Aggregator, *, client: int = 1, seed: int = 0, **case_
 
 
 @contextlib.contextmanager
-def _x64():
+def float64_enabled():
+    """Context manager: ``jax_enable_x64`` on inside, the previous setting restored on exit."""
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
@@ -465,7 +467,7 @@ def check_grad_matches_finite_differences(agg: Aggregator, *, seed: int = 3, h: 
     differences (step ``h``), for all arguments together and for the weights alone."""
     kw = _case_kw(case_kw)
     kw.pop("dtype", None)
-    with _x64():
+    with float64_enabled():
         glob, clients, w, masks, extras = make_case(seed, dtype=jnp.float64, **kw)
         keys = tuple(glob)
         state = agg.init(glob)

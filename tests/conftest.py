@@ -1,7 +1,8 @@
 """Shared test fixtures: float64 mode on demand, tolerances written down once per dtype."""
 
-import jax
 import pytest
+
+from fedlora_jax.testing import float64_enabled
 
 # Tolerances per dtype, used across the suite (absolute, relative).
 TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2), "float64": (1e-10, 1e-10)}
@@ -10,9 +11,5 @@ TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2), "float64": (1e-10, 1e-
 @pytest.fixture
 def x64():
     """Enable float64 for one test and restore the previous setting afterwards."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with float64_enabled():
         yield
-    finally:
-        jax.config.update("jax_enable_x64", old)

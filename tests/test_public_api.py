@@ -28,7 +28,7 @@ PUBLIC = {
     "fedlora_jax.driver": {"ExperimentConfig", "run_experiment", "load_config", "evaluate_run", "export_run_peft"},
     "fedlora_jax.devices": {"DeviceProfile", "PROFILES", "ModelShape", "client_flops", "client_time",
                             "client_energy", "client_memory", "round_time", "load_profiles"},
-    "fedlora_jax.testing": {"ALL_CHECKS", "DEFAULT_SHAPES", "Case", "assert_trees_close", "check_aggregator",
+    "fedlora_jax.testing": {"float64_enabled", "ALL_CHECKS", "DEFAULT_SHAPES", "Case", "assert_trees_close", "check_aggregator",
                             "check_all_zero_weights_keep_global", "check_contract", "check_distribute",
                             "check_grad_matches_finite_differences", "check_identical_clients",
                             "check_jit_matches_eager", "check_masked_slots_do_not_leak",

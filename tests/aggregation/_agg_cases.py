@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import aggregation as ag
-from fedlora_jax.lora import LoraFactors
+from fedlora_jax import testing as kit
 
 SCALE = 0.5
 # module -> (leading dims, N, M). One module has a leading layer axis L=2.
@@ -54,51 +54,14 @@ def build(cfg):
     return ag.get_aggregator(name, **hp)
 
 
-def prefix_masks(ranks, lead, r=R, dtype=jnp.float32):
-    m = (np.arange(r)[None, :] < np.asarray(ranks)[:, None]).astype(np.float32)  # [C, R]
-    m = m.reshape((len(ranks),) + (1,) * len(lead) + (r,))
-    return jnp.asarray(np.broadcast_to(m, (len(ranks),) + lead + (r,)), dtype)
-
-
 def make_case(seed=0, *, ranks=RANKS, with_e=False, dtype=jnp.float32, garbage=0.0, nan=False,
               identical=False):
-    """Global tree, client stack, raw weights, masks, extras. Masked slots of clients hold
-    ``garbage`` (random of that size) or NaN when ``nan``; real slots are random."""
-    rng = np.random.default_rng(seed)
-    junk = np.random.default_rng(seed + 1000)
-    c = len(ranks)
-    glob, clients, masks, scores = {}, {}, {}, {}
-    for k, (lead, n, m) in MODULES.items():
-        ga = rng.normal(size=lead + (n, R))
-        gb = rng.normal(size=lead + (R, m))
-        ge = rng.uniform(0.5, 1.5, size=lead + (R,)) if with_e else None
-        ca = rng.normal(size=(c,) + lead + (n, R))
-        cb = rng.normal(size=(c,) + lead + (R, m))
-        ce = rng.uniform(0.5, 1.5, size=(c,) + lead + (R,)) if with_e else None
-        if identical:
-            ca[:] = ca[:1]
-            cb[:] = cb[:1]
-            if with_e:
-                ce[:] = ce[:1]
-        mk = np.asarray(prefix_masks(ranks, lead))
-        if garbage or nan:
-            fill = (lambda s: np.full(s, np.nan)) if nan else (lambda s: garbage * junk.normal(size=s))
-            ca = np.where(mk[..., None, :] > 0, ca, fill(ca.shape))
-            cb = np.where(mk[..., :, None] > 0, cb, fill(cb.shape))
-            if with_e:
-                ce = np.where(mk > 0, ce, fill(ce.shape))
-        else:
-            ca = ca * mk[..., None, :]
-            cb = cb * mk[..., :, None]
-            if with_e:
-                ce = ce * mk
-        cast = lambda x: None if x is None else jnp.asarray(x, dtype)
-        glob[k] = LoraFactors(cast(ga), cast(gb), cast(ge))
-        clients[k] = LoraFactors(cast(ca), cast(cb), cast(ce))
-        masks[k] = jnp.asarray(mk)
-        scores[k] = jnp.asarray(rng.uniform(0.1, 1.0, size=mk.shape) * mk, jnp.float32)
-    weights = jnp.asarray(rng.uniform(1.0, 5.0, size=c), jnp.float32)
-    return glob, clients, weights, masks, {"scores": scores}
+    """Global tree, client stack, raw weights, masks, extras (``fedlora_jax.testing.make_case`` on
+    :data:`MODULES`). Masked slots of clients hold ``garbage`` (random of that size) or NaN when
+    ``nan``; real slots are random."""
+    shapes = {k: lead + (n, m) for k, (lead, n, m) in MODULES.items()}
+    return tuple(kit.make_case(seed, ranks=ranks, r_max=R, shapes=shapes, with_e=with_e, dtype=dtype,
+                               garbage=garbage, nan=nan, identical=identical))
 
 
 def to_np(tree):
