@@ -2,7 +2,8 @@
 
 Factories (optax style; each returns an :class:`Aggregator` of pure functions):
 ``fedit``, ``zero_padding`` (= ``hetlora``), ``replication_padding``, ``rank1_adaptive``
-(HAFL), ``flexlora``, ``flora``, ``fedex_lora``, ``ffa_lora``, ``fedsa_lora``, ``fedara``.
+(HAFL), ``flexlora``, ``flora``, ``fedex_lora``, ``ffa_lora``, ``fedsa_lora``, ``fedara``, ``mixed_padding``
+(zero <-> replication padding, with learnable per-slot hyperparameters).
 By name: ``get_aggregator("flexlora", split="sqrt")``; all names in ``AGGREGATORS``.
 """
 
@@ -22,6 +23,7 @@ from fedlora_jax.aggregation.base import (
     round_bytes,
 )
 from fedlora_jax.aggregation.frozen import fedsa_lora, ffa_lora
+from fedlora_jax.aggregation.mixed import PaddingHyper, mixed_padding
 from fedlora_jax.aggregation.padding import (
     fedara,
     fedit,
@@ -41,6 +43,7 @@ __all__ = [
     "ALIASES",
     "PART_TOKENS",
     "Aggregator",
+    "PaddingHyper",
     "BaseDeltaState",
     "EmptyState",
     "ScoreState",
@@ -59,6 +62,7 @@ __all__ = [
     "hetlora_prune_masks",
     "hetlora_prune_regularizer",
     "hetlora_tail_norm",
+    "mixed_padding",
     "product_fro_norm",
     "rank1_adaptive",
     "register",

@@ -49,6 +49,9 @@ class Aggregator(NamedTuple):
       uplink_parts: what a client sends (tokens of :data:`PART_TOKENS`).
       downlink_parts: what a client receives.
       name: registry name.
+      reads_hyper: ``aggregate`` reads ``extras["hyper"]``, server hyperparameters passed as
+        arrays by the round (:class:`~fedlora_jax.federated.ServerHyper`); the round refuses
+        them for an aggregator that would ignore them.
     """
 
     init: Callable[..., Any]
@@ -57,6 +60,7 @@ class Aggregator(NamedTuple):
     uplink_parts: tuple[str, ...]
     downlink_parts: tuple[str, ...]
     name: str
+    reads_hyper: bool = False
 
 
 class EmptyState(NamedTuple):

@@ -1,5 +1,7 @@
-"""The federated round: client specs, client update, one-jit round, sharding helpers, memory."""
+"""The federated round: client specs, client update, one-jit round, sharding helpers, memory,
+and gradients through whole rounds (:mod:`~fedlora_jax.federated.hypergrad`)."""
 
+from fedlora_jax.federated.hypergrad import RoundInputs, run_rounds, with_client_weights
 from fedlora_jax.federated.memory import (
     MemoryBudgetError,
     MemoryEstimate,
@@ -13,6 +15,8 @@ from fedlora_jax.federated.round import (
     RoundFn,
     RoundSettings,
     Task,
+    check_hyper,
+    check_round_inputs,
     client_update,
     effective_base,
     init_server_state,
@@ -20,7 +24,7 @@ from fedlora_jax.federated.round import (
     round_key,
 )
 from fedlora_jax.federated.sharding import client_mesh, shard_base
-from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec, num_clients, pad_clients
+from fedlora_jax.federated.spec import ClientSpec, ServerHyper, ServerState, make_spec, num_clients, pad_clients
 
 __all__ = [
     "ClientOutput",
@@ -28,10 +32,14 @@ __all__ = [
     "MemoryBudgetError",
     "MemoryEstimate",
     "RoundFn",
+    "RoundInputs",
     "RoundSettings",
+    "ServerHyper",
     "ServerState",
     "Task",
     "choose_chunk_size",
+    "check_hyper",
+    "check_round_inputs",
     "client_mesh",
     "client_update",
     "cpu_cache_chunk_cap",
@@ -44,5 +52,7 @@ __all__ = [
     "num_clients",
     "pad_clients",
     "round_key",
+    "run_rounds",
     "shard_base",
+    "with_client_weights",
 ]

@@ -33,7 +33,7 @@ import optax
 from fedlora_jax import importance as imp
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.algorithms.base import Algorithm, ClientOptions, RoundOutputs, from_aggregator
-from fedlora_jax.federated.spec import ClientSpec, ServerState, pad_clients
+from fedlora_jax.federated.spec import ClientSpec, ServerHyper, ServerState, pad_clients
 
 Array = jax.Array
 
@@ -199,10 +199,20 @@ def _weighted_mean(stacked, weights, fallback):
     w = weights / jnp.maximum(tot, 1e-30)
 
     def avg(x, old):
-        new = jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype)
+        cd = jnp.promote_types(x.dtype, jnp.float32)
+        new = jnp.tensordot(w.astype(cd), x.astype(cd), axes=1).astype(x.dtype)
         return jnp.where(tot > 0, new, old)
 
     return jax.tree.map(avg, stacked, fallback)
+
+
+def _server_step(new, old, lr):
+    """``old + lr * (new - old)`` leafwise, in ``promote(dtype, float32)``."""
+    def step(n, o):
+        cd = jnp.promote_types(n.dtype, jnp.float32)
+        return (o.astype(cd) + jnp.asarray(lr, cd) * (n.astype(cd) - o.astype(cd))).astype(n.dtype)
+
+    return jax.tree.map(step, new, old)
 
 
 def _per_client(flag, x):
@@ -278,11 +288,13 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         ``[C, ...]``): diagnostics such as a client's accuracy before aggregation.
 
     Returns:
-      a :class:`RoundFn`: ``round_fn(server_state, client_batches, client_specs, key, base)
-      -> (state, metrics)`` where ``client_batches`` leaves are ``[C, S, B, ...]``,
+      a :class:`RoundFn`: ``round_fn(server_state, client_batches, client_specs, key, base,
+      hyper=None) -> (state, metrics)`` where ``client_batches`` leaves are ``[C, S, B, ...]``,
       ``client_specs`` a stacked :class:`ClientSpec`, ``key`` the *round* key
       (``fold_in(seed_key, round)``; client keys are ``fold_in(key, client_id)``), ``base``
-      the frozen model parameters.
+      the frozen model parameters, ``hyper`` an optional :class:`~fedlora_jax.federated.ServerHyper`
+      (server hyperparameters as arrays: the round is differentiable with respect to them
+      and to ``client_specs.weight``; see :mod:`fedlora_jax.federated.hypergrad`).
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -341,17 +353,21 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         outs, starts = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (batches_p, specs_p, own_p)))
         return jax.tree.map(lambda x: x.reshape((c_pad,) + x.shape[2:])[:c], (outs, starts))
 
-    def impl(state: ServerState, batches, specs: ClientSpec, key, base):
+    def impl(state: ServerState, batches, specs: ClientSpec, key, base, hyper=None):
         traces[0] += 1
         base_eff = effective_base(task, base, state.agg_state)
         own = _gather_clients(state.clients, specs.client_id) if rule is not None else ()
         outs, starts = train(state, batches, specs, own, key, base_eff)
         client_lora, client_head, weights, norms, finite = _screen(outs, starts, state.head, specs.weight, settings)
 
-        extras = {"scores": outs.scores} if algo.client.track_importance else None
+        extras = {"scores": outs.scores} if algo.client.track_importance else {}
+        if hyper is not None and hyper.aggregation is not None:
+            extras["hyper"] = hyper.aggregation
         new_lora, new_agg = aggregator.aggregate(state.lora, client_lora, weights, specs.update_masks,
-                                                 state.agg_state, extras=extras)
+                                                 state.agg_state, extras=extras or None)
         new_head = _weighted_mean(client_head, weights, state.head)
+        if hyper is not None and hyper.server_lr is not None:
+            new_lora, new_head = _server_step((new_lora, new_head), (state.lora, state.head), hyper.server_lr)
         new_clients = state.clients
         if rule is not None:
             screened = outs._replace(lora=client_lora, head=client_head)
@@ -384,7 +400,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         return new_state, metrics
 
     jitted = jax.jit(impl, donate_argnums=(0,) if donate else ())
-    return RoundFn(jitted, traces, settings, algo, mesh)
+    return RoundFn(jitted, traces, settings, algo, mesh, donates=bool(donate))
 
 
 def check_round_inputs(state: ServerState, specs: ClientSpec) -> None:
@@ -417,6 +433,20 @@ def check_round_inputs(state: ServerState, specs: ClientSpec) -> None:
                              "state the server keeps (ids must be in [0, num_clients))")
 
 
+def check_hyper(hyper: ServerHyper | None, aggregator) -> None:
+    """Refuse server hyperparameters the round would ignore (host-side, before tracing)."""
+    if hyper is None:
+        return
+    if not isinstance(hyper, ServerHyper):
+        raise TypeError(f"hyper must be a ServerHyper or None, got {type(hyper).__name__}")
+    if hyper.aggregation is not None and not aggregator.reads_hyper:
+        raise ValueError(f"aggregator {aggregator.name!r} does not read server hyperparameters "
+                         "(ServerHyper.aggregation would be ignored); use one whose reads_hyper is true, "
+                         "e.g. mixed_padding")
+    if hyper.server_lr is not None and jnp.ndim(hyper.server_lr) != 0:
+        raise ValueError(f"ServerHyper.server_lr must be a scalar, got shape {jnp.shape(hyper.server_lr)}")
+
+
 class RoundFn:
     """A compiled federated round: ``round_fn(state, batches, specs, key, base)``.
 
@@ -424,18 +454,21 @@ class RoundFn:
       jitted: the ``jax.jit`` function (``.lower(...)`` for cost analysis).
       settings: the :class:`RoundSettings`.
       algorithm: the :class:`~fedlora_jax.algorithms.Algorithm` it runs.
+      donates: whether the server state is donated (then it cannot be differentiated through).
     """
 
-    def __init__(self, jitted, traces, settings: RoundSettings, algorithm: Algorithm, mesh):
+    def __init__(self, jitted, traces, settings: RoundSettings, algorithm: Algorithm, mesh, donates: bool = False):
         self.jitted, self._traces, self.settings, self.algorithm, self._mesh = jitted, traces, settings, algorithm, mesh
+        self.donates = donates
 
-    def __call__(self, server_state, client_batches, client_specs, key, base):
+    def __call__(self, server_state, client_batches, client_specs, key, base, hyper: ServerHyper | None = None):
         check_round_inputs(server_state, client_specs)
+        check_hyper(hyper, self.algorithm.aggregator)
         if self._mesh is not None:
             use_mesh = jax.sharding.use_mesh if hasattr(jax.sharding, "use_mesh") else (lambda m: m)
             with use_mesh(self._mesh):
-                return self.jitted(server_state, client_batches, client_specs, key, base)
-        return self.jitted(server_state, client_batches, client_specs, key, base)
+                return self.jitted(server_state, client_batches, client_specs, key, base, hyper)
+        return self.jitted(server_state, client_batches, client_specs, key, base, hyper)
 
     def trace_count(self) -> int:
         """How many times the round was traced (compiled); 1 in a healthy run."""

@@ -70,6 +70,26 @@ class ServerState(NamedTuple):
     clients: Any = ()
 
 
+class ServerHyper(NamedTuple):
+    """Server-side hyperparameters of a round passed as arrays, so ``jax.grad`` reaches them.
+
+    Give one to ``round_fn(..., hyper=ServerHyper(...))``; differentiate a loss of the round's
+    output with respect to it (:mod:`fedlora_jax.federated.hypergrad`). The per-client
+    aggregation weights are already arrays: ``ClientSpec.weight``.
+
+    Attributes:
+      server_lr: ``[]`` server step ``eta`` (FedAvg with server momentum-free mixing):
+        ``new = prev + eta * (aggregate - prev)`` on the adapter and the head; ``None`` = 1
+        (the aggregator's output as is).
+      aggregation: handed to the aggregator as ``extras["hyper"]`` (e.g.
+        :class:`~fedlora_jax.aggregation.PaddingHyper` for ``mixed_padding``), or ``None``.
+        Refused for an aggregator whose ``reads_hyper`` is false (it would be ignored).
+    """
+
+    server_lr: Any = None
+    aggregation: Any = None
+
+
 def num_clients(spec: ClientSpec) -> int:
     """Static number of clients ``C`` in a stacked spec."""
     return int(spec.weight.shape[0])

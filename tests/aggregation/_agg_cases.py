@@ -34,12 +34,13 @@ CONFIGS = [
     ("fedsa", "fedsa_lora", {}, False),
     ("fedara", "fedara", {"score_beta": 0.3}, True),
     ("fedara_zero_pad", "fedara", {"averaging": "zero_pad"}, True),
+    ("mixed_padding", "mixed_padding", {"pad_mix": 0.4}, True),
 ]
 CONFIG_IDS = [c[0] for c in CONFIGS]
 # one configuration per registered name runs by default in the expensive tests; the variants
 # run there under ``-m slow``.
 PRIMARY = {"fedit", "hetlora", "rep_mean", "hafl_importance", "flexlora_sqrt_e", "flora", "fedex", "ffa",
-           "fedsa", "fedara"}
+           "fedsa", "fedara", "mixed_padding"}
 
 
 def params_marking_variants_slow():

@@ -93,7 +93,8 @@ def test_comm_rejects_bad_direction_and_masks():
 
 def test_registry_names_aliases_and_suggestions():
     assert set(ag.AGGREGATORS) == {"fedit", "zero_padding", "replication_padding", "rank1_adaptive", "flexlora",
-                                   "flora", "fedex_lora", "ffa_lora", "fedsa_lora", "fedara"}
+                                   "flora", "fedex_lora", "ffa_lora", "fedsa_lora", "fedara",
+                                   "mixed_padding"}
     assert ag.get_aggregator("HAFL").name == "rank1_adaptive"
     assert ag.get_aggregator("hetlora").name == "zero_padding"
     assert ag.get_aggregator("FedEx-LoRA", scale=0.5).name == "fedex_lora"
