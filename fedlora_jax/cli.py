@@ -16,7 +16,9 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, variant=args.variant, overrides=args.override)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     run_experiment(cfg, out, resume=args.resume, quiet=args.quiet, stop_after=args.stop_after)
-    if not args.no_plots:
+    if not args.no_plots and cfg.task == "causal_lm":
+        print("plots: skipped (the plots show accuracy; a causal-LM run logs perplexity)", file=sys.stderr)
+    elif not args.no_plots:
         for p in plot_run(out):
             print(f"wrote {p}", file=sys.stderr)
     print(str(out))

@@ -233,3 +233,97 @@ def tokenize(
     )
     info = CacheInfo(hit, path, key)
     return (result, info) if return_info else result
+
+
+# ------------------------------------------------------------- chat templates, label-word prompts
+
+#: Prompt of classification as generation (no chat template); the answer is ``" " + label word``.
+CLS_PROMPT_TEMPLATE = "Classify the text as one of: {choices}.\nText: {text}\nAnswer:"
+#: The user turn of the same prompt under a chat template (the answer is the assistant turn).
+CLS_CHAT_TEMPLATE = "Classify the text as one of: {choices}.\nText: {text}\nAnswer with the label only."
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """True when ``tokenizer`` has a chat template (``apply_chat_template`` would use one)."""
+    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
+
+
+def chat_prompt(tokenizer: Any, user: str) -> str:
+    """``user`` as one user turn under the tokenizer's chat template, with the generation prompt
+    (the assistant's turn opening) appended: the text the response follows."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def apply_chat_template(dataset: CausalLMDataset, tokenizer: Any, *, add_eos: bool = True) -> CausalLMDataset:
+    """Instruction data with each prompt wrapped in the tokenizer's chat template.
+
+    ``dataset.prompts`` are prefixes of ``dataset.texts``: the response is
+    ``text[len(prompt):]``; the new prompt is :func:`chat_prompt` of the old one and the new
+    text is ``new_prompt + response`` (+ the tokenizer's EOS token with ``add_eos``, so the
+    model learns to stop). Datasets without prompts (whole-text LM) and tokenizers without a
+    chat template are returned unchanged.
+    """
+    if dataset.prompts is None or not has_chat_template(tokenizer):
+        return dataset
+    eos = (getattr(tokenizer, "eos_token", None) or "") if add_eos else ""
+    prompts, texts = [], []
+    for text, prompt in zip(dataset.texts, dataset.prompts, strict=True):
+        if not text.startswith(prompt):
+            raise ValueError(f"prompt {prompt[:40]!r}... is not a prefix of its text {text[:40]!r}...")
+        p = chat_prompt(tokenizer, prompt.rstrip())
+        prompts.append(p)
+        texts.append(p + text[len(prompt):].lstrip() + eos)
+    return CausalLMDataset(texts, prompts)
+
+
+def _fit_text(tokenizer: Any, text: str, budget: int) -> str:
+    """``text`` cut to at most ``budget`` tokens (decoded back to a string)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= budget:
+        return text
+    return tokenizer.decode(ids[: max(budget, 0)])
+
+
+def classification_prompts(texts: list[str], label_names: list[str], tokenizer: Any, *, max_length: int,
+                           chat_template: bool = False) -> tuple[list[str], list[str]]:
+    """Prompts and label-word answers for classification as generation.
+
+    Each example's prompt asks for one of ``label_names`` (:data:`CLS_PROMPT_TEMPLATE`, or
+    :data:`CLS_CHAT_TEMPLATE` under the tokenizer's chat template when ``chat_template`` and
+    the tokenizer has one); the answer of class ``k`` is ``" " + label_names[k]`` (without a
+    chat template) or ``label_names[k]``. The text is cut (in tokens) so that prompt and the
+    longest answer fit in ``max_length`` tokens: the answer is never truncated away.
+
+    Returns ``(prompts [E], answers [K])``.
+    """
+    chat = chat_template and has_chat_template(tokenizer)
+    choices = ", ".join(label_names)
+    answers = [(n if chat else " " + n) for n in label_names]
+
+    def build(text: str) -> str:
+        if chat:
+            return chat_prompt(tokenizer, CLS_CHAT_TEMPLATE.format(choices=choices, text=text))
+        return CLS_PROMPT_TEMPLATE.format(choices=choices, text=text)
+
+    n_answer = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    overhead = len(tokenizer(build(""))["input_ids"])
+    budget = max_length - overhead - n_answer - 1
+    if budget < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for the text: the prompt template takes "
+                         f"{overhead} tokens and the longest label word {n_answer}")
+    return [build(_fit_text(tokenizer, t, budget)) for t in texts], answers
+
+
+def tokenize_choices(prompts: list[str], answers: list[str], tokenizer: Any, *, max_length: int,
+                     cache_dir: str | os.PathLike | None = None) -> TokenizedDataset:
+    """Every prompt with every candidate answer: arrays ``[E, K, T]`` (``K = len(answers)``).
+
+    Candidate ``k`` of example ``e`` is ``prompts[e] + answers[k]`` with labels
+    :data:`IGNORE_INDEX` except on the answer tokens (the layout :func:`tokenize` gives
+    instruction data).
+    """
+    e, k = len(prompts), len(answers)
+    flat = CausalLMDataset([p + a for p in prompts for a in answers], [p for p in prompts for _ in answers])
+    tok = tokenize(flat, tokenizer, max_length=max_length, cache_dir=cache_dir)
+    return TokenizedDataset(*(x.reshape(e, k, max_length) for x in tok))

@@ -23,7 +23,16 @@ from fedlora_jax.algorithms.registry import ALIASES, BUILDERS, canonical_name
 
 #: Registered algorithm names (aliases such as ``fedavg`` are accepted too), from the registry.
 ALGORITHMS = tuple(BUILDERS)
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
+#: What is trained: an encoder classifier, a causal LM, or classification as generation on an LM.
+TASKS = ("classification", "causal_lm", "cls_generation")
+LM_LOSSES = ("all", "response")
+#: Datasets that come with their clients (``partition="natural"``).
+NATURAL_DATASETS = ("shakespeare",)
+#: Fields added after configs were first fingerprinted: left out of the fingerprint while they
+#: hold their default, so runs checkpointed before they existed still resume.
+_LATE_FIELDS = ("task", "lm_loss", "chat_template", "generate_samples", "generate_max_new_tokens",
+                "generate_temperature", "natural_min_lines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,23 @@ class ExperimentConfig:
       forward), norm_barrier and merged_lora (the models' exact CPU speed-ups, ``auto | on |
       off``, see :mod:`fedlora_jax.models.switches`; ``auto`` is resolved when the model is
       built and the resolved choice is written to ``summary.json``).
+    Task (``task``):
+      ``"classification"``: an encoder classifier (``labels [B]``). ``"causal_lm"``: next-token
+        fine-tuning of a decoder (Llama / Qwen2 / GPT-2) on ``dataset``: a local jsonl/text
+        folder read by :func:`fedlora_jax.data.load_causal_lm` (whole texts, or instruction /
+        response pairs) or ``"shakespeare"`` (one client per role with ``partition="natural"``;
+        ``num_clients`` of them are used, each with its own held-out texts;
+        ``natural_min_lines``: the fewest lines a role needs to be a client). Metrics are the
+        mean token NLL, perplexity and next-token accuracy. ``"cls_generation"``: a labelled
+        dataset (``sst2``, ``agnews``, ...) on a decoder: each example becomes a prompt asking
+        for the label and the label word as the answer (loss on the answer tokens only);
+        accuracy = the label word of highest log-likelihood given the prompt.
+      lm_loss: ``"response"`` (instruction data: prompt tokens carry no loss) or ``"all"``
+        (every token of the text is a target). Causal LM only.
+      chat_template: wrap prompts in the tokenizer's chat template (when it has one).
+      generate_samples: at the end, generate from this many test prompts (instruction prompts,
+        or the first half of a test text) into ``samples.jsonl`` and ``summary.json``;
+        generate_max_new_tokens, generate_temperature (0 = greedy): their settings.
     Diagnostics:
       diagnose_first_round: after round 0, log the test accuracy of the highest-rank
         participating client's own model just before aggregation and of what it receives just
@@ -119,6 +145,13 @@ class ExperimentConfig:
     norm_barrier: str = "auto"
     merged_lora: str = "auto"
     diagnose_first_round: bool = False
+    task: str = "classification"
+    lm_loss: str = "response"
+    chat_template: bool = False
+    generate_samples: int = 0
+    generate_max_new_tokens: int = 32
+    generate_temperature: float = 0.0
+    natural_min_lines: int = 64
 
     def __post_init__(self):
         validate(self)
@@ -138,6 +171,9 @@ class ExperimentConfig:
         d = self.to_dict()
         for k in ("name", "rounds", "eval_every", "checkpoint_every", "eval_batch_size"):
             d.pop(k)
+        for k in _LATE_FIELDS:
+            if d[k] == FIELDS[k].default:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -203,6 +239,40 @@ def validate(cfg: ExperimentConfig) -> None:
         v = getattr(cfg, f)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 10:
             _fail(f, v, "a float in [0, 10)")
+    _validate_task(cfg)
+
+
+def _validate_task(cfg: ExperimentConfig) -> None:
+    if cfg.task not in TASKS:
+        _fail("task", cfg.task, f"one of {TASKS}{_suggest(cfg.task, TASKS)}")
+    if cfg.lm_loss not in LM_LOSSES:
+        _fail("lm_loss", cfg.lm_loss, f"one of {LM_LOSSES}")
+    if not isinstance(cfg.chat_template, bool):
+        _fail("chat_template", cfg.chat_template, "True or False")
+    for f, lo in (("generate_samples", 0), ("generate_max_new_tokens", 1), ("natural_min_lines", 1)):
+        v = getattr(cfg, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            _fail(f, v, f"an int >= {lo}")
+    t = cfg.generate_temperature
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
+        _fail("generate_temperature", t, "a float >= 0 (0 = greedy)")
+    if cfg.task == "classification" and cfg.generate_samples:
+        _fail("generate_samples", cfg.generate_samples, "0 for task='classification' (an encoder does not "
+              "generate); use task='causal_lm' or 'cls_generation'")
+    if cfg.task == "causal_lm":
+        if cfg.partition in ("dirichlet", "shards"):
+            _fail("partition", cfg.partition, "'iid', 'quantity' or 'natural' for task='causal_lm' (label-skew "
+                  "partitions need class labels)")
+        if cfg.diagnose_first_round:
+            _fail("diagnose_first_round", True, "False for task='causal_lm' (the diagnostic reports accuracy)")
+    if cfg.partition == "natural":
+        if cfg.dataset not in NATURAL_DATASETS:
+            _fail("partition", cfg.partition, f"a dataset that comes with clients ({NATURAL_DATASETS}), got "
+                  f"dataset={cfg.dataset!r}")
+        if cfg.task != "causal_lm":
+            _fail("partition", cfg.partition, "task='causal_lm' (the natural clients hold texts)")
+    elif cfg.dataset in NATURAL_DATASETS and cfg.task != "causal_lm":
+        _fail("dataset", cfg.dataset, "task='causal_lm' (Shakespeare holds texts, not labels)")
 
 
 def _validate_groups(cfg: ExperimentConfig) -> None:

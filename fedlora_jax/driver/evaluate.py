@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import lora as lora_lib
@@ -31,20 +30,19 @@ def load_run(run_dir: str | Path, *, quiet: bool = True):
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
-    """Test accuracy and loss of the run's latest checkpoint."""
-    import jax
-
-    from fedlora_jax.driver.run import evaluate_global
-    from fedlora_jax.driver.tasks import make_evaluate
+    """Test metrics of the run's latest checkpoint: ``test_accuracy`` and ``test_loss``
+    (classification tasks) or ``test_loss`` (token NLL), ``test_perplexity`` and
+    ``test_token_accuracy`` (causal LM)."""
+    from fedlora_jax.driver.run import make_evaluator
 
     setup, state, r = load_run(run_dir)
-    evaluate = make_evaluate(setup.graphdef, scale=setup.cfg.scale)
-    acc, loss = evaluate_global(setup, state, evaluate, jax.tree.map(jnp.asarray, setup.test_batches))
-    return {"run": str(run_dir), "round": r, "test_accuracy": float(acc), "test_loss": float(loss)}
+    metrics = make_evaluator(setup)[1](state)
+    return {"run": str(run_dir), "round": r, **{k: v for k, v in metrics.items() if not k.startswith("client_")}}
 
 
 def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Export the global adapter of a run as a PEFT adapter (+ ``head.safetensors``).
+    """Export the global adapter of a run as a PEFT adapter (+ ``head.safetensors`` for an
+    encoder classifier; ``task_type="CAUSAL_LM"`` and no head for the LM tasks).
 
     SVD-form gains ``e`` (FedARA) and global masks are folded into ``b`` (PEFT has no lambda);
     methods that folded updates into the base weights (FedEx-LoRA, FLoRA) cannot be expressed
@@ -65,8 +63,12 @@ def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
         g = lora_lib.effective_gain(f, None if masks is None else masks[k])
         b = f.b if g is None else f.b * g[:, None].astype(f.b.dtype)
         folded[k] = lora_lib.LoraFactors(f.a, b, None)
+    lm = setup.cfg.task != "classification"
     out = export_peft(folded, None, scale=setup.cfg.scale, targets=setup.targets, out_dir=out_dir,
-                      base_model_name_or_path=setup.cfg.model, task_type="SEQ_CLS", head=state.head)
+                      base_model_name_or_path=setup.cfg.model, task_type="CAUSAL_LM" if lm else "SEQ_CLS",
+                      head=None if lm else state.head)
+    if lm:  # decoders: no trainable head, the adapter is all there is
+        return Path(out)
     head = {"/".join(str(getattr(p, "key", p)) for p in path): np.asarray(v)
             for path, v in _flat(state.head)}
     save_file(head, str(Path(out) / "head.safetensors"))

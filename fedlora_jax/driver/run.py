@@ -8,6 +8,12 @@ checkpoints, resume. This is the impure shell around the pure core.
     <out_dir>/partition.txt      per-client data summary
     <out_dir>/checkpoints/       orbax checkpoints (see driver/checkpoint.py)
     <out_dir>/summary.json       final summary
+    <out_dir>/samples.jsonl      generated samples (``generate_samples > 0``; LM tasks)
+
+Tasks (``cfg.task``): ``classification`` (encoder + head), ``causal_lm`` (decoder, token
+NLL / perplexity, per-client perplexity with natural clients) and ``cls_generation`` (label
+words scored by a decoder). Only the data, the :class:`Task` and the evaluation differ; the
+round, the algorithms, devices and checkpoints are the same code for all three.
 
 Randomness: one seed. Round ``t`` uses ``fold_in(key(seed), t)`` for the round (clients use
 ``fold_in(round_key, client_id)``) and NumPy ``default_rng([seed, t, ...])`` for sampling,
@@ -38,7 +44,14 @@ from fedlora_jax.algorithms import AlgoContext, RoundReport, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
 from fedlora_jax.driver.config import ExperimentConfig
 from fedlora_jax.driver.lock import RunLock
-from fedlora_jax.driver.tasks import classification_task, client_accuracies, make_evaluate
+from fedlora_jax.driver.tasks import (
+    causal_lm_task,
+    classification_task,
+    client_accuracies,
+    make_choice_evaluate,
+    make_evaluate,
+    make_lm_evaluate,
+)
 from fedlora_jax.federated import ServerState, effective_base, init_server_state, make_round, make_spec, round_key
 from fedlora_jax.federated.memory import (
     choose_chunk_size,
@@ -56,6 +69,8 @@ LORA_INIT_STREAM = 7
 HEAD_INIT_STREAM = 10_000_019
 #: NumPy streams ``default_rng([seed, round, stream])``: client sampling, failures, device speed.
 SAMPLE_STREAM, DROPOUT_STREAM = 1, 2
+#: Key stream of the end-of-run generation samples.
+GENERATE_STREAM = 20_000_003
 
 
 def _log(msg: str, *, quiet: bool) -> None:
@@ -83,6 +98,10 @@ class Setup:
     device_table: Any
     task: Any
     chunk_size: int = 1
+    part_labels: Any = None        # [E] labels behind partitioning / the partition table (None: texts)
+    num_groups: int | None = None  # natural clients with their own test texts (per-client LM eval)
+    tokenizer: Any = None
+    samples: Any = None            # (prompt ids [G, T], prompt mask [G, T], reference texts) or None
 
 
 def _resolve_devices(cfg: ExperimentConfig):
@@ -96,14 +115,17 @@ def _resolve_devices(cfg: ExperimentConfig):
     return profiles
 
 
-def _model_shape(model, cfg: ExperimentConfig, targets: dict, num_labels: int):
+def _model_shape(model, cfg: ExperimentConfig, targets: dict, num_labels: int, *, causal_lm: bool = False):
     mc = model.config
     per_layer = {}
     for t in targets.values():
         per_layer[t.module] = (t.in_features, t.out_features)
+    lm = {}
+    if causal_lm:  # decoder: LM head over V per token, SwiGLU MLPs for Llama/Qwen2
+        lm = dict(causal_lm=True, ffn_matrices=3 if hasattr(mc, "num_kv_heads") else 2)
     return dev_lib.ModelShape(num_layers=mc.num_layers, hidden=mc.hidden_size,
                               intermediate=mc.intermediate_size, heads=mc.num_heads, vocab=mc.vocab_size,
-                              seq_len=cfg.max_length, modules=per_layer, num_labels=num_labels)
+                              seq_len=cfg.max_length, modules=per_layer, num_labels=num_labels, **lm)
 
 
 def _partition(cfg: ExperimentConfig, labels: np.ndarray, num_clients: int, alpha: float, seed) -> list:
@@ -149,11 +171,28 @@ def _client_ranks(cfg: ExperimentConfig, group_of_client: np.ndarray) -> np.ndar
     return np.full((cfg.num_clients,), cfg.r_max, np.int32)
 
 
-def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path | None = None) -> Setup:
-    """Load data and model, partition, build the algorithm. Raises clear errors on bad input
-    before anything is compiled."""
-    cache_dir = DEFAULT_CACHE if cache_dir is None else Path(cache_dir)
-    t0 = time.time()
+def _is_causal_lm(model) -> bool:
+    from fedlora_jax.models import GPT2LM, LlamaLM
+
+    return isinstance(model, (LlamaLM, GPT2LM))
+
+
+class _Data:
+    """What a task's data step gives :func:`build_setup` (host NumPy)."""
+
+    def __init__(self, train, test_batches, part_labels, label_names, *, parts=None, num_groups=None,
+                 samples_from=None):
+        self.train, self.test_batches = train, test_batches
+        self.part_labels, self.label_names = part_labels, label_names
+        self.parts, self.num_groups, self.samples_from = parts, num_groups, samples_from
+
+
+def _batches_dict(ev) -> dict:
+    return {"input_ids": ev.input_ids, "attention_mask": ev.attention_mask, "labels": ev.labels,
+            "example_mask": ev.example_mask}
+
+
+def _load_classification(cfg: ExperimentConfig):
     text_col = cfg.text_column or None
     train_ds = data_lib.load_text_classification(cfg.dataset, split=cfg.train_split, text_column=text_col,
                                                  label_column=cfg.label_column,
@@ -162,26 +201,161 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                                                 label_column=cfg.label_column,
                                                 label_names=train_ds.label_names,
                                                 max_examples=cfg.test_limit or None)
-    num_labels = len(train_ds.label_names)
-    if cfg.num_clients > len(train_ds.labels):
-        raise ValueError(f"config field 'num_clients' = {cfg.num_clients} exceeds the {len(train_ds.labels)} "
-                         "training examples")
+    return train_ds, test_ds
+
+
+def _cls_data(cfg, train_ds, test_ds, tokenizer, tok_cache) -> _Data:
+    train = data_lib.tokenize(train_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    test = data_lib.tokenize(test_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    ev = data_lib.eval_batches(test, cfg.eval_batch_size)
+    return _Data(train, _batches_dict(ev), train.labels, list(train_ds.label_names))
+
+
+def _cls_generation_data(cfg, train_ds, test_ds, tokenizer, tok_cache) -> _Data:
+    """Classification as generation: prompt + label word; the loss is on the answer only, the
+    evaluation scores every label word (``make_choice_evaluate``)."""
+    from fedlora_jax.data import tokenization as tok_lib
+
+    names = list(train_ds.label_names)
+    kw = dict(max_length=cfg.max_length, chat_template=cfg.chat_template)
+    prompts, answers = tok_lib.classification_prompts(train_ds.texts, names, tokenizer, **kw)
+    train_lm = data_lib.CausalLMDataset([p + answers[y] for p, y in zip(prompts, train_ds.labels, strict=True)],
+                                        prompts)
+    train = data_lib.tokenize(train_lm, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    test_prompts, _ = tok_lib.classification_prompts(test_ds.texts, names, tokenizer, **kw)
+    choices = tok_lib.tokenize_choices(test_prompts, answers, tokenizer, max_length=cfg.max_length,
+                                       cache_dir=tok_cache)
+    ev = data_lib.eval_batches(choices, cfg.eval_batch_size)
+    labels = np.asarray(test_ds.labels, np.int32)
+    rows = np.zeros(ev.example_mask.size, np.int64)
+    rows[: len(labels)] = np.arange(len(labels))
+    batches = _batches_dict(ev)
+    batches["class_labels"] = labels[rows].reshape(ev.example_mask.shape)
+    true = data_lib.TokenizedDataset(*(x[np.arange(len(labels)), labels] for x in choices))
+    return _Data(train, batches, train_ds.labels, names, samples_from=true)
+
+
+def _natural_clients(cfg: ExperimentConfig):
+    try:
+        from fedlora_jax.data import shakespeare
+    except ImportError as err:
+        raise ValueError("dataset='shakespeare' needs fedlora_jax.data.shakespeare, which is not installed") from err
+    clients = shakespeare.load_role_clients(min_lines=cfg.natural_min_lines, seed=cfg.seed,
+                                            max_clients=cfg.num_clients if cfg.partition == "natural" else None)
+    if cfg.partition == "natural" and len(clients) < cfg.num_clients:
+        raise ValueError(f"config field 'num_clients' = {cfg.num_clients} exceeds the {len(clients)} Shakespeare "
+                         f"roles with >= natural_min_lines={cfg.natural_min_lines} lines")
+    return shakespeare, clients
+
+
+def _causal_lm_data(cfg, tokenizer, tok_cache) -> _Data:
+    from fedlora_jax.data import tokenization as tok_lib
+
+    parts = num_groups = None
+    test_group = None
+    if cfg.dataset == "shakespeare":
+        shakespeare, clients = _natural_clients(cfg)
+        train_ds, train_client = shakespeare.to_causal_lm(clients, "train")
+        test_ds, test_client = shakespeare.to_causal_lm(clients, "test")
+        if cfg.partition == "natural":
+            train_client = np.asarray(train_client)
+            parts = [np.flatnonzero(train_client == c) for c in range(cfg.num_clients)]
+            num_groups, test_group = cfg.num_clients, np.asarray(test_client, np.int32)
+        if cfg.train_limit and cfg.partition != "natural":
+            train_ds = train_ds.select(np.arange(min(cfg.train_limit, len(train_ds.texts))))
+        if cfg.test_limit:
+            n = min(cfg.test_limit, len(test_ds.texts))
+            test_ds = test_ds.select(np.arange(n))
+            test_group = None if test_group is None else test_group[:n]
+    else:
+        text_col = cfg.text_column or None
+        train_ds = data_lib.load_causal_lm(cfg.dataset, split=cfg.train_split, text_column=text_col,
+                                           max_examples=cfg.train_limit or None)
+        test_ds = data_lib.load_causal_lm(cfg.dataset, split=cfg.test_split, text_column=text_col,
+                                          max_examples=cfg.test_limit or None)
+    if cfg.lm_loss == "all":
+        train_ds, test_ds = (data_lib.CausalLMDataset(d.texts, None) for d in (train_ds, test_ds))
+    elif cfg.chat_template:
+        train_ds, test_ds = (tok_lib.apply_chat_template(d, tokenizer) for d in (train_ds, test_ds))
+    train = data_lib.tokenize(train_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    test = data_lib.tokenize(test_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
+    ev = data_lib.eval_batches(test, cfg.eval_batch_size)
+    batches = _batches_dict(ev)
+    if test_group is not None:
+        rows = np.zeros(ev.example_mask.size, np.int64)
+        rows[: len(test_group)] = np.arange(len(test_group))
+        batches["group"] = test_group[rows].reshape(ev.example_mask.shape)
+    return _Data(train, batches, None, ["text"], parts=parts, num_groups=num_groups, samples_from=test)
+
+
+def _sample_prompts(tok, n: int):
+    """The first ``n`` examples of ``tok`` as generation prompts: the prompt tokens (those
+    before the first target) of instruction data, else the first half of the text.
+    Returns ``(ids [G, T], mask [G, T], prompt_lens [G], lens [G])``."""
+    n = min(n, tok.num_examples)
+    ids, mask, labels = (np.asarray(x[:n]) for x in tok)
+    lens = mask.sum(-1)
+    target = labels != data_lib.IGNORE_INDEX
+    first = np.where(target.any(-1), target.argmax(-1), lens)
+    plen = np.where(first > 0, first, np.maximum(lens // 2, 1)).clip(1, None)
+    pmask = (np.arange(ids.shape[1])[None] < plen[:, None]).astype(np.int32)
+    return np.where(pmask > 0, ids, 0).astype(np.int32), pmask, plen, lens
+
+
+def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path | None = None) -> Setup:
+    """Load data and model, partition, build the algorithm. Raises clear errors on bad input
+    before anything is compiled."""
+    cache_dir = DEFAULT_CACHE if cache_dir is None else Path(cache_dir)
+    t0 = time.time()
+    train_ds = test_ds = None
+    num_labels = None
+    if cfg.task in ("classification", "cls_generation"):
+        train_ds, test_ds = _load_classification(cfg)
+        num_labels = len(train_ds.label_names)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    model = model_loading.from_pretrained(cfg.model, num_labels=num_labels, dtype=dtype,
+    model = model_loading.from_pretrained(cfg.model, num_labels=num_labels if cfg.task == "classification" else None,
+                                          dtype=dtype,
                                           key=jax.random.fold_in(jax.random.key(cfg.seed), HEAD_INIT_STREAM),
                                           norm_barrier=cfg.norm_barrier, merged_lora=cfg.merged_lora)
+    lm = _is_causal_lm(model)
+    if cfg.task == "classification" and lm:
+        raise ValueError(f"config field 'task' = 'classification' needs an encoder classifier, but model "
+                         f"{cfg.model!r} is a causal LM ({type(model).__name__}); use task='cls_generation' or "
+                         "'causal_lm'")
+    if cfg.task != "classification" and not lm:
+        raise ValueError(f"config field 'task' = {cfg.task!r} needs a causal LM with an LM head (Llama, Qwen2, "
+                         f"GPT-2), but model {cfg.model!r} is a {type(model).__name__}")
     max_pos = getattr(model.config, "max_len", getattr(model.config, "max_position_embeddings", None))
     if max_pos is not None and cfg.max_length > max_pos:
         raise ValueError(f"config field 'max_length' = {cfg.max_length} exceeds the model's maximum "
                          f"sequence length {max_pos}")
+    if cfg.generate_samples and max_pos is not None and cfg.max_length + cfg.generate_max_new_tokens > max_pos:
+        raise ValueError(f"config fields 'max_length' + 'generate_max_new_tokens' = {cfg.max_length} + "
+                         f"{cfg.generate_max_new_tokens} exceed the model's {max_pos} positions")
     tokenizer = model_loading.load_tokenizer(model_loading.resolve_model_dir(cfg.model))
     tok_cache = cache_dir / "tokens"
-    train = data_lib.tokenize(train_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
-    test = data_lib.tokenize(test_ds, tokenizer, max_length=cfg.max_length, cache_dir=tok_cache)
-    ev = data_lib.eval_batches(test, cfg.eval_batch_size)
-    test_batches = {"input_ids": ev.input_ids, "attention_mask": ev.attention_mask, "labels": ev.labels,
-                    "example_mask": ev.example_mask}
-    parts, group_of_client = _partition_clients(cfg, train.labels)
+    if cfg.task == "classification":
+        data = _cls_data(cfg, train_ds, test_ds, tokenizer, tok_cache)
+    elif cfg.task == "cls_generation":
+        data = _cls_generation_data(cfg, train_ds, test_ds, tokenizer, tok_cache)
+    else:
+        data = _causal_lm_data(cfg, tokenizer, tok_cache)
+    train = data.train
+    n_train = train.num_examples
+    if lm and not np.any(train.labels[:, 1:] != data_lib.IGNORE_INDEX):
+        raise ValueError(f"no training example has a target token within max_length={cfg.max_length} tokens "
+                         "(every token is prompt or padding); raise 'max_length'")
+    if cfg.num_clients > n_train:
+        raise ValueError(f"config field 'num_clients' = {cfg.num_clients} exceeds the {n_train} "
+                         "training examples")
+    if data.parts is not None:
+        parts, group_of_client = data.parts, np.zeros(cfg.num_clients, int)
+        empty = [c for c, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"natural clients {empty[:5]} have no training texts")
+    else:
+        labels = data.part_labels if data.part_labels is not None else np.zeros(n_train, np.int64)
+        parts, group_of_client = _partition_clients(cfg, labels)
     targets = model.adapter_targets(list(cfg.target_modules))
     for t in targets.values():
         if cfg.r_max > min(t.in_features, t.out_features):
@@ -192,7 +366,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
     ranks = _client_ranks(cfg, group_of_client)
     profiles = _resolve_devices(cfg)
     client_devices = np.array([i % len(profiles) for i in range(cfg.num_clients)], np.int32)
-    shape = _model_shape(model, cfg, targets, num_labels)
+    shape = _model_shape(model, cfg, targets, num_labels or 2, causal_lm=lm)
     ctx = AlgoContext(keys=keys, layer_of_key={k: targets[k].layer for k in keys},
                       num_layers=model.config.num_layers, r_max=cfg.r_max, client_ranks=ranks,
                       client_devices=client_devices, rounds=cfg.rounds, scale=cfg.scale,
@@ -200,13 +374,27 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                       device_profiles=tuple(profiles), model_shape=shape, batch_size=cfg.batch_size,
                       local_steps=cfg.local_steps, deadline_s=cfg.deadline_s or None)
     algo = build_algorithm(cfg.algorithm, ctx, **cfg.algo)
-    task = classification_task(graphdef, scale=cfg.scale, remat=cfg.remat)
+    if lm:
+        task = causal_lm_task(graphdef, scale=cfg.scale, remat=cfg.remat)
+    else:
+        task = classification_task(graphdef, scale=cfg.scale, remat=cfg.remat)
     chunk_size = _fit_chunk_size(cfg, model, targets)
-    _log(f"setup: {len(train.labels)} train / {len(test.labels)} test examples, {num_labels} labels, "
-         f"{len(keys)} adapted modules, {time.time() - t0:.1f}s", quiet=quiet)
-    return Setup(cfg, model, graphdef, base, head0, targets, train, test_batches, parts,
-                 list(train_ds.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
-                 task, chunk_size)
+    samples = None
+    if cfg.generate_samples:
+        from fedlora_jax.models.generate import supports_generation
+
+        if not supports_generation(model):
+            raise ValueError(f"config field 'generate_samples' = {cfg.generate_samples}: {type(model).__name__} "
+                             "has no cached generation path")
+        samples = _sample_prompts(data.samples_from, cfg.generate_samples) + (data.samples_from,)
+    n_test = int(np.sum(data.test_batches["example_mask"]))
+    _log(f"setup: task {cfg.task}, {n_train} train / {n_test} test examples, "
+         f"{len(data.label_names) if cfg.task != 'causal_lm' else 0} labels, {len(keys)} adapted modules, "
+         f"{time.time() - t0:.1f}s", quiet=quiet)
+    return Setup(cfg, model, graphdef, base, head0, targets, train, data.test_batches, parts,
+                 list(data.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
+                 task, chunk_size, part_labels=data.part_labels, num_groups=data.num_groups,
+                 tokenizer=tokenizer, samples=samples)
 
 
 def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
@@ -333,6 +521,82 @@ def evaluate_global(setup: Setup, state: ServerState, evaluate, test_batches):
     return evaluate(base, state.head, state.lora, eval_masks(setup, state), test_batches)
 
 
+def _spread(values) -> dict:
+    """``{"mean", "min", "p10", "p50", "p90", "max"}`` of the finite entries of ``values``."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {}
+    return {"mean": float(np.mean(v)), "min": float(np.min(v)), "p10": float(np.percentile(v, 10)),
+            "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "max": float(np.max(v))}
+
+
+def make_evaluator(setup: Setup):
+    """``(evaluate, evaluate_state)``: the task's jitted evaluation (``evaluate(base, head, lora,
+    masks, batches)``) and ``evaluate_state(state) -> dict`` of the metrics a round logs.
+
+    Classification and classification as generation: ``test_accuracy``, ``test_loss`` and
+    ``client_test_accuracy`` (each client's accuracy under its label histogram). Causal LM:
+    ``test_loss`` (mean token NLL), ``test_perplexity``, ``test_token_accuracy`` and, with
+    natural clients, ``client_test_perplexity`` / ``client_test_token_accuracy`` (mean, min,
+    percentiles over the clients, each on its own test texts).
+    """
+    cfg = setup.cfg
+    test_batches = jax.tree.map(jnp.asarray, setup.test_batches)
+    if cfg.task == "causal_lm":
+        evaluate = make_lm_evaluate(setup.graphdef, scale=cfg.scale, num_groups=setup.num_groups)
+
+        def evaluate_state(st) -> dict:
+            res = evaluate_global(setup, st, evaluate, test_batches)
+            out = {"test_loss": float(res["nll"]), "test_perplexity": float(res["perplexity"]),
+                   "test_token_accuracy": float(res["accuracy"])}
+            if setup.num_groups is not None:
+                out["client_test_perplexity"] = _spread(res["group_perplexity"])
+                out["client_test_token_accuracy"] = _spread(res["group_accuracy"])
+            return out
+
+        return evaluate, evaluate_state
+    n_cls = len(setup.label_names)
+    if cfg.task == "cls_generation":
+        evaluate = make_choice_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
+    else:
+        evaluate = make_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
+    label_hist = np.stack([np.bincount(setup.part_labels[p], minlength=n_cls) for p in setup.parts])
+
+    def evaluate_state(st) -> dict:
+        acc, loss, per_class = evaluate_global(setup, st, evaluate, test_batches)
+        ca = client_accuracies(per_class, label_hist)
+        return {"test_accuracy": float(acc), "test_loss": float(loss),
+                "client_test_accuracy": {"mean": float(np.mean(ca)), "min": float(np.min(ca)),
+                                         "p10": float(np.percentile(ca, 10)), "max": float(np.max(ca))}}
+
+    return evaluate, evaluate_state
+
+
+def generate_samples(setup: Setup, state: ServerState) -> list[dict]:
+    """Generate from the sample prompts with the global model (one jit): a list of
+    ``{"prompt", "generated", "reference"}`` texts."""
+    from fedlora_jax.models.generate import make_generate
+
+    cfg = setup.cfg
+    ids, mask, plen, lens, tok = setup.samples
+    tokenizer = setup.tokenizer
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    gen = make_generate(setup.graphdef, max_new_tokens=cfg.generate_max_new_tokens,
+                        temperature=float(cfg.generate_temperature), eos_id=None if eos is None else int(eos),
+                        pad_id=0 if pad is None else int(pad))
+    base = effective_base(setup.task, setup.base, state.agg_state)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), GENERATE_STREAM)
+    out = gen(base, state.head, jnp.asarray(ids), jnp.asarray(mask), key=key, lora=state.lora,
+              masks=eval_masks(setup, state), scale=cfg.scale)
+    tokens, n_gen = np.asarray(out.tokens), np.asarray(out.lengths)
+    full = np.asarray(tok.input_ids)
+    dec = lambda x: tokenizer.decode([int(t) for t in x], skip_special_tokens=True)
+    return [{"prompt": dec(ids[g, : plen[g]]), "generated": dec(tokens[g, : n_gen[g]]),
+             "reference": dec(full[g, plen[g]: lens[g]])} for g in range(len(ids))]
+
+
 def _jsonable_option(v):
     return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
 
@@ -375,8 +639,9 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
                               "output directory")
     setup = build_setup(cfg, quiet=quiet, cache_dir=cache_dir)
     ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
+    part_labels = setup.part_labels if setup.part_labels is not None else np.zeros(setup.train.num_examples, int)
     (out / "partition.txt").write_text(data_lib.partition_table(
-        setup.parts, setup.train.labels, len(setup.label_names), label_names=setup.label_names) + "\n")
+        setup.parts, part_labels, len(setup.label_names), label_names=setup.label_names) + "\n")
     state = init_state(setup)
     start = 0
     cumulative = {"bytes_up": 0.0, "bytes_down": 0.0, "sim_time_s": 0.0, "energy_j": 0.0}
@@ -395,20 +660,13 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
             round_fns[k] = make_round_fn(setup, static_grad_cut=k)
         return round_fns[k]
 
-    n_cls = len(setup.label_names)
-    evaluate = make_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
-    label_hist = np.stack([np.bincount(setup.train.labels[p], minlength=n_cls) for p in setup.parts])
+    evaluate, evaluate_state = make_evaluator(setup)
     test_batches = jax.tree.map(jnp.asarray, setup.test_batches)
 
-    def evaluate_state(st):
-        """``(accuracy, loss, per-client accuracy [K])`` of the global model."""
-        acc, loss, per_class = evaluate_global(setup, st, evaluate, test_batches)
-        return float(acc), float(loss), client_accuracies(per_class, label_hist)
-
     if start == 0:
-        acc0, loss0, _ = evaluate_state(state)
-        _log(f"round   0 (before training): test accuracy {acc0:.4f}", quiet=quiet)
-        _append_jsonl(metrics_path, {"round": -1, "test_accuracy": acc0, "test_loss": loss0})
+        ev0 = {k: v for k, v in evaluate_state(state).items() if not k.startswith("client_")}
+        _log(f"round   0 (before training): {_headline(ev0)}", quiet=quiet)
+        _append_jsonl(metrics_path, {"round": -1, **ev0})
     t_run = time.time()
     rounds_done = 0
 
@@ -475,10 +733,7 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
             if global_masks is not None:
                 line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in global_masks.items()}
             if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
-                acc, loss, ca = evaluate_state(state)
-                line["test_accuracy"], line["test_loss"] = acc, loss
-                line["client_test_accuracy"] = {"mean": float(np.mean(ca)), "min": float(np.min(ca)),
-                                                "p10": float(np.percentile(ca, 10)), "max": float(np.max(ca))}
+                line.update(evaluate_state(state))
             line["wall_s"] = round(time.time() - t0, 3)
             _append_jsonl(metrics_path, line)
             if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
@@ -491,10 +746,15 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
     finally:
         prefetch.close()
     summary = _summary(metrics_path, cfg, sum(f.trace_count() for f in round_fns.values()))
+    if setup.samples is not None and rounds_done and r == cfg.rounds - 1:
+        samples = generate_samples(setup, state)
+        atomic_write_bytes(out / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in samples).encode())
+        summary["samples"] = samples
     summary["model_switches"] = {f: getattr(setup.model.config, f, None) for f in ("norm_barrier", "merged_lora")}
     summary["algorithm_options"] = {k: _jsonable_option(v) for k, v in setup.algo.options.items()}
     ckpt.write_json_atomic(out / "summary.json", summary)
-    if not quiet and summary.get("final_test_accuracy") is not None and rounds_done and r == cfg.rounds - 1:
+    final = summary.get("final_test_accuracy", summary.get("final_test_perplexity"))
+    if not quiet and final is not None and rounds_done and r == cfg.rounds - 1:
         _log(_summary_text(summary), quiet=quiet)
     return summary
 
@@ -537,9 +797,17 @@ def _progress(r, cfg, line, t_run, done, *, quiet):
     filled = int(bar_n * (r + 1) / cfg.rounds)
     acc = line.get("test_accuracy")
     acc_s = f" test acc {acc:.4f}" if acc is not None else ""
+    ppl = line.get("test_perplexity")
+    acc_s += f" test ppl {ppl:.3f} tok acc {line['test_token_accuracy']:.4f}" if ppl is not None else ""
     print(f"[{'#' * filled}{'.' * (bar_n - filled)}] round {r + 1:3d}/{cfg.rounds} loss {line['train_loss']:.4f}"
           f"{acc_s} up {line['cum_bytes_up'] / 1e6:.2f} MB sim {line['cum_sim_time_s']:.1f}s "
           f"wall {line['wall_s']:.1f}s eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _headline(ev: dict) -> str:
+    if "test_perplexity" in ev:
+        return f"test perplexity {ev['test_perplexity']:.3f}, token accuracy {ev['test_token_accuracy']:.4f}"
+    return f"test accuracy {ev['test_accuracy']:.4f}"
 
 
 def _summary(metrics_path: Path, cfg: ExperimentConfig, traces: int) -> dict:
@@ -548,11 +816,24 @@ def _summary(metrics_path: Path, cfg: ExperimentConfig, traces: int) -> dict:
     trained = [r for r in rows if r["round"] >= 0]
     evals = [r for r in trained if "test_accuracy" in r]
     last = trained[-1] if trained else {}
+    if cfg.task == "causal_lm":
+        evals = [r for r in trained if "test_perplexity" in r]
+        metric = {"task": cfg.task, "initial_test_perplexity": init.get("test_perplexity"),
+                  "final_test_perplexity": evals[-1]["test_perplexity"] if evals else None,
+                  "best_test_perplexity": min((r["test_perplexity"] for r in evals), default=None),
+                  "initial_test_token_accuracy": init.get("test_token_accuracy"),
+                  "final_test_token_accuracy": evals[-1]["test_token_accuracy"] if evals else None}
+        if evals and "client_test_perplexity" in evals[-1]:
+            metric["final_client_test_perplexity"] = evals[-1]["client_test_perplexity"]
+    else:
+        metric = {"initial_test_accuracy": init.get("test_accuracy"),
+                  "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+                  "best_test_accuracy": max((r["test_accuracy"] for r in evals), default=None)}
+        if cfg.task != "classification":
+            metric["task"] = cfg.task
     return {
         "name": cfg.name, "algorithm": cfg.algorithm, "rounds_completed": len(trained),
-        "initial_test_accuracy": init.get("test_accuracy"),
-        "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
-        "best_test_accuracy": max((r["test_accuracy"] for r in evals), default=None),
+        **metric,
         "total_bytes_up": last.get("cum_bytes_up"), "total_bytes_down": last.get("cum_bytes_down"),
         "total_sim_time_s": last.get("cum_sim_time_s"), "total_energy_j": last.get("cum_energy_j"),
         "compilations_this_call": traces,
@@ -565,11 +846,16 @@ def _summary_text(s: dict) -> str:
         return "n/a" if x is None else f"{x / 1e6:.2f} MB"
 
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    if "final_test_perplexity" in s:
+        headline = (f"  test perplexity     {fmt(s['initial_test_perplexity'])} (untrained) -> "
+                    f"{fmt(s['final_test_perplexity'])} (best {fmt(s['best_test_perplexity'])})\n")
+    else:
+        headline = (f"  test accuracy       {fmt(s['initial_test_accuracy'])} (untrained) -> "
+                    f"{fmt(s['final_test_accuracy'])} (best {fmt(s['best_test_accuracy'])})\n")
     return ("\n== summary ==\n"
             f"  algorithm           {s['algorithm']}\n"
             f"  rounds              {s['rounds_completed']}\n"
-            f"  test accuracy       {fmt(s['initial_test_accuracy'])} (untrained) -> {fmt(s['final_test_accuracy'])}"
-            f" (best {fmt(s['best_test_accuracy'])})\n"
+            f"{headline}"
             f"  uplink / downlink   {mb(s['total_bytes_up'])} / {mb(s['total_bytes_down'])}\n"
             f"  simulated time      {s['total_sim_time_s'] or 0:.1f} s, "
             f"energy {(s['total_energy_j'] or 0) / 1e3:.2f} kJ\n"

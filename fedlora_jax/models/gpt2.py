@@ -111,18 +111,44 @@ class GPT2Block(nnx.Module):
         self.mlp_proj = Dense(f, d, **lin)
         self.num_heads, self.gelu_approximate = cfg.num_heads, cfg.gelu_approximate
 
-    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
-                 dtype) -> Array:
-        """``[B, T, D] -> [B, T, D]``."""
+    def _lin(self, i: int, adapter: AdapterCall, dtype):
+        return lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}", adapter=adapter)
+
+    def _qkv(self, h: Array, lin) -> Array:
         b, t, d = h.shape
-        lin = lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}",
-                                                 adapter=adapter)
-        qkv = lin("c_attn", self.ln_1(h)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        ctx = common.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attention_mask,
-                               causal=True)
+        return lin("c_attn", self.ln_1(h)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+
+    def _finish(self, h: Array, ctx: Array, lin) -> Array:
+        b, t, d = h.shape
         h = h + lin("attn_proj", ctx.reshape(b, t, d))
         ff = common.gelu(lin("mlp_fc", self.ln_2(h)), self.gelu_approximate)
         return h + lin("mlp_proj", ff)
+
+    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                 dtype) -> Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        return self.prefill(h, attention_mask, i=i, adapter=adapter, dtype=dtype)[0]
+
+    def prefill(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                dtype) -> tuple[Array, Array, Array]:
+        """The full causal forward, also returning keys and values ``[B, T, H, D]``."""
+        lin = self._lin(i, adapter, dtype)
+        qkv = self._qkv(h, lin)
+        k, v = qkv[:, :, 1], qkv[:, :, 2]
+        ctx = common.attention(qkv[:, :, 0], k, v, attention_mask, causal=True)
+        return self._finish(h, ctx, lin), k, v
+
+    def decode(self, h: Array, cache_k: Array, cache_v: Array, valid: Array, positions: Array, *,
+               i: int, adapter: AdapterCall, dtype) -> tuple[Array, Array, Array]:
+        """One new token per row (``h [B, 1, D]``) against the cache ``[B, Tc, H, D]``; see
+        :meth:`fedlora_jax.models.llama.LlamaBlock.decode`."""
+        lin = self._lin(i, adapter, dtype)
+        qkv = self._qkv(h, lin)
+        rows = jnp.arange(h.shape[0])
+        cache_k = cache_k.at[rows, positions].set(qkv[:, 0, 1].astype(cache_k.dtype))
+        cache_v = cache_v.at[rows, positions].set(qkv[:, 0, 2].astype(cache_v.dtype))
+        ctx = common.attention(qkv[:, :, 0], cache_k, cache_v, valid, causal=False)
+        return self._finish(h, ctx, lin), cache_k, cache_v
 
 
 class GPT2LM(nnx.Module):
@@ -173,6 +199,51 @@ class GPT2LM(nnx.Module):
         h = self.hidden(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
                         grad_cut_layer=grad_cut_layer, remat=remat)
         return common.lm_logits(h, self.lm_head, self.wte.embedding, self.config.dtype)
+
+    def _embed(self, input_ids: Array, positions: Array) -> Array:
+        return (self.wte(input_ids, dtype=jnp.float32) + self.wpe(positions, dtype=jnp.float32)
+                ).astype(self.config.dtype)
+
+    def prefill(self, input_ids: Array, attention_mask: Array, *, cache_len: int,
+                lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0):
+        """Prompt forward + KV cache of ``cache_len`` slots: ``(logits [B, T, V], KVCache)``
+        (see :meth:`fedlora_jax.models.llama.LlamaLM.prefill`)."""
+        from fedlora_jax.models.llama import KVCache
+
+        cfg = self.config
+        common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        b, t = input_ids.shape
+        if not isinstance(cache_len, int) or not t <= cache_len <= cfg.max_len:
+            raise ValueError(f"cache_len must be an int in [T={t}, max_len={cfg.max_len}], got {cache_len!r}")
+        adapter = AdapterCall(lora, masks, scale)
+        h = self._embed(input_ids, jnp.arange(t)[None])
+        ks, vs = [], []
+        pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer.prefill(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
+            ks.append(jnp.pad(k.astype(cfg.dtype), pad))
+            vs.append(jnp.pad(v.astype(cfg.dtype), pad))
+        logits = common.lm_logits(self.ln_f(h), self.lm_head, self.wte.embedding, cfg.dtype)
+        return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+    def decode_step(self, tokens: Array, positions: Array, cache, valid: Array, *,
+                    lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0):
+        """One token per row at ``positions [B]``: ``(logits [B, V], KVCache)``."""
+        from fedlora_jax.models.llama import KVCache
+
+        cfg = self.config
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        adapter = AdapterCall(lora, masks, scale)
+        h = self._embed(tokens[:, None], positions[:, None])
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer.decode(h, cache.k[i], cache.v[i], valid, positions, i=i, adapter=adapter,
+                                   dtype=cfg.dtype)
+            ks.append(k)
+            vs.append(v)
+        logits = common.lm_logits(self.ln_f(h), self.lm_head, self.wte.embedding, cfg.dtype)
+        return logits[:, 0], KVCache(jnp.stack(ks), jnp.stack(vs))
 
 
 def hf_key_table(cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]:

@@ -5,6 +5,10 @@ Pre-norm blocks with RMSNorm, rotary position embeddings (``rope_theta``; the
 q/k/v bias (Qwen2; Llama's ``attention_bias`` also biases ``o_proj``), tied or untied
 embeddings. Positions are ``0..T-1``: pad on the right.
 
+Cached generation (:mod:`fedlora_jax.models.generate`): :meth:`LlamaLM.prefill` runs the
+right-padded prompt and returns a :class:`KVCache` whose slot ``p`` holds position ``p``;
+:meth:`LlamaLM.decode_step` feeds one token per row at its own position (RoPE offset per row).
+
 Adapter module names: ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
 """
 
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,11 +126,14 @@ class LlamaConfig:
 
 def rope(x: Array, positions: Array, *, theta: float) -> Array:
     """Rotary embedding, ``transformers`` layout (halves rotated). ``x: [B, T, H, D]``,
-    ``positions: [T]``; angles and rotation in float32, result in ``x.dtype``."""
+    ``positions: [T]`` (shared by the rows) or ``[B, T]`` (per row, e.g. cached generation);
+    angles and rotation in float32, result in ``x.dtype``."""
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None]      # [T, D/2]
-    ang = jnp.concatenate([ang, ang], axis=-1)[None, :, None, :]        # [1, T, 1, D]
+    pos = positions.astype(jnp.float32)
+    pos = pos[None] if pos.ndim == 1 else pos                          # [1|B, T]
+    ang = pos[..., None] * inv_freq                                     # [1|B, T, D/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]           # [1|B, T, 1, D]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
@@ -153,24 +160,72 @@ class LlamaBlock(nnx.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
-    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
-                 dtype) -> Array:
-        """``[B, T, D] -> [B, T, D]``."""
-        b, t, _ = h.shape
-        lin = lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}",
-                                                 adapter=adapter)
-        x = self.input_norm(h)
-        pos = jnp.arange(t)
-        q = rope(lin("q_proj", x).reshape(b, t, self.num_heads, self.head_dim), pos,
+    def _qkv(self, x: Array, positions: Array, lin) -> tuple[Array, Array, Array]:
+        """``q [B, T, Hq, D]``, ``k, v [B, T, Hk, D]`` (q and k rotated at ``positions``)."""
+        b, t, _ = x.shape
+        q = rope(lin("q_proj", x).reshape(b, t, self.num_heads, self.head_dim), positions,
                  theta=self.rope_theta)
-        k = rope(lin("k_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim), pos,
+        k = rope(lin("k_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim), positions,
                  theta=self.rope_theta)
         v = lin("v_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        ctx = common.attention(q, k, v, attention_mask, causal=True)
+        return q, k, v
+
+    def _finish(self, h: Array, ctx: Array, lin, dtype) -> Array:
+        """Output projection, residual and the SwiGLU MLP."""
+        b, t = ctx.shape[:2]
         h = h + lin("o_proj", ctx.reshape(b, t, self.num_heads * self.head_dim))
         x = self.post_attention_norm(h)
         gate = jax.nn.silu(lin("gate_proj", x).astype(jnp.float32)).astype(dtype)
         return h + lin("down_proj", gate * lin("up_proj", x))
+
+    def _lin(self, i: int, adapter: AdapterCall, dtype):
+        return lambda mod, x: getattr(self, mod)(x, dtype=dtype, key=f"layer.{i}.{mod}", adapter=adapter)
+
+    def __call__(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                 dtype) -> Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        return self.prefill(h, attention_mask, i=i, adapter=adapter, dtype=dtype)[0]
+
+    def prefill(self, h: Array, attention_mask: Array, *, i: int, adapter: AdapterCall,
+                dtype) -> tuple[Array, Array, Array]:
+        """The full causal forward ``[B, T, D] -> [B, T, D]`` (positions ``0..T-1``), also
+        returning this layer's keys and values ``[B, T, Hk, D]`` (rotated keys: a KV cache)."""
+        lin = self._lin(i, adapter, dtype)
+        q, k, v = self._qkv(self.input_norm(h), jnp.arange(h.shape[1]), lin)
+        ctx = common.attention(q, k, v, attention_mask, causal=True)
+        return self._finish(h, ctx, lin, dtype), k, v
+
+    def decode(self, h: Array, cache_k: Array, cache_v: Array, valid: Array, positions: Array, *,
+               i: int, adapter: AdapterCall, dtype) -> tuple[Array, Array, Array]:
+        """One new token per row against the KV cache.
+
+        Args:
+          h: ``[B, 1, D]`` the new tokens' hidden states.
+          cache_k, cache_v: ``[B, Tc, Hk, D]``; slot ``p`` holds position ``p``.
+          valid: ``[B, Tc]`` slots the new token may attend to (its own slot included).
+          positions: ``[B]`` position (= cache slot) of each row's new token.
+
+        Returns:
+          ``(h [B, 1, D], cache_k, cache_v)`` with the new keys/values written at ``positions``.
+        """
+        lin = self._lin(i, adapter, dtype)
+        q, k, v = self._qkv(self.input_norm(h), positions[:, None], lin)
+        rows = jnp.arange(h.shape[0])
+        cache_k = cache_k.at[rows, positions].set(k[:, 0].astype(cache_k.dtype))
+        cache_v = cache_v.at[rows, positions].set(v[:, 0].astype(cache_v.dtype))
+        ctx = common.attention(q, cache_k, cache_v, valid, causal=False)
+        return self._finish(h, ctx, lin, dtype), cache_k, cache_v
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for cached generation (slot ``p`` = position ``p``).
+
+    Attributes:
+      k, v: ``[L, B, Tc, Hk, D]`` in the model's compute dtype (keys already rotated).
+    """
+
+    k: Array
+    v: Array
 
 
 class LlamaLM(nnx.Module):
@@ -217,6 +272,52 @@ class LlamaLM(nnx.Module):
         h = self.hidden(input_ids, attention_mask, lora=lora, masks=masks, scale=scale,
                         grad_cut_layer=grad_cut_layer, remat=remat)
         return common.lm_logits(h, self.lm_head, self.embed_tokens.embedding, self.config.dtype)
+
+    def prefill(self, input_ids: Array, attention_mask: Array, *, cache_len: int,
+                lora: LoraTree | None = None, masks: MaskTree | None = None,
+                scale=1.0) -> tuple[Array, KVCache]:
+        """Run the prompt (right-padded, positions ``0..T-1``) and build the KV cache.
+
+        Returns ``(logits [B, T, V] float32, KVCache)`` with ``Tc = cache_len >= T`` slots
+        (slots ``>= T`` zero). The logits equal ``self(input_ids, attention_mask, ...)``.
+        """
+        cfg = self.config
+        common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        b, t = input_ids.shape
+        if not isinstance(cache_len, int) or not t <= cache_len <= cfg.max_len:
+            raise ValueError(f"cache_len must be an int in [T={t}, max_len={cfg.max_len}], got {cache_len!r}")
+        adapter = AdapterCall(lora, masks, scale)
+        h = self.embed_tokens(input_ids, dtype=cfg.dtype)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer.prefill(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
+            pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
+            ks.append(jnp.pad(k.astype(cfg.dtype), pad))
+            vs.append(jnp.pad(v.astype(cfg.dtype), pad))
+        logits = common.lm_logits(self.norm(h), self.lm_head, self.embed_tokens.embedding, cfg.dtype)
+        return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+    def decode_step(self, tokens: Array, positions: Array, cache: KVCache, valid: Array, *,
+                    lora: LoraTree | None = None, masks: MaskTree | None = None,
+                    scale=1.0) -> tuple[Array, KVCache]:
+        """One generation step: ``tokens [B]`` at ``positions [B]`` (their cache slots),
+        attending to the slots where ``valid [B, Tc]`` is nonzero (the new slot included).
+
+        Returns ``(logits [B, V] float32, updated KVCache)``.
+        """
+        cfg = self.config
+        common.check_adapters(self.adapter_targets(), lora, masks)
+        adapter = AdapterCall(lora, masks, scale)
+        h = self.embed_tokens(tokens[:, None], dtype=cfg.dtype)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer.decode(h, cache.k[i], cache.v[i], valid, positions, i=i, adapter=adapter,
+                                   dtype=cfg.dtype)
+            ks.append(k)
+            vs.append(v)
+        logits = common.lm_logits(self.norm(h), self.lm_head, self.embed_tokens.embedding, cfg.dtype)
+        return logits[:, 0], KVCache(jnp.stack(ks), jnp.stack(vs))
 
 
 def hf_key_table(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
