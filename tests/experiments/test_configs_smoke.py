@@ -162,3 +162,17 @@ def test_identical_groups_detects_equal_runs_only():
     a_wall = [dict(r, wall_s=3.0) for r in a]
     groups = {("x", None): [a], ("y", None): [a_wall], ("z", None): [b]}
     assert make_results.identical_groups(groups) == [(("x", None), ("y", None))]
+
+
+@pytest.mark.slow
+def test_hypergrad_experiment_smoke_runs(tmp_path):
+    """experiments/hypergrad_weights.py --smoke: every arm of both studies runs 2 rounds and
+    writes its result with one compiled round per arm."""
+    hg = _import(ROOT / "experiments" / "hypergrad_weights.py", "hypergrad_weights_under_test")
+    assert hg.main(["--smoke", "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == sum(len(arms) for arms in hg.STUDIES.values())
+    for f in files:
+        res = json.loads(f.read_text())
+        assert res["round_traces"] == 1 and len(res["history"]) == 2
+        assert 0.0 <= res["final_test_accuracy"] <= 1.0
