@@ -20,7 +20,8 @@ accuracy on 1000 AG News test sentences every 5 rounds. Resumable: each (study, 
 writes ``experiments/results/hypergrad/<study>_<arm>_s<seed>.json`` atomically when it
 finishes and is skipped when present.
 
-Run: ``python experiments/hypergrad_weights.py [--rounds 20] [--seeds 0 1] [--smoke]``
+Run: ``python experiments/hypergrad_weights.py [--rounds 20] [--seeds 0 1] [--smoke]``;
+``--report`` rewrites the table ``experiments/results/hypergrad/README.md`` from the finished arms.
 (``--smoke``: 2 rounds on a tiny subset, into a temporary folder).
 """
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import platform
 import sys
 import tempfile
@@ -41,7 +44,7 @@ import optax
 
 from fedlora_jax import aggregation as ag
 from fedlora_jax import data as data_lib
-from fedlora_jax._atomic import atomic_write_json
+from fedlora_jax._atomic import atomic_write_bytes, atomic_write_json
 from fedlora_jax.driver.config import ExperimentConfig
 from fedlora_jax.driver.run import build_setup
 from fedlora_jax.driver.tasks import make_evaluate
@@ -167,9 +170,30 @@ def run_arm(study: str, arm: str, seed: int, rounds: int, smoke: bool, out: Path
            "round_traces": rf.trace_count(), "config": cfg.to_dict(),
            "corrupted_clients": list(CORRUPT) if study == "corrupted" else [],
            "env": {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "machine": platform.processor()
-                   or platform.machine(), "cpus": __import__("os").cpu_count()}}
+                   or platform.machine(), "cpus": os.cpu_count()}}
     atomic_write_json(out / f"{study}_{arm}_s{seed}.json", res)
     return res
+
+
+def report(out: Path) -> str:
+    """Markdown table of every finished arm in ``out`` (also written to ``out/README.md``)."""
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*_s*.json"))]
+    lines = ["| study | arm | seed | test acc (1000) | val loss | learned |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["study"], list(STUDIES[r["study"]]).index(r["arm"]), r["seed"])):
+        last = r["history"][-1]
+        learned = ""
+        if r["arm"] == "learned" and r["study"] == "corrupted":
+            w = np.asarray(last["client_weight"])
+            bad = np.isin(np.arange(len(w)), r["corrupted_clients"])
+            learned = (f"weight (x K, mean 1) corrupted {w[bad].mean():.3f}, clean {w[~bad].mean():.3f}: "
+                       + " ".join(f"{x:.2f}" for x in w))
+        elif r["arm"] == "learned":
+            learned = "pad_mix per slot " + " ".join(f"{x:.2f}" for x in last["pad_mix"])
+        lines.append(f"| {r['study']} | {r['arm']} | {r['seed']} | {r['final_test_accuracy']:.4f} | "
+                     f"{last['val_loss']:.4f} | {learned} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_bytes(out / "README.md", ("# Hypergradient study results (generated)\n\n" + text).encode())
+    return text
 
 
 def main(argv=None) -> int:
@@ -179,7 +203,11 @@ def main(argv=None) -> int:
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report", action="store_true", help="only print/write the table of finished arms")
     a = ap.parse_args(argv)
+    if a.report:
+        print(report(a.out or OUT))
+        return 0
     out = a.out or (Path(tempfile.mkdtemp()) if a.smoke else OUT)
     out.mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:
@@ -190,6 +218,7 @@ def main(argv=None) -> int:
                     print(f"skip {path.name} (done)")
                     continue
                 run_arm(study, arm, seed, 2 if a.smoke else a.rounds, a.smoke, out)
+    print(report(out))
     print(f"results in {out}")
     return 0
 
