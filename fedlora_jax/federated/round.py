@@ -256,9 +256,63 @@ def _screen(outs: ClientOutput, starts, head0, weights, settings: RoundSettings)
     return client_lora, client_head, weights, norms, finite
 
 
+def layer_of_key(key: str) -> int | None:
+    """The layer index of an adapter key ``"layer.{i}.{module}"``, or ``None`` for another name."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[0] == "layer" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def check_cut_variants(cut_variants, static_grad_cut) -> tuple[int, ...] | None:
+    """Validate ``cut_variants``: ``None`` or ints >= 0; returns them sorted with 0 added."""
+    if cut_variants is None:
+        return None
+    if static_grad_cut is not None:
+        raise ValueError("give either static_grad_cut or cut_variants, not both")
+    vals = tuple(cut_variants)
+    if any(not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 0 for v in vals):
+        raise ValueError(f"cut_variants must be ints >= 0, got {vals!r}")
+    return tuple(sorted({0, *(int(v) for v in vals)}))
+
+
+def _lowest_active_layer(specs: ClientSpec, keys, num_layers_hint: int) -> Array:
+    """``[C]`` lowest layer a client needs: ``min(grad_cut, lowest layer with a non-zero mask)``.
+    Keys without a layer index count as layer 0 (never skipped)."""
+    low = specs.grad_cut.astype(jnp.int32)
+    for k in keys:
+        i = layer_of_key(k)
+        i = 0 if i is None else i
+        m = specs.masks[k]
+        active = jnp.any(m.reshape(m.shape[0], -1) != 0, axis=-1)
+        low = jnp.minimum(low, jnp.where(active, i, num_layers_hint))
+    return low
+
+
+def _task_above(task: Task, cut: int) -> Task:
+    """``task`` whose model call sees only the adapters of layers ``>= cut``.
+
+    Exact when no client of the chunk has a non-zero mask or a gradient below ``cut``: the
+    dropped adapters add exactly zero, their gradients are exactly zero (unused inputs), and
+    since nothing trainable remains below ``cut`` autodiff never builds those layers' backward
+    pass nor saves their activations.
+    """
+    if cut == 0:
+        return task
+
+    def keep(tree):
+        return {k: v for k, v in tree.items() if (layer_of_key(k) or 0) >= cut}
+
+    def loss(trainable, base, batch, masks, grad_cut, key):
+        tr = dict(trainable, lora=keep(trainable["lora"]))
+        return task.loss(tr, base, batch, keep(masks), grad_cut, key)
+
+    return task._replace(loss=loss)
+
+
 def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation | None = None,
                chunk_size: int = 8, drop_nonfinite: bool = True, clip_update_norm: float | None = None,
-               static_grad_cut: int | None = None, mesh: jax.sharding.Mesh | None = None,
+               static_grad_cut: int | None = None, cut_variants=None, mesh: jax.sharding.Mesh | None = None,
                donate: bool = False, return_client_models: bool = False) -> RoundFn:
     """Build the one-jit federated round.
 
@@ -280,6 +334,17 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         saved activations really disappear), instead of the per-client dynamic cut of the spec
         (which zeroes the same gradients but still runs the work under ``vmap``). A different
         ``k`` is a different program: build one round per cut.
+      cut_variants: static gradient cuts compiled into ONE round (e.g. ``(3, 5)``; 0 is
+        always added): clients are ordered by their lowest needed layer (``min(grad_cut,
+        lowest layer with a non-zero mask)``), chunked, and each chunk runs, through
+        ``lax.switch`` (a real branch: the index is per chunk, not vmapped), the variant with
+        the largest cut ``<=`` its clients' lowest layer. That variant's model call sees only
+        the adapters at or above its cut, so the backward pass and the saved activations
+        below it disappear (LEGEND's shallow clients pay only for their depth) with the same
+        values and gradients as the dynamic cut and no recompilation across rounds. Needs
+        adapter keys ``"layer.{i}.{module}"`` (other keys are never skipped) and a task that
+        accepts an adapter tree with only some of the keys (the library's models do).
+        Excludes ``static_grad_cut``.
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
       donate: donate the server state buffers to the round.
@@ -304,6 +369,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         raise ValueError(f"clip_update_norm must be None or > 0, got {clip_update_norm!r}")
     if mesh is not None and "clients" not in mesh.axis_names:
         raise ValueError(f"mesh must have a 'clients' axis, got axes {mesh.axis_names}")
+    variants = check_cut_variants(cut_variants, static_grad_cut)
     algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
     optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
     settings = RoundSettings(chunk_size, drop_nonfinite, clip_update_norm, static_grad_cut,
@@ -324,9 +390,20 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
                              f"({mesh.shape['clients']})")
         shared = specs.global_masks
         per_client = specs._replace(global_masks=None)
+        order = None
+        if variants is not None:
+            big = max(variants[-1], max((layer_of_key(kk) or 0) for kk in state.lora) + 1)
+            low = _lowest_active_layer(per_client, tuple(state.lora), big)
+            order = jnp.argsort(low, stable=True)
+            batches, per_client, own = _gather_clients((batches, per_client, own), order)
         batches_p, specs_p, own_p = pad_clients((batches, per_client, own), c_pad)
         pad_flag = jnp.arange(c_pad) < c
         specs_p = specs_p._replace(weight=specs_p.weight * pad_flag, num_steps=specs_p.num_steps * pad_flag)
+        chunk_variant = None
+        if variants is not None:
+            low_p = jnp.where(pad_flag, _lowest_active_layer(specs_p, tuple(state.lora), big), big)
+            chunk_low = jnp.min(low_p.reshape(n_chunks, k), axis=1)                       # [n_chunks]
+            chunk_variant = jnp.searchsorted(jnp.asarray(variants), chunk_low, side="right") - 1
 
         def to_chunks(x):
             y = x.reshape((n_chunks, k) + x.shape[1:])
@@ -335,7 +412,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
                 y = jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
             return y
 
-        def one_client(b, sp, own_c, gm):
+        def one_client(b, sp, own_c, gm, task_v):
             if gm is not None:
                 sp = sp._replace(masks=gm)
             if static_grad_cut is not None:
@@ -343,15 +420,31 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             start = distribute(state, sp.masks, own_c)
             trainable = {"lora": start, "head": state.head}
             ck = jax.random.fold_in(key, sp.client_id)
-            out = client_update(task, optimizer, algo.client, trainable, base_eff, b, sp, ck, round_idx=state.round)
+            out = client_update(task_v, optimizer, algo.client, trainable, base_eff, b, sp, ck, round_idx=state.round)
             return out, start
 
-        def one_chunk(xs):
-            b, sp, own_c = xs
-            return jax.vmap(one_client, in_axes=(0, 0, 0, None))(b, sp, own_c, shared)
+        def chunk_fn(task_v):
+            return lambda b, sp, own_c: jax.vmap(lambda *a: one_client(*a, task_v), in_axes=(0, 0, 0, None))(
+                b, sp, own_c, shared)
 
-        outs, starts = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (batches_p, specs_p, own_p)))
-        return jax.tree.map(lambda x: x.reshape((c_pad,) + x.shape[2:])[:c], (outs, starts))
+        if variants is None:
+            def one_chunk(xs):
+                return chunk_fn(task)(*xs)
+            xs = jax.tree.map(to_chunks, (batches_p, specs_p, own_p))
+        else:
+            branches = [chunk_fn(_task_above(task, v)) for v in variants]
+
+            def one_chunk(xs):
+                idx, b, sp, own_c = xs
+                return jax.lax.switch(idx, branches, b, sp, own_c)
+            xs = (chunk_variant,) + jax.tree.map(to_chunks, (batches_p, specs_p, own_p))
+
+        outs, starts = jax.lax.map(one_chunk, xs)
+        outs, starts = jax.tree.map(lambda x: x.reshape((c_pad,) + x.shape[2:])[:c], (outs, starts))
+        if order is not None:
+            inverse = jnp.argsort(order)
+            outs, starts = _gather_clients((outs, starts), inverse)
+        return outs, starts
 
     def impl(state: ServerState, batches, specs: ClientSpec, key, base, hyper=None):
         traces[0] += 1
