@@ -84,6 +84,9 @@ def run_rounds(round_fn: RoundFn, state: ServerState, rounds: Sequence[RoundInpu
     """
     if not isinstance(round_fn, RoundFn):
         raise TypeError(f"round_fn must be a RoundFn from make_round, got {type(round_fn).__name__}")
+    if round_fn.host_client_state:
+        raise ValueError("run_rounds needs the per-client state on the device (client_state_on_host=False): "
+                         "host-side state is written in place, outside autodiff")
     if round_fn.donates:
         raise ValueError("run_rounds needs a round built with donate=False (donated buffers cannot be "
                          "differentiated through or reused)")

@@ -313,7 +313,8 @@ def _task_above(task: Task, cut: int) -> Task:
 def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation | None = None,
                chunk_size: int = 8, drop_nonfinite: bool = True, clip_update_norm: float | None = None,
                static_grad_cut: int | None = None, cut_variants=None, mesh: jax.sharding.Mesh | None = None,
-               donate: bool = False, return_client_models: bool = False) -> RoundFn:
+               donate: bool = False, return_client_models: bool = False,
+               client_state_on_host: bool = False) -> RoundFn:
     """Build the one-jit federated round.
 
     Args:
@@ -348,6 +349,12 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
       donate: donate the server state buffers to the round.
+      client_state_on_host: the population's per-client state (``ServerState.clients``,
+        leaves ``[K, ...]``) stays in host memory as NumPy arrays; each round sends only the
+        sampled clients' slices to the device and writes their new values back **in place**
+        (so the state passed in is updated too). For populations whose state does not fit,
+        or should not sit, on the device (e.g. 10,000 FedSA clients). Build the state with
+        ``init_server_state(..., client_state_on_host=True)``. Same numbers as on the device.
       return_client_models: also return every client's trained adapter and head (after
         screening) as ``metrics["client_lora"]`` / ``metrics["client_head"]`` (leaves
         ``[C, ...]``): diagnostics such as a client's accuracy before aggregation.
@@ -446,10 +453,15 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             outs, starts = _gather_clients((outs, starts), inverse)
         return outs, starts
 
-    def impl(state: ServerState, batches, specs: ClientSpec, key, base, hyper=None):
+    host_state = bool(client_state_on_host) and rule is not None
+
+    def impl(state: ServerState, batches, specs: ClientSpec, key, base, hyper=None, own_in=None):
         traces[0] += 1
         base_eff = effective_base(task, base, state.agg_state)
-        own = _gather_clients(state.clients, specs.client_id) if rule is not None else ()
+        if host_state:
+            own = own_in
+        else:
+            own = _gather_clients(state.clients, specs.client_id) if rule is not None else ()
         outs, starts = train(state, batches, specs, own, key, base_eff)
         client_lora, client_head, weights, norms, finite = _screen(outs, starts, state.head, specs.weight, settings)
 
@@ -465,7 +477,8 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         if rule is not None:
             screened = outs._replace(lora=client_lora, head=client_head)
             new_own = jax.vmap(rule.update)(own, screened)
-            new_clients = _scatter_clients(state.clients, specs.client_id, new_own, weights > 0)
+            if not host_state:
+                new_clients = _scatter_clients(state.clients, specs.client_id, new_own, weights > 0)
         next_round = state.round + 1
         new_algo = state.algo
         if algo.server_update is not None:
@@ -490,10 +503,12 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         }
         if settings.return_client_models:
             metrics["client_lora"], metrics["client_head"] = client_lora, client_head
+        if host_state:
+            return new_state, metrics, (new_own, weights > 0)
         return new_state, metrics
 
     jitted = jax.jit(impl, donate_argnums=(0,) if donate else ())
-    return RoundFn(jitted, traces, settings, algo, mesh, donates=bool(donate))
+    return RoundFn(jitted, traces, settings, algo, mesh, donates=bool(donate), host_client_state=host_state)
 
 
 def check_round_inputs(state: ServerState, specs: ClientSpec) -> None:
@@ -550,27 +565,73 @@ class RoundFn:
       donates: whether the server state is donated (then it cannot be differentiated through).
     """
 
-    def __init__(self, jitted, traces, settings: RoundSettings, algorithm: Algorithm, mesh, donates: bool = False):
+    def __init__(self, jitted, traces, settings: RoundSettings, algorithm: Algorithm, mesh, donates: bool = False,
+                 host_client_state: bool = False):
         self.jitted, self._traces, self.settings, self.algorithm, self._mesh = jitted, traces, settings, algorithm, mesh
-        self.donates = donates
+        self.donates, self.host_client_state = donates, host_client_state
 
     def __call__(self, server_state, client_batches, client_specs, key, base, hyper: ServerHyper | None = None):
         check_round_inputs(server_state, client_specs)
         check_hyper(hyper, self.algorithm.aggregator)
+        if self.host_client_state:
+            return self._call_host_state(server_state, client_batches, client_specs, key, base, hyper)
+        return self._run(server_state, client_batches, client_specs, key, base, hyper)
+
+    def _run(self, *args):
         if self._mesh is not None:
             use_mesh = jax.sharding.use_mesh if hasattr(jax.sharding, "use_mesh") else (lambda m: m)
             with use_mesh(self._mesh):
-                return self.jitted(server_state, client_batches, client_specs, key, base, hyper)
-        return self.jitted(server_state, client_batches, client_specs, key, base, hyper)
+                return self.jitted(*args)
+        return self.jitted(*args)
+
+    def _call_host_state(self, state, batches, specs, key, base, hyper):
+        """Gather the sampled clients' state on the host, run, write it back in place."""
+        clients = host_client_tree(state.clients)
+        ids = np.asarray(specs.client_id)
+        own = jax.tree.map(lambda x: x[ids], clients)
+        new_state, metrics, (new_own, keep) = self._run(state._replace(clients=()), batches, specs, key, base,
+                                                        hyper, own)
+        keep = np.asarray(keep)
+        sel = ids[keep]
+
+        def put(x, new):
+            x[sel] = np.asarray(new)[keep]
+            return x
+
+        clients = jax.tree.map(put, clients, new_own)
+        return new_state._replace(clients=clients), metrics
 
     def trace_count(self) -> int:
         """How many times the round was traced (compiled); 1 in a healthy run."""
         return self._traces[0]
 
 
-def init_server_state(lora, head, algorithm, *, num_clients: int = 0) -> ServerState:
+def host_client_tree(tree):
+    """Leaves as writable NumPy arrays (a restored checkpoint may hold jax arrays or read-only
+    views); leaves that already are writable arrays are kept, not copied."""
+    def fix(x):
+        if isinstance(x, np.ndarray) and x.flags.writeable:
+            return x
+        return np.array(x)
+
+    return jax.tree.map(fix, tree)
+
+
+def population_state_bytes(algorithm, lora, num_clients: int) -> int:
+    """Bytes of the per-client state of ``num_clients`` clients (0 without per-client state);
+    from shapes only (``jax.eval_shape``), nothing is allocated."""
+    algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
+    if algo.client_state is None:
+        return 0
+    shapes = jax.eval_shape(lambda lo: algo.client_state.init(lo, num_clients), lora)
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)))
+
+
+def init_server_state(lora, head, algorithm, *, num_clients: int = 0,
+                      client_state_on_host: bool = False) -> ServerState:
     """Round-0 server state: the aggregator's state, the algorithm's state and, for algorithms
-    with per-client state, that state for a population of ``num_clients``.
+    with per-client state, that state for a population of ``num_clients`` (on the host as
+    NumPy arrays with ``client_state_on_host``, for ``make_round(client_state_on_host=True)``).
 
     ``algorithm``: an :class:`~fedlora_jax.algorithms.Algorithm` or a bare ``Aggregator``.
     """
@@ -580,7 +641,11 @@ def init_server_state(lora, head, algorithm, *, num_clients: int = 0) -> ServerS
         if not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"algorithm {algo.name!r} keeps per-client state: num_clients must be an int >= 1, "
                              f"got {num_clients!r}")
-        clients = algo.client_state.init(lora, num_clients)
+        if client_state_on_host:
+            with jax.default_device(jax.devices("cpu")[0]):
+                clients = host_client_tree(jax.device_get(algo.client_state.init(lora, num_clients)))
+        else:
+            clients = algo.client_state.init(lora, num_clients)
     return ServerState(jnp.zeros((), jnp.int32), lora, head, algo.aggregator.init(lora), algo.init(lora), clients)
 
 
