@@ -1,0 +1,485 @@
+"""A Flower (``flwr``) deployment of any federated LoRA method of the library.
+
+The simulator's round (:func:`fedlora_jax.federated.make_round`) vmaps ONE function over the
+clients, :func:`~fedlora_jax.federated.client_update`; here each Flower ClientApp runs that
+same function, jitted, on its own data, and the ServerApp strategy runs the rest of the
+round (plan, distribute, aggregate, per-client state, server update) around the method's
+:class:`~fedlora_jax.aggregation.Aggregator`. Nothing branches on a method's name: what
+travels is read from the aggregator's ``uplink_parts`` / ``downlink_parts``.
+
+One round::
+
+    server  plan(state, client_ids, round) -> masks; make_spec -> grad_cut
+            start_c = algorithm.distribute(state, masks_c, own_c)
+            downlink: the factors of downlink_parts over the forward masks (all of a, b, e
+                      when downlink_parts names none of them), the head, the base delta (if
+                      the aggregator folds one), the masks, round, client id, grad cut
+    client  start = payload re-padded onto its last adapter (or the round-0 adapter)
+            client_update(task, optimizer, options, start, base_eff, batches, spec, key)
+            uplink: the factors of uplink_parts over the update masks, the head, the scores
+                    (importance methods) over the forward masks, example count, loss
+    server  re-pad onto start_c; screen (non-finite dropped); aggregate (weights = example
+            counts); head FedAvg; per-client state; server_update
+
+Keys are the simulator's: client ``c`` of round ``r`` uses ``fold_in(round_key(seed, r), c)``,
+so with the same data a Flower round equals the simulated round to float tolerance
+(``tests/deploy/test_flower.py``). A client that does not answer within the round timeout
+(or whose node died) is left out of that round's aggregation.
+
+Needs ``pip install fedlora_jax[flower]`` (``flwr``). Serialization: numpy arrays in Flower
+``ArrayRecord`` s (``np.save`` format, ``allow_pickle=False``), never pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedlora_jax import lora as lora_lib
+from fedlora_jax.algorithms.base import Algorithm, RoundOutputs
+from fedlora_jax.deploy import payload as pl
+from fedlora_jax.federated.round import (
+    ClientOutput,
+    RoundSettings,
+    Task,
+    _scatter_clients,
+    _screen,
+    _weighted_mean,
+    client_update,
+    effective_base,
+    init_server_state,
+    round_key,
+)
+from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec
+
+CACHE_KEY = "fedlora-last-adapter"
+
+
+class Deployment(NamedTuple):
+    """Everything both sides of a deployment are built from (the same on server and clients).
+
+    Attributes:
+      task: the model's :class:`~fedlora_jax.federated.Task`.
+      algorithm: an :class:`~fedlora_jax.algorithms.Algorithm` with a ``plan``.
+      optimizer: the clients' inner optax optimizer (fresh state every round).
+      lora: round-0 global adapter ``{key: LoraFactors}`` (also a client's fill for factors
+        it is not sent before it has trained once).
+      head: round-0 head pytree.
+      base: frozen base parameters (used by clients only).
+      client_data: ``client_data(client_id, round) -> batches`` (leaves ``[S, B, ...]``), the
+        client's local data of that round.
+      num_clients: population ``K`` (client ids ``0..K-1`` = Flower partition ids).
+      num_layers: ``L``. layer_of_key: ``{key: layer}`` (spec defaults: grad cut, depth).
+      seed: experiment seed (round keys).
+      drop_nonfinite: a client whose result has NaN/inf gets weight 0 (as the simulator).
+    """
+
+    task: Task
+    algorithm: Algorithm
+    optimizer: optax.GradientTransformation
+    lora: Any
+    head: Any
+    base: Any
+    client_data: Callable[[int, int], Any]
+    num_clients: int
+    num_layers: int
+    layer_of_key: Mapping[str, int]
+    seed: int = 0
+    drop_nonfinite: bool = True
+
+
+class _Folded(NamedTuple):
+    base_delta: Any
+
+
+def down_parts(aggregator, tree) -> tuple[str, ...]:
+    """Factors sent to a client: those of ``downlink_parts``, or all of them when it names none
+    (FLoRA's ``"stack"``: the deployment sends the fresh factors and the dense base delta)."""
+    return pl.factor_parts(aggregator.downlink_parts, tree) or pl.factor_parts(pl.FACTORS, tree)
+
+
+def up_parts(aggregator, tree) -> tuple[str, ...]:
+    """Factors a client sends back: those of ``uplink_parts``."""
+    return pl.factor_parts(aggregator.uplink_parts, tree)
+
+
+def _np_tree(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+class ClientTrainer:
+    """One client's side of a round, without Flower types (the ClientApp wraps it).
+
+    ``trainer(arrays, config, cache) -> (reply_arrays, reply_metrics, new_cache)``:
+    ``arrays`` the downlink payload, ``config`` ``{"round", "client-id", "grad-cut"}``,
+    ``cache`` the client's last trained adapter (or ``None``).
+    """
+
+    def __init__(self, dep: Deployment):
+        self.dep = dep
+        algo = dep.algorithm
+
+        def train(trainable, base, base_delta, batches, spec, key, round_idx):
+            base_eff = effective_base(dep.task, base, _Folded(base_delta) if base_delta is not None else None)
+            return client_update(dep.task, dep.optimizer, algo.client, trainable, base_eff, batches, spec, key,
+                                 round_idx=round_idx)
+
+        self._train = jax.jit(train)
+
+    def __call__(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], cache=None):
+        dep = self.dep
+        r, cid = int(config["round"]), int(config["client-id"])
+        fill = dep.lora if cache is None else cache
+        start, masks = pl.unpack_lora(arrays, _np_tree(fill), prefix="down")
+        start = _np_tree(lora_lib.apply_masks(start, masks))  # what distribute returns: zeros off the mask
+        update_masks = {k: (np.asarray(arrays[f"down/{k}/upmask"]) != 0).astype(np.float32) for k in masks}
+        head = pl.unpack_tree(arrays, dep.head, prefix="head")
+        base_delta = None
+        if any(k.startswith("base_delta/") for k in arrays):
+            base_delta = {k: np.asarray(arrays[f"base_delta/{k}"]) for k in dep.lora}
+        batches = dep.client_data(cid, r)
+        steps = int(jax.tree.leaves(batches)[0].shape[0])
+        spec = ClientSpec(masks=masks, update_masks=update_masks,
+                          depth_mask=np.ones((dep.num_layers,), np.float32),
+                          grad_cut=np.int32(config["grad-cut"]), num_steps=np.int32(steps),
+                          weight=np.float32(1.0), client_id=np.int32(cid), device_id=np.int32(0))
+        key = jax.random.fold_in(round_key(dep.seed, r), np.uint32(cid))
+        out = jax.device_get(self._train({"lora": start, "head": head}, dep.base, base_delta, batches, spec, key,
+                                         jnp.int32(r)))
+        reply = pl.pack_lora(out.lora, update_masks, up_parts(dep.algorithm.aggregator, out.lora), prefix="up")
+        reply.update(pl.pack_tree(out.head, prefix="head"))
+        if dep.algorithm.client.track_importance:
+            reply.update(pl.pack_slots(out.scores, masks, prefix="scores"))
+        metrics = {"client-id": cid, "num-examples": float(out.count), "loss": float(out.loss),
+                   "correct": float(out.correct), "steps": float(out.steps_done)}
+        return reply, metrics, out.lora
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+class _Pending(NamedTuple):
+    ids: np.ndarray
+    spec: ClientSpec
+    starts: Any
+    own: Any
+
+
+class FedLoraServer:
+    """The server's side of a round, without Flower types (the strategy wraps it).
+
+    ``configure(client_ids) -> {client_id: (arrays, config)}`` then
+    ``aggregate({client_id: (arrays, metrics)}) -> metrics``; ``state`` is the
+    :class:`~fedlora_jax.federated.ServerState` (the simulator's).
+    """
+
+    def __init__(self, dep: Deployment):
+        self.dep = dep
+        algo = dep.algorithm
+        if algo.plan is None:
+            raise ValueError(f"algorithm {algo.name!r} has no plan; a deployment needs one to make client masks")
+        self.state: ServerState = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
+        self._pending: _Pending | None = None
+        distribute = algo.distribute_fn()
+        self._distribute = jax.jit(lambda state, masks, own: jax.vmap(
+            lambda m, o: distribute(state, m, o))(masks, own))
+        self._aggregate = jax.jit(_aggregate_fn(algo, dep.drop_nonfinite))
+
+    def configure(self, client_ids) -> dict[int, tuple[dict, dict]]:
+        dep, state = self.dep, self.state
+        ids = np.sort(np.asarray(client_ids, np.int32))
+        r = int(state.round)
+        plan = dep.algorithm.plan(state, ids, r)
+        spec = make_spec(plan.masks, update_masks=plan.update_masks, depth_mask=plan.depth_mask,
+                         global_masks=plan.global_masks, num_steps=np.zeros(len(ids), np.int32),
+                         weight=np.ones(len(ids), np.float32), client_id=ids, num_layers=dep.num_layers,
+                         layer_of_key=dict(dep.layer_of_key))
+        rule = dep.algorithm.client_state
+        own = jax.tree.map(lambda x: x[ids], state.clients) if rule is not None else ()
+        starts = jax.device_get(self._distribute(state, spec.masks, own))
+        base_delta = getattr(state.agg_state, "base_delta", None)
+        parts = down_parts(dep.algorithm.aggregator, state.lora)
+        out = {}
+        for i, cid in enumerate(ids.tolist()):
+            start = jax.tree.map(lambda x, i=i: x[i], starts)
+            masks = {k: np.asarray(v[i]) for k, v in spec.masks.items()}
+            arrays = pl.pack_lora(start, masks, parts, prefix="down")
+            arrays.update({f"down/{k}/upmask": np.asarray(v[i] != 0, np.uint8) for k, v in spec.update_masks.items()})
+            arrays.update(pl.pack_tree(state.head, prefix="head"))
+            if base_delta is not None:
+                arrays.update({f"base_delta/{k}": np.asarray(v) for k, v in base_delta.items()})
+            out[cid] = (arrays, {"round": r, "client-id": cid, "grad-cut": int(spec.grad_cut[i])})
+        self._pending = _Pending(ids, spec, starts, own)
+        return out
+
+    def aggregate(self, replies: Mapping[int, tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]) -> dict:
+        """Aggregate the clients that answered (the others are left out of this round)."""
+        if self._pending is None:
+            raise RuntimeError("aggregate called before configure")
+        dep, p = self.dep, self._pending
+        self._pending = None
+        rows = [i for i, cid in enumerate(p.ids.tolist()) if cid in replies]
+        if not rows:
+            return {"num-clients": 0}
+        take = lambda tree: jax.tree.map(lambda x: np.asarray(x)[np.asarray(rows)], tree)
+        spec, starts, own = take(p.spec), take(p.starts), take(p.own)
+        loras, heads, scores, cols = [], [], [], {m: [] for m in ("loss", "correct", "num-examples", "steps")}
+        for j, i in enumerate(rows):
+            arrays, metrics = replies[int(p.ids[i])]
+            start = jax.tree.map(lambda x, j=j: x[j], starts)
+            lora, _ = pl.unpack_lora(arrays, start, prefix="up")
+            loras.append(lora)
+            heads.append(pl.unpack_tree(arrays, dep.head, prefix="head"))
+            if dep.algorithm.client.track_importance:
+                fwd = {k: v[j] for k, v in spec.masks.items()}
+                scores.append(pl.unpack_slots(arrays, fwd, prefix="scores"))
+            for m in cols:
+                cols[m].append(float(metrics[m]))
+        stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
+        counts = np.asarray(cols["num-examples"], np.float32)
+        outs = ClientOutput(stack(loras), stack(heads), stack(scores) if scores else {},
+                            np.asarray(cols["loss"], np.float32), np.asarray(cols["correct"], np.float32),
+                            counts, np.asarray(cols["steps"], np.float32))
+        spec = spec._replace(weight=counts, global_masks=None)
+        self.state, metrics = self._aggregate(self.state, outs, starts, spec, own)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["num-clients"] = len(rows)
+        return metrics
+
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        """The global adapter (all slots) and head, as a flat dict."""
+        full = {k: np.ones(f.a.shape[-1], np.float32) for k, f in self.state.lora.items()}
+        out = pl.pack_lora(_np_tree(self.state.lora), full, pl.FACTORS, prefix="global")
+        out.update(pl.pack_tree(self.state.head, prefix="head"))
+        return out
+
+
+def _aggregate_fn(algo: Algorithm, drop_nonfinite: bool):
+    """The simulator round's server half (screen, aggregate, head, client state, server update)."""
+    settings = RoundSettings(chunk_size=1, drop_nonfinite=drop_nonfinite)
+    aggregator, rule = algo.aggregator, algo.client_state
+
+    def agg(state: ServerState, outs: ClientOutput, starts, specs: ClientSpec, own):
+        client_lora, client_head, weights, _, finite = _screen(outs, starts, state.head, specs.weight, settings)
+        extras = {"scores": outs.scores} if algo.client.track_importance else {}
+        new_lora, new_agg = aggregator.aggregate(state.lora, client_lora, weights, specs.update_masks,
+                                                 state.agg_state, extras=extras or None)
+        new_head = _weighted_mean(client_head, weights, state.head)
+        new_clients = state.clients
+        if rule is not None:
+            new_own = jax.vmap(rule.update)(own, outs._replace(lora=client_lora, head=client_head))
+            new_clients = _scatter_clients(state.clients, specs.client_id, new_own, weights > 0)
+        nxt = state.round + 1
+        new_algo = state.algo
+        if algo.server_update is not None:
+            new_algo = algo.server_update(state.algo, RoundOutputs(nxt, new_lora, new_agg, outs.scores, weights,
+                                                                   specs.masks, specs.update_masks))
+        tot = jnp.maximum(jnp.sum(weights), 1e-30)
+        metrics = {"train-loss": jnp.sum(weights * outs.loss) / tot,
+                   "train-accuracy": jnp.sum(outs.correct) / jnp.maximum(jnp.sum(outs.count), 1.0),
+                   "num-dropped-nonfinite": jnp.sum(~finite)}
+        return ServerState(nxt, new_lora, new_head, new_agg, new_algo, new_clients), metrics
+
+    return agg
+
+
+# ----------------------------------------------------------------------------- Flower glue
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``{name: ndarray}`` -> ``ArrayRecord`` (numpy serialization, no pickle)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """``ArrayRecord`` -> ``{name: ndarray}``."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+class FedLoraStrategy(Strategy):
+    """A Flower strategy that runs one of our algorithms (its aggregator) on a :class:`FedLoraServer`.
+
+    Nodes are mapped to client ids by :meth:`discover` (a ``query`` message answered with the
+    node's ``partition-id``). Each round every known, connected node takes part, or
+    ``clients_per_round`` of them drawn with ``default_rng([seed, round])``.
+    """
+
+    def __init__(self, server: FedLoraServer, *, clients_per_round: int = 0):
+        self.server = server
+        self.clients_per_round = int(clients_per_round)
+        self.node_of_client: dict[int, int] = {}
+
+    def discover(self, grid: Grid, *, min_nodes: int, timeout: float) -> dict[int, int]:
+        """Wait (up to ``timeout`` s) for ``min_nodes`` nodes, ask each for its partition id."""
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < min_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {min_nodes} nodes connected within {timeout} s")
+            time.sleep(0.5)
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+            if not reply.has_error():
+                cid = int(reply.content["config"]["client-id"])
+                if not 0 <= cid < self.server.dep.num_clients:
+                    raise ValueError(f"node {reply.metadata.src_node_id} has partition-id {cid}, outside "
+                                     f"[0, {self.server.dep.num_clients})")
+                self.node_of_client[cid] = reply.metadata.src_node_id
+        return self.node_of_client
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        connected = set(grid.get_node_ids())
+        ids = sorted(c for c, n in self.node_of_client.items() if n in connected)
+        if self.clients_per_round and len(ids) > self.clients_per_round:
+            rng = np.random.default_rng([self.server.dep.seed, server_round])
+            ids = sorted(rng.choice(ids, self.clients_per_round, replace=False).tolist())
+        if not ids:
+            return []
+        msgs = []
+        for cid, (arrs, cfg) in self.server.configure(ids).items():
+            content = RecordDict({"arrays": to_record(arrs), "config": ConfigRecord(cfg)})
+            msgs.append(Message(content, dst_node_id=self.node_of_client[cid], message_type=MessageType.TRAIN))
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        got = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = dict(reply.content["metrics"])
+            got[int(metrics["client-id"])] = (from_record(reply.content["arrays"]), metrics)
+        if self.server._pending is None:
+            return None, None
+        metrics = self.server.aggregate(got)
+        return to_record(self.server.global_arrays()), MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> list[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        algo = self.server.dep.algorithm
+        print(f"FedLoraStrategy: algorithm={algo.name} aggregator={algo.aggregator.name} "
+              f"up={algo.aggregator.uplink_parts} down={algo.aggregator.downlink_parts}")
+
+
+class QuorumGrid:
+    """A ``Grid`` whose ``send_and_receive`` closes a round early: once ``min_replies`` replies
+    are in, it waits at most ``straggler_timeout`` s more for the rest (a dead or slow node is
+    then left out), and never longer than the round ``timeout``. Everything else is the
+    wrapped grid's."""
+
+    def __init__(self, grid: Grid, *, min_replies: int, straggler_timeout: float, poll_s: float = 0.5):
+        self._grid, self.min_replies, self.straggler_timeout, self.poll_s = grid, min_replies, straggler_timeout, poll_s
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        pending = set(self._grid.push_messages(messages))
+        now = time.monotonic()
+        end = now + (3600.0 if timeout is None else timeout)
+        quorum_end, out = None, []
+        while pending and now < end and (quorum_end is None or now < quorum_end):
+            got = list(self._grid.pull_messages(pending))
+            out.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            now = time.monotonic()
+            if quorum_end is None and self.min_replies and len(out) >= self.min_replies:
+                quorum_end = now + self.straggler_timeout
+            if pending:
+                time.sleep(self.poll_s)
+                now = time.monotonic()
+        return out
+
+
+def client_app(setup: Callable[[Context], Deployment]) -> ClientApp:
+    """A Flower ``ClientApp`` for the deployment ``setup(context)`` builds (once per process).
+
+    The node's ``--node-config`` must hold ``partition-id`` (its client id). Its last trained
+    adapter is kept in ``context.state`` (the fill for factors the server does not send:
+    FedSA-LoRA's local ``b``, FFA-LoRA's frozen ``a``).
+    """
+    app = ClientApp()
+    built: dict = {}
+
+    def trainer(context: Context) -> ClientTrainer:
+        if "t" not in built:
+            built["t"] = ClientTrainer(setup(context))
+        return built["t"]
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"config": ConfigRecord({"client-id": cid})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        t = trainer(context)
+        config = dict(msg.content["config"])
+        if int(config["client-id"]) != int(context.node_config["partition-id"]):
+            raise ValueError(f"message for client {config['client-id']} reached partition "
+                             f"{context.node_config['partition-id']}")
+        cache = None
+        if CACHE_KEY in context.state:
+            cache = pl.unpack_tree(from_record(context.state[CACHE_KEY]), t.dep.lora, prefix="lora")
+        reply, metrics, new_cache = t(from_record(msg.content["arrays"]), config, cache)
+        context.state[CACHE_KEY] = to_record(pl.pack_tree(new_cache, prefix="lora"))
+        return Message(RecordDict({"arrays": to_record(reply), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def server_app(setup: Callable[[Context], Deployment]) -> ServerApp:
+    """A Flower ``ServerApp`` running :class:`FedLoraStrategy` for ``setup(context)``.
+
+    Run config keys: ``num-server-rounds`` (1), ``min-nodes`` (1), ``clients-per-round`` (0 =
+    every node), ``round-timeout`` (seconds, 600), ``min-replies`` and ``straggler-timeout``
+    (0 = off: wait for every node or the round timeout; else close the round
+    ``straggler-timeout`` s after ``min-replies`` replies, see :class:`QuorumGrid`),
+    ``output-dir`` (if set: ``global.npz`` with the final global adapter and head, and
+    ``metrics.npz`` per round).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = context.run_config
+        server = FedLoraServer(setup(context))
+        strategy = FedLoraStrategy(server, clients_per_round=int(cfg.get("clients-per-round", 0)))
+        timeout = float(cfg.get("round-timeout", 600))
+        strategy.discover(grid, min_nodes=int(cfg.get("min-nodes", 1)), timeout=timeout)
+        min_replies = int(cfg.get("min-replies", 0))
+        if min_replies:
+            grid = QuorumGrid(grid, min_replies=min_replies, straggler_timeout=float(cfg.get("straggler-timeout", 0)))
+        result = strategy.start(grid, to_record(server.global_arrays()),
+                                num_rounds=int(cfg.get("num-server-rounds", 1)), timeout=timeout)
+        out = str(cfg.get("output-dir", ""))
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            np.savez(Path(out) / "global.npz", **server.global_arrays())
+            per_round = {f"{r}/{k}": np.asarray(v) for r, m in result.train_metrics_clientapp.items()
+                         for k, v in m.items()}
+            np.savez(Path(out) / "metrics.npz", **per_round)
+
+    return app
+
+
+__all__ = ["ClientTrainer", "Deployment", "FedLoraServer", "FedLoraStrategy", "QuorumGrid", "client_app", "down_parts",
+           "from_record", "server_app", "to_record", "up_parts"]

@@ -1,0 +1,224 @@
+"""The Flower deployment equals the simulator's round.
+
+(1) in-process: the ClientApp's training function (:class:`ClientTrainer`) and the strategy's
+server half (:class:`FedLoraServer`), fed the simulator's seeds, data and specs, give the
+same global adapter, head and aggregator state as ``make_round`` (two rounds, so per-client
+state and the client's own cache are exercised), and the payloads hold only active slots.
+(2) slow: a real Deployment Engine on 127.0.0.1 (insecure): ``flower-superlink``, three
+``flower-supernode`` processes and ``flwr run``; one round equals the simulator's, and a
+supernode killed mid-round is dropped while the round completes with the other two.
+Every process is started in its own process group and killed in ``finally``; every wait
+is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("flwr")
+
+from helpers import flower_tiny, tiny  # noqa: E402
+
+from fedlora_jax.aggregation import round_bytes  # noqa: E402
+from fedlora_jax.deploy import payload_bytes  # noqa: E402
+from fedlora_jax.deploy.flower import ClientTrainer, FedLoraServer, up_parts  # noqa: E402
+from fedlora_jax.deploy.payload import FACTORS, factor_parts, pack_lora, pack_tree  # noqa: E402
+from fedlora_jax.federated import init_server_state, make_round, make_spec, round_key  # noqa: E402
+
+TOL_F32 = dict(rtol=2e-5, atol=2e-6)  # one client jitted alone vs vmapped in the round, float32
+SEED, STEPS, LR = 0, 3, 5e-2
+FAST = ("fedsa",)   # client-local factors: the hardest case; the rest run under -m slow
+OTHERS = ("adalora", "fedara", "fedex", "ffa", "fedit", "flexlora", "flora", "hafl", "hetlora", "legend", "replication")
+
+
+def simulate(name, rounds_ids):
+    """The simulator: ``make_round`` on the same data, weights = example counts."""
+    dep = flower_tiny.deployment(name, seed=SEED, lr=LR, steps=STEPS)
+    algo = dep.algorithm
+    state = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
+    rf = make_round(tiny.TASK, algo, optimizer=optax.adam(LR), chunk_size=2)
+    for r, ids in enumerate(rounds_ids):
+        ids = np.asarray(ids, np.int32)
+        plan = algo.plan(state, ids, r)
+        data = flower_tiny.round_batches(SEED, ids, r, STEPS)
+        counts = np.sum(data["example_mask"], axis=(1, 2)).astype(np.float32)
+        spec = make_spec(plan.masks, update_masks=plan.update_masks, depth_mask=plan.depth_mask,
+                         global_masks=plan.global_masks, num_steps=[STEPS] * len(ids), weight=counts,
+                         client_id=ids, num_layers=tiny.L, layer_of_key=dict(dep.layer_of_key))
+        state, _ = rf(state, data, spec, round_key(SEED, r), dep.base)
+    return state
+
+
+def deploy_in_process(name, rounds_ids, drop=()):
+    """The Flower app's two halves without Flower's transport; ``drop``: client ids that never answer."""
+    dep = flower_tiny.deployment(name, seed=SEED, lr=LR, steps=STEPS)
+    server, trainer, caches, sizes = FedLoraServer(dep), ClientTrainer(dep), {}, []
+    for ids in rounds_ids:
+        replies = {}
+        for cid, (arrays, config) in server.configure(ids).items():
+            if cid in drop:
+                continue
+            reply, metrics, caches[cid] = trainer(arrays, config, caches.get(cid))
+            replies[cid] = (reply, metrics)
+            sizes.append((payload_bytes(reply), payload_bytes(arrays, skip_masks=True)))
+        server.aggregate(replies)
+    return server, sizes, caches
+
+
+def assert_close(x, y):
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), **TOL_F32)
+
+
+def assert_deployment_matches(name, rounds_ids, sim_rounds_ids=None, drop=()):
+    server, _, caches = deploy_in_process(name, rounds_ids, drop)
+    sim = simulate(name, rounds_ids if sim_rounds_ids is None else sim_rounds_ids)
+    got = server.state
+    assert_close((got.round, got.lora, got.head, got.agg_state, got.algo), (sim.round, sim.lora, sim.head,
+                                                                            sim.agg_state, sim.algo))
+    agg = server.dep.algorithm.aggregator
+    if server.dep.algorithm.client_state is None:
+        return
+    if up_parts(agg, got.lora) == factor_parts(FACTORS, got.lora):
+        assert_close(got.clients, sim.clients)  # the server holds it all (HAFL's score history)
+    else:  # factors that never leave the device (FedSA's b): the client's own copy is the state
+        for cid, cache in caches.items():
+            assert_close(cache, jax.tree.map(lambda x, c=cid: x[c], sim.clients))
+
+
+ROUNDS = ([0, 2, 4], [1, 2, 5])  # client 2 twice: its cached adapter is the fill of round 1
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_client_and_strategy_equal_simulated_round(name):
+    assert_deployment_matches(name, ROUNDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHERS)
+def test_client_and_strategy_equal_simulated_round_all_methods(name):
+    assert_deployment_matches(name, ROUNDS)
+
+
+def test_dropped_client_is_left_out():
+    assert_deployment_matches("hetlora", [[0, 1, 2]], [[0, 1]], drop={2})
+
+
+def test_uplink_bytes_are_the_counted_bytes():
+    """Only active slots travel: the uplink payload is ``round_bytes``' uplink, per client."""
+    ids = [0, 1, 2]
+    server, sizes, _ = deploy_in_process("hetlora", [ids])
+    dep = server.dep
+    plan = dep.algorithm.plan(server.state, np.asarray(ids), 0)
+    up, down = round_bytes(dep.algorithm.aggregator, dep.lora, dep.head, plan.update_masks, plan.masks)
+    np.testing.assert_array_equal([s[0] for s in sizes], up)
+    np.testing.assert_array_equal([s[1] for s in sizes], down)
+    assert len(set(up.tolist())) == 3  # ranks 1, 2, 4 really send different amounts
+
+
+# ----------------------------------------------------------------------------- Deployment Engine
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(cond, timeout_s: float, what: str, procs=()):
+    end = time.monotonic() + timeout_s
+    while not cond():
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead:
+            raise AssertionError(f"{what}: a process exited early: {dead}")
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.3)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _global_arrays(state):
+    full = {k: np.ones(f.a.shape[-1], np.float32) for k, f in state.lora.items()}
+    out = pack_lora(jax.tree.map(np.asarray, state.lora), full, FACTORS, prefix="global")
+    out.update(pack_tree(state.head, prefix="head"))
+    return out
+
+
+@pytest.mark.slow
+def test_deployment_engine_round_drops_a_killed_node(tmp_path):
+    """flower-superlink + 3 flower-supernode (insecure, 127.0.0.1) + ``flwr run``: node 2 is
+    killed while it trains; the round closes 5 s after the other two replied and equals the
+    simulator's round over clients 0 and 1."""
+    link, nodes = _free_port(), [_free_port() for _ in range(3)]
+    home, out, stall = tmp_path / "flwr_home", tmp_path / "out", tmp_path / "node2.training"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    app = flower_tiny.write_app(tmp_path / "app", method="fedit", seed=SEED, lr=LR, steps=STEPS, min_nodes=3,
+                                min_replies=2, straggler_timeout=5.0, round_timeout=100.0, output_dir=str(out))
+    env = dict(os.environ, FLWR_HOME=str(home), JAX_PLATFORMS="cpu", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("XLA_FLAGS", None)
+    procs: list[subprocess.Popen] = []
+
+    def start(*cmd, log):
+        f = open(tmp_path / log, "w")
+        procs.append(subprocess.Popen(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                      start_new_session=True))
+        f.close()
+        return procs[-1]
+
+    try:
+        start(str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+              "--host", "127.0.0.1", "--port", str(link), "--database", str(home / "state.db"), log="superlink.log")
+        _wait_for(lambda: _listening(link), 60, "superlink listening", procs)
+        for i, port in enumerate(nodes):
+            cfg = f"partition-id={i}" + (f" stall-file='{stall}'" if i == 2 else "")
+            start(str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--host", "127.0.0.1", "--port", str(port), "--node-config", cfg, log=f"supernode{i}.log")
+        run = start(str(BIN / "flwr"), "run", str(app), "local", "--stream", log="flwr_run.log")
+        _wait_for(stall.exists, 120, "node 2 started training", procs)
+        _kill_group(procs[2 + 1])  # supernode 2 (and its ClientApp process) dies mid-round
+        _wait_for(lambda: (out / "global.npz").exists() or run.poll() is not None, 120, "the round finished")
+        _wait_for(lambda: (out / "metrics.npz").exists(), 10, "metrics written")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_group(p)
+    logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
+    assert (out / "global.npz").exists(), logs
+    with np.load(out / "global.npz", allow_pickle=False) as z:
+        got = dict(z)
+    with np.load(out / "metrics.npz", allow_pickle=False) as z:
+        assert int(z["1/num-clients"]) == 2
+    want = _global_arrays(simulate("fedit", [[0, 1]]))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL_F32)
