@@ -1,14 +1,135 @@
-"""Command line: ``fedlora {train,eval,export-peft,plot,devices}`` (also ``python -m fedlora_jax``)."""
+"""Command line: ``fedlora {train,eval,export-peft,plot,devices}`` (also ``python -m fedlora_jax``).
+
+Several processes (:mod:`fedlora_jax.federated.multiprocess`): ``fedlora train ...
+--num-processes N`` starts N local processes on 127.0.0.1 (process 0 coordinates) and waits;
+on a cluster run on every host ``fedlora train ... --coordinator HOST:PORT --process-id I
+--num-processes N`` (HOST:PORT: process 0's host and a free port on it), or ``--coordinator
+auto`` where JAX detects the cluster (Cloud TPU pod slices, SLURM, Open MPI).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+#: Test-only hook: the process whose id this names exits with code 17 right after joining the run.
+FAIL_PROCESS_ENV = "FEDLORA_TEST_FAIL_PROCESS"
+#: Seconds the launcher gives a process to exit after SIGTERM before SIGKILL.
+STOP_GRACE_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL if the launcher dies (even by SIGKILL); elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop(procs, grace_s: float) -> None:
+    """SIGTERM every live process, SIGKILL those still alive after ``grace_s``; reap all."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def launch_local(argv: list[str], num_processes: int, *, timeout_s: float | None = None,
+                 grace_s: float = STOP_GRACE_S) -> int:
+    """Run ``fedlora <argv>`` as ``num_processes`` processes on 127.0.0.1 and wait for them.
+
+    Process ``i`` gets ``--coordinator 127.0.0.1:PORT --process-id i`` (a free port; process 0
+    runs the coordination service). If one process exits non-zero (or ``timeout_s`` passes),
+    the others are stopped (SIGTERM, SIGKILL after ``grace_s``) and a clear error is printed.
+    Every process started is stopped before this returns.
+
+    Returns:
+      0 when every process exited 0, else the failed process's exit code (1 for a signal or
+      the timeout).
+    """
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs: list[subprocess.Popen] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        for i in range(num_processes):
+            cmd = [sys.executable, "-m", "fedlora_jax", *argv, "--coordinator", coordinator, "--process-id", str(i)]
+            procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                for i, c in failed:
+                    how = f"was killed by signal {-c}" if c < 0 else f"exited with code {c}"
+                    print(f"error: process {i} of {num_processes} {how}; stopping the other processes",
+                          file=sys.stderr)
+                c = failed[0][1]
+                return c if c > 0 else 1
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"error: the {num_processes} processes did not finish within {timeout_s:g} s "
+                      "(--launch-timeout); stopping them", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("error: interrupted; stopping the processes", file=sys.stderr)
+        return 130
+    finally:
+        _stop(procs, grace_s)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def _cmd_train(args) -> int:
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and args.coordinator is None:
+        if args.process_id is not None:
+            raise ValueError("--process-id needs --coordinator HOST:PORT (without it, --num-processes N starts "
+                             "N local processes itself)")
+        return launch_local(args.argv, args.num_processes, timeout_s=args.launch_timeout)
+    primary = True
+    if args.coordinator is not None:
+        from fedlora_jax.federated import multiprocess as mp
+
+        if args.coordinator == "auto":  # Cloud TPU, SLURM, Open MPI: JAX finds the processes itself
+            index, _ = mp.initialize()
+        elif args.process_id is None:
+            raise ValueError("--coordinator HOST:PORT needs --process-id I and --num-processes N")
+        else:
+            index, _ = mp.initialize(args.coordinator, args.num_processes, args.process_id)
+        primary = index == 0
+        if os.environ.get(FAIL_PROCESS_ENV) == str(index):  # test-only: a process that dies
+            print(f"process {index}: injected failure ({FAIL_PROCESS_ENV})", file=sys.stderr, flush=True)
+            os._exit(17)
     from fedlora_jax.driver.config import load_config
     from fedlora_jax.driver.plots import plot_run
     from fedlora_jax.driver.run import run_experiment
@@ -16,6 +137,8 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, variant=args.variant, overrides=args.override)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     run_experiment(cfg, out, resume=args.resume, quiet=args.quiet, stop_after=args.stop_after)
+    if not primary:
+        return 0
     if not args.no_plots and cfg.task == "causal_lm":
         print("plots: skipped (the plots show accuracy; a causal-LM run logs perplexity)", file=sys.stderr)
     elif not args.no_plots:
@@ -87,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="run as N JAX processes whose mesh's clients axis spans them; alone: N local processes "
+                        "on 127.0.0.1 (started and waited for here)")
+    t.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="cluster: process 0's address (every host passes the same), with --process-id and "
+                        "--num-processes; 'auto': let JAX detect the cluster (Cloud TPU pod slices, SLURM)")
+    t.add_argument("--process-id", type=int, metavar="I", help="cluster: this host's process, in [0, N)")
+    t.add_argument("--launch-timeout", type=float, default=None, metavar="SECONDS",
+                   help="local launcher: stop every process and fail after this long (default: no limit)")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test set")
     e.add_argument("run")
@@ -105,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, ckpt_error(), lock_error()) as err:

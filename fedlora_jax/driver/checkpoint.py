@@ -35,13 +35,24 @@ def _leaf_meta(leaves) -> list[list]:
             for x in leaves]
 
 
+def _checkpointer(ocp, this_process_only: bool):
+    """``StandardCheckpointer``; ``this_process_only``: orbax treats the calling process as the
+    only participant (no cross-process barriers), so one process of a multi-process run saves."""
+    if not this_process_only or jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=opts)
+
+
 def save(ckpt_dir: Path, round_idx: int, state: Any, *, fingerprint: str, config: dict,
-         extra_meta: dict | None = None, keep: int = 2) -> Path:
+         extra_meta: dict | None = None, keep: int = 2, this_process_only: bool = False) -> Path:
     """Save ``state`` (any pytree of arrays) after round ``round_idx`` finished.
 
     Order: orbax writes ``round_XXXXX`` (itself atomic: temp dir then rename), then the
     metadata JSON, then ``latest.json``. A crash at any point leaves the previous checkpoint
-    as ``latest``. Older checkpoints beyond ``keep`` are removed.
+    as ``latest``. Older checkpoints beyond ``keep`` are removed. ``this_process_only``: in a
+    multi-process run, only the calling process saves (the state is identical everywhere).
     """
     import orbax.checkpoint as ocp
 
@@ -53,7 +64,7 @@ def save(ckpt_dir: Path, round_idx: int, state: Any, *, fingerprint: str, config
         shutil.rmtree(target)
     leaves = jax.tree.leaves(state)
     payload = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
-    with ocp.StandardCheckpointer() as ckptr:
+    with _checkpointer(ocp, this_process_only) as ckptr:
         ckptr.save(target, payload)
         ckptr.wait_until_finished()
     meta = {"round": round_idx, "fingerprint": fingerprint, "config": config,

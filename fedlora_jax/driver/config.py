@@ -32,7 +32,7 @@ NATURAL_DATASETS = ("shakespeare",)
 #: Fields added after configs were first fingerprinted: left out of the fingerprint while they
 #: hold their default, so runs checkpointed before they existed still resume.
 _LATE_FIELDS = ("task", "lm_loss", "chat_template", "generate_samples", "generate_max_new_tokens",
-                "generate_temperature", "natural_min_lines")
+                "generate_temperature", "natural_min_lines", "natural_test_per_client")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,11 @@ class ExperimentConfig:
         folder read by :func:`fedlora_jax.data.load_causal_lm` (whole texts, or instruction /
         response pairs) or ``"shakespeare"`` (one client per role with ``partition="natural"``;
         ``num_clients`` of them are used, each with its own held-out texts;
-        ``natural_min_lines``: the fewest lines a role needs to be a client). Metrics are the
+        ``natural_min_lines``: the fewest lines a role needs to be a client;
+        ``natural_test_per_client``: evaluate on at most this many of each client's held-out
+        texts, the first ones in play order (0 = all; bounds the evaluation cost while every
+        client keeps its test texts, unlike ``test_limit``, which keeps the first texts of the
+        whole set, i.e. of the first clients). Metrics are the
         mean token NLL, perplexity and next-token accuracy. ``"cls_generation"``: a labelled
         dataset (``sst2``, ``agnews``, ...) on a decoder: each example becomes a prompt asking
         for the label and the label word as the answer (loss on the answer tokens only);
@@ -152,6 +156,7 @@ class ExperimentConfig:
     generate_max_new_tokens: int = 32
     generate_temperature: float = 0.0
     natural_min_lines: int = 64
+    natural_test_per_client: int = 0
 
     def __post_init__(self):
         validate(self)
@@ -195,7 +200,7 @@ def validate(cfg: ExperimentConfig) -> None:
         v = getattr(cfg, f)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             _fail(f, v, "an int >= 1")
-    for f in ("train_limit", "test_limit", "seed"):
+    for f in ("train_limit", "test_limit", "seed", "natural_test_per_client"):
         v = getattr(cfg, f)
         if not isinstance(v, int) or v < 0:
             _fail(f, v, "an int >= 0")
@@ -265,6 +270,9 @@ def _validate_task(cfg: ExperimentConfig) -> None:
                   "partitions need class labels)")
         if cfg.diagnose_first_round:
             _fail("diagnose_first_round", True, "False for task='causal_lm' (the diagnostic reports accuracy)")
+    if cfg.natural_test_per_client and cfg.dataset not in NATURAL_DATASETS:
+        _fail("natural_test_per_client", cfg.natural_test_per_client, f"0 unless the dataset comes with clients "
+              f"({NATURAL_DATASETS}), got dataset={cfg.dataset!r}")
     if cfg.partition == "natural":
         if cfg.dataset not in NATURAL_DATASETS:
             _fail("partition", cfg.partition, f"a dataset that comes with clients ({NATURAL_DATASETS}), got "

@@ -53,6 +53,7 @@ from fedlora_jax.driver.tasks import (
     make_lm_evaluate,
 )
 from fedlora_jax.federated import ServerState, effective_base, init_server_state, make_round, make_spec, round_key
+from fedlora_jax.federated import multiprocess as mp
 from fedlora_jax.federated.memory import (
     choose_chunk_size,
     cpu_cache_chunk_cap,
@@ -256,6 +257,8 @@ def _causal_lm_data(cfg, tokenizer, tok_cache) -> _Data:
     if cfg.dataset == "shakespeare":
         shakespeare, clients = _natural_clients(cfg)
         train_ds, train_client = shakespeare.to_causal_lm(clients, "train")
+        if cfg.natural_test_per_client:
+            clients = [c._replace(test=c.test[: cfg.natural_test_per_client]) for c in clients]
         test_ds, test_client = shakespeare.to_causal_lm(clients, "test")
         if cfg.partition == "natural":
             train_client = np.asarray(train_client)
@@ -332,7 +335,8 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
     if cfg.generate_samples and max_pos is not None and cfg.max_length + cfg.generate_max_new_tokens > max_pos:
         raise ValueError(f"config fields 'max_length' + 'generate_max_new_tokens' = {cfg.max_length} + "
                          f"{cfg.generate_max_new_tokens} exceed the model's {max_pos} positions")
-    tokenizer = model_loading.load_tokenizer(model_loading.resolve_model_dir(cfg.model))
+    # load_tokenizer resolves the name itself: a GGUF model (SmolLM2) has no config.json folder.
+    tokenizer = model_loading.load_tokenizer(cfg.model)
     tok_cache = cache_dir / "tokens"
     if cfg.task == "classification":
         data = _cls_data(cfg, train_ds, test_ds, tokenizer, tok_cache)
@@ -414,7 +418,20 @@ def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
         remat=cfg.remat,
         num_clients=cfg.clients_per_round,
         adapter_dims_sum=sum(t.in_features + t.out_features for t in targets.values()))
-    return choose_chunk_size(requested, estimate, device_memory_bytes())
+    return _fit_processes(cfg, choose_chunk_size(requested, estimate, device_memory_bytes()))
+
+
+def _fit_processes(cfg: ExperimentConfig, chunk_size: int) -> int:
+    """Several processes: the round's clients and each chunk split over every device of every
+    process (the mesh's ``"clients"`` axis), so ``clients_per_round`` must be a multiple of the
+    device count and the chunk is rounded down to one (at least the device count)."""
+    if jax.process_count() == 1:
+        return chunk_size
+    n = jax.device_count()
+    if cfg.clients_per_round % n:
+        raise ValueError(f"config field 'clients_per_round' = {cfg.clients_per_round} must be a multiple of the "
+                         f"{n} devices of this {jax.process_count()}-process run (the mesh's 'clients' axis)")
+    return max(n, chunk_size // n * n)
 
 
 def init_state(setup: Setup) -> ServerState:
@@ -433,13 +450,24 @@ def sample_clients(cfg: ExperimentConfig, round_idx: int) -> np.ndarray:
 
 
 def _batches_for(setup: Setup, client_ids: np.ndarray, round_idx: int):
+    """``(batch, num_steps [C], num_examples [C])`` of a round's clients. Several processes: the
+    batch holds only this process's clients (:func:`~fedlora_jax.federated.multiprocess.local_client_range`),
+    the counts cover every client (the spec is global)."""
     cfg = setup.cfg
-    cb = data_lib.make_client_batches(setup.train, setup.parts, client_ids, steps=cfg.local_steps,
+    c = len(client_ids)
+    lo, hi = (0, c) if jax.process_count() == 1 else mp.local_client_range(c, mp.global_client_mesh())
+    cb = data_lib.make_client_batches(setup.train, setup.parts, client_ids[lo:hi], steps=cfg.local_steps,
                                       batch_size=cfg.batch_size, seed=cfg.seed, round_idx=round_idx,
                                       policy=cfg.batch_policy)
     batch = {"input_ids": cb.input_ids, "attention_mask": cb.attention_mask, "labels": cb.labels,
              "example_mask": cb.example_mask}
-    return batch, cb.num_steps, cb.num_examples
+    if (lo, hi) == (0, c):
+        return batch, cb.num_steps, cb.num_examples
+    num_steps = np.array([data_lib.client_example_order(
+        np.asarray(setup.parts[i]), steps=cfg.local_steps, batch_size=cfg.batch_size, policy=cfg.batch_policy,
+        rng=data_lib.client_rng(cfg.seed, round_idx, int(i)))[2] for i in client_ids], np.int32)
+    num_examples = np.array([len(setup.parts[i]) for i in client_ids], np.int32)
+    return batch, num_steps, num_examples
 
 
 def simulate_devices(setup: Setup, spec, client_ids: np.ndarray, round_idx: int, bytes_up, bytes_down):
@@ -471,8 +499,11 @@ def simulate_devices(setup: Setup, spec, client_ids: np.ndarray, round_idx: int,
 def make_round_fn(setup: Setup, static_grad_cut: int | None = None):
     cfg = setup.cfg
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    return make_round(setup.task, setup.algo, optimizer=opt, chunk_size=setup.chunk_size,
-                      static_grad_cut=static_grad_cut, return_client_models=cfg.diagnose_first_round)
+    mesh = mp.global_client_mesh() if jax.process_count() > 1 else None
+    round_fn = make_round(setup.task, setup.algo, optimizer=opt, chunk_size=setup.chunk_size,
+                          static_grad_cut=static_grad_cut, return_client_models=cfg.diagnose_first_round, mesh=mesh)
+    # Several processes: each passes its own clients' batches; state and metrics come back to the host.
+    return round_fn if mesh is None else mp.DistributedRound(round_fn, mesh)
 
 
 def first_round_diagnostic(setup: Setup, before: ServerState, after: ServerState, spec, metrics, evaluate,
@@ -621,8 +652,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
 
     ``out_dir`` is locked (:class:`~fedlora_jax.driver.lock.RunLock`) from before anything is
     written to it until this returns or raises: a second run on it raises ``RunLockedError``.
+
+    Several JAX processes (:mod:`fedlora_jax.federated.multiprocess`, ``fedlora train
+    --num-processes``): every process calls this with the same config and samples the same
+    clients; each builds only its own clients' batches; process 0 locks ``out_dir`` and writes
+    everything, the others only read it (the checkpoint, on resume).
     """
     out = Path(out_dir)
+    if not mp.is_primary():  # several processes: process 0 locks and writes, the others only read
+        return _run_locked(cfg, out, resume=resume, quiet=True, stop_after=stop_after, cache_dir=cache_dir)
     with RunLock(out) as lock:
         if lock.took_over is not None:
             _log(f"took over the stale lock of {out} ({lock.stale_reason})", quiet=quiet)
@@ -637,11 +675,13 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
     if not resume and (ckpt.latest_round(ckpt_dir) is not None or metrics_path.exists()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or use a new "
                               "output directory")
+    _sync_processes(ckpt_dir)
     setup = build_setup(cfg, quiet=quiet, cache_dir=cache_dir)
-    ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
-    part_labels = setup.part_labels if setup.part_labels is not None else np.zeros(setup.train.num_examples, int)
-    (out / "partition.txt").write_text(data_lib.partition_table(
-        setup.parts, part_labels, len(setup.label_names), label_names=setup.label_names) + "\n")
+    if mp.is_primary():
+        ckpt.write_json_atomic(out / "config.json", cfg.to_dict())
+        part_labels = setup.part_labels if setup.part_labels is not None else np.zeros(setup.train.num_examples, int)
+        (out / "partition.txt").write_text(data_lib.partition_table(
+            setup.parts, part_labels, len(setup.label_names), label_names=setup.label_names) + "\n")
     state = init_state(setup)
     start = 0
     cumulative = {"bytes_up": 0.0, "bytes_down": 0.0, "sim_time_s": 0.0, "energy_j": 0.0}
@@ -737,29 +777,56 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
             line["wall_s"] = round(time.time() - t0, 3)
             _append_jsonl(metrics_path, line)
             if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
-                ckpt.save(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
-                          extra_meta={"cumulative": cumulative})
+                _save_checkpoint(ckpt_dir, r, state, fingerprint=cfg.fingerprint(), config=cfg.to_dict(),
+                                 extra_meta={"cumulative": cumulative})
             rounds_done += 1
             _progress(r, cfg, line, t_run, rounds_done, quiet=quiet)
             if stop_after is not None and rounds_done >= stop_after:
                 break
     finally:
         prefetch.close()
+    mp.barrier("fedlora-rounds-done")  # several processes: process 0's metrics are complete
     summary = _summary(metrics_path, cfg, sum(f.trace_count() for f in round_fns.values()))
     if setup.samples is not None and rounds_done and r == cfg.rounds - 1:
         samples = generate_samples(setup, state)
-        atomic_write_bytes(out / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in samples).encode())
+        if mp.is_primary():
+            atomic_write_bytes(out / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in samples).encode())
         summary["samples"] = samples
     summary["model_switches"] = {f: getattr(setup.model.config, f, None) for f in ("norm_barrier", "merged_lora")}
     summary["algorithm_options"] = {k: _jsonable_option(v) for k, v in setup.algo.options.items()}
-    ckpt.write_json_atomic(out / "summary.json", summary)
+    if mp.is_primary():
+        ckpt.write_json_atomic(out / "summary.json", summary)
     final = summary.get("final_test_accuracy", summary.get("final_test_perplexity"))
     if not quiet and final is not None and rounds_done and r == cfg.rounds - 1:
         _log(_summary_text(summary), quiet=quiet)
     return summary
 
 
+def _sync_processes(ckpt_dir: Path) -> None:
+    """Several processes: check that every process sees the same latest checkpoint (the run
+    directory must be on a filesystem they share) and wait for all of them. No-op with one."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    latest = ckpt.latest_round(ckpt_dir)
+    try:
+        multihost_utils.assert_equal(np.int64(-1 if latest is None else latest), "latest checkpoint")
+    except AssertionError as err:
+        raise ValueError(f"the {jax.process_count()} processes of this run see different checkpoints in {ckpt_dir} "
+                         f"(this one: {latest}); the run directory must be on a filesystem every process shares"
+                         ) from err
+
+
+def _save_checkpoint(ckpt_dir: Path, round_idx: int, state, **kw) -> None:
+    """``ckpt.save``; several processes: by process 0 alone (the state is the same everywhere)."""
+    if mp.is_primary():
+        ckpt.save(ckpt_dir, round_idx, state, this_process_only=True, **kw)
+
+
 def _append_jsonl(path: Path, obj: dict) -> None:
+    if not mp.is_primary():  # several processes: process 0 writes
+        return
     with open(path, "a") as f:
         f.write(json.dumps({k: _json_round(v) for k, v in obj.items()}) + "\n")
         f.flush()
@@ -768,7 +835,7 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 def _truncate_metrics(path: Path, start: int) -> None:
     """Keep only lines of rounds ``< start`` (a killed run may have logged past its checkpoint)."""
-    if not path.exists():
+    if not path.exists() or not mp.is_primary():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = []

@@ -1,6 +1,8 @@
 """The federated round: client specs, client update, one-jit round, sharding helpers, memory,
-and gradients through whole rounds (:mod:`~fedlora_jax.federated.hypergrad`)."""
+gradients through whole rounds (:mod:`~fedlora_jax.federated.hypergrad`) and the round across
+processes / hosts (:mod:`~fedlora_jax.federated.multiprocess`)."""
 
+from fedlora_jax.federated import multiprocess
 from fedlora_jax.federated.hypergrad import RoundInputs, run_rounds, with_client_weights
 from fedlora_jax.federated.memory import (
     MemoryBudgetError,
@@ -10,6 +12,7 @@ from fedlora_jax.federated.memory import (
     device_memory_bytes,
     estimate_round_memory,
 )
+from fedlora_jax.federated.multiprocess import DistributedRound, global_client_mesh
 from fedlora_jax.federated.round import (
     ClientOutput,
     RoundFn,
@@ -29,6 +32,7 @@ from fedlora_jax.federated.spec import ClientSpec, ServerHyper, ServerState, mak
 __all__ = [
     "ClientOutput",
     "ClientSpec",
+    "DistributedRound",
     "MemoryBudgetError",
     "MemoryEstimate",
     "RoundFn",
@@ -46,9 +50,11 @@ __all__ = [
     "device_memory_bytes",
     "effective_base",
     "estimate_round_memory",
+    "global_client_mesh",
     "init_server_state",
     "make_round",
     "make_spec",
+    "multiprocess",
     "num_clients",
     "pad_clients",
     "round_key",

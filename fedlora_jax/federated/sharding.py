@@ -7,11 +7,11 @@ Single host::
     base = shard_base(base, mesh)                 # kernels split on "model" where divisible
     round_fn = make_round(task, agg, chunk_size=k, mesh=mesh)   # k a multiple of mesh "clients"
 
-Several hosts: call ``jax.distributed.initialize()`` on every host first (coordinator address,
-number of processes and process id from the launcher or the environment); ``jax.devices()``
-then lists every device of every host, ``client_mesh()`` spans them all, and the same
-``round_fn`` runs as one SPMD program. Each host must pass the same global arrays (build the
-client batches from the same seed on every host; the round slices them by sharding).
+Several processes / hosts: see :mod:`fedlora_jax.federated.multiprocess`. Every process calls
+``multiprocess.initialize(...)`` first; ``multiprocess.global_client_mesh()`` then spans every
+device of every process (ordered by process, so each owns a contiguous block of ``"clients"``),
+each process builds only its own clients' batches (``multiprocess.local_client_range``,
+``multiprocess.client_arrays``), and the same ``round_fn`` runs as one SPMD program.
 """
 
 from __future__ import annotations

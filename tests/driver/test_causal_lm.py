@@ -307,3 +307,22 @@ def test_cli_train_resume_samples(tiny_dir, lm_data, tmp_path):
     assert strip(rows2) == strip(rows)
     assert [json.loads(x) for x in (resumed / "samples.jsonl").read_text().splitlines()] == samples
     assert main(["eval", str(straight)]) == 0
+
+
+def test_natural_test_per_client_caps_every_client(tiny_dir, tmp_path, monkeypatch):
+    """``natural_test_per_client=n`` keeps the first n held-out texts of EVERY client (not the
+    first clients' texts, as ``test_limit`` would)."""
+    from fedlora_jax.driver.run import build_setup
+
+    population, _ = _fake_shakespeare(monkeypatch)
+    kw = dict(dataset="shakespeare", partition="natural", num_clients=4, clients_per_round=2, max_length=48,
+              rounds=1, lm_loss="all", natural_min_lines=3)
+    counts = {}
+    for n in (0, 1, 2):
+        setup = build_setup(_lm_config(tiny_dir, "x", natural_test_per_client=n, **kw), quiet=True,
+                            cache_dir=tmp_path / "cache")
+        counts[n] = int(np.sum(np.asarray(setup.test_batches["example_mask"])))
+    assert counts[0] == sum(len(c.test) for c in population[:4])
+    assert counts[1] == 4 and counts[2] == 8
+    with pytest.raises(ValueError, match="natural_test_per_client"):
+        _lm_config(tiny_dir, "x", natural_test_per_client=-1, **kw)
