@@ -31,6 +31,8 @@ LM_LOSSES = ("all", "response")
 NATURAL_DATASETS = ("shakespeare",)
 #: Fields added after configs were first fingerprinted: left out of the fingerprint while they
 #: hold their default, so runs checkpointed before they existed still resume.
+#: Engine switches that give bit-identical numbers (tested): never part of the fingerprint.
+_ENGINE_FIELDS = ("cut_variants", "client_state")
 _LATE_FIELDS = ("task", "lm_loss", "chat_template", "generate_samples", "generate_max_new_tokens",
                 "generate_temperature", "natural_min_lines", "natural_test_per_client")
 
@@ -77,6 +79,18 @@ class ExperimentConfig:
       forward), norm_barrier and merged_lora (the models' exact CPU speed-ups, ``auto | on |
       off``, see :mod:`fedlora_jax.models.switches`; ``auto`` is resolved when the model is
       built and the resolved choice is written to ``summary.json``).
+    Engine (same numbers either way, so not in the fingerprint):
+      cut_variants: static gradient cuts compiled into the one round (e.g. ``(3, 5)``; ``()`` =
+        off): clients are ordered by their lowest adapted layer and each chunk runs the
+        variant with the largest cut at or below it, so clients with shallow LoRA depth
+        (LEGEND) pay no backward pass below their depth (``make_round(cut_variants=)``).
+        List the cuts the depths need (``L - d`` for each depth ``d``); each variant is
+        compiled once (compile time grows with their number). Excludes an algorithm's
+        ``static_cut`` (FedARA).
+      client_state: where the population's per-client state (FedSA's local factors, HAFL's
+        score history) lives: ``"device"`` or ``"host"`` (NumPy in host RAM; only the sampled
+        clients' slices go to the device each round). Checked against the memory available
+        before anything is allocated.
     Task (``task``):
       ``"classification"``: an encoder classifier (``labels [B]``). ``"causal_lm"``: next-token
         fine-tuning of a decoder (Llama / Qwen2 / GPT-2) on ``dataset``: a local jsonl/text
@@ -157,6 +171,8 @@ class ExperimentConfig:
     generate_temperature: float = 0.0
     natural_min_lines: int = 64
     natural_test_per_client: int = 0
+    cut_variants: tuple[int, ...] = ()
+    client_state: str = "device"
 
     def __post_init__(self):
         validate(self)
@@ -171,10 +187,11 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """Hash of every field that changes the numbers (not ``name``, ``rounds``,
-        ``eval_every``, ``checkpoint_every``, ``eval_batch_size``): a checkpoint is only resumed
+        ``eval_every``, ``checkpoint_every``, ``eval_batch_size``, nor the engine fields
+        ``cut_variants`` / ``client_state``, which give identical numbers): a checkpoint is only resumed
         under a config with the same fingerprint."""
         d = self.to_dict()
-        for k in ("name", "rounds", "eval_every", "checkpoint_every", "eval_batch_size"):
+        for k in ("name", "rounds", "eval_every", "checkpoint_every", "eval_batch_size") + _ENGINE_FIELDS:
             d.pop(k)
         for k in _LATE_FIELDS:
             if d[k] == FIELDS[k].default:
@@ -204,6 +221,11 @@ def validate(cfg: ExperimentConfig) -> None:
         v = getattr(cfg, f)
         if not isinstance(v, int) or v < 0:
             _fail(f, v, "an int >= 0")
+    if not isinstance(cfg.cut_variants, tuple) or any(
+            not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in cfg.cut_variants):
+        _fail("cut_variants", cfg.cut_variants, "a tuple of ints >= 0 (layer indices), e.g. (3, 5)")
+    if cfg.client_state not in ("device", "host"):
+        _fail("client_state", cfg.client_state, "'device' or 'host'")
     if cfg.clients_per_round > cfg.num_clients:
         _fail("clients_per_round", cfg.clients_per_round, f"<= num_clients ({cfg.num_clients})")
     try:

@@ -52,7 +52,16 @@ from fedlora_jax.driver.tasks import (
     make_evaluate,
     make_lm_evaluate,
 )
-from fedlora_jax.federated import ServerState, effective_base, init_server_state, make_round, make_spec, round_key
+from fedlora_jax.federated import (
+    ServerState,
+    check_population_memory,
+    effective_base,
+    init_server_state,
+    make_round,
+    make_spec,
+    population_state_bytes,
+    round_key,
+)
 from fedlora_jax.federated import multiprocess as mp
 from fedlora_jax.federated.memory import (
     choose_chunk_size,
@@ -378,6 +387,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                       device_profiles=tuple(profiles), model_shape=shape, batch_size=cfg.batch_size,
                       local_steps=cfg.local_steps, deadline_s=cfg.deadline_s or None)
     algo = build_algorithm(cfg.algorithm, ctx, **cfg.algo)
+    _check_engine_fields(cfg, algo, model.config.num_layers)
     if lm:
         task = causal_lm_task(graphdef, scale=cfg.scale, remat=cfg.remat)
     else:
@@ -399,6 +409,21 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                  list(data.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
                  task, chunk_size, part_labels=data.part_labels, num_groups=data.num_groups,
                  tokenizer=tokenizer, samples=samples)
+
+
+def _check_engine_fields(cfg: ExperimentConfig, algo, num_layers: int) -> None:
+    """``cut_variants`` inside the model and not with a per-cut algorithm; host client state
+    not with several processes."""
+    bad = [v for v in cfg.cut_variants if v >= num_layers]
+    if bad:
+        raise ValueError(f"config field 'cut_variants' = {cfg.cut_variants}: cuts {bad} are not layers of the "
+                         f"model (0 .. {num_layers - 1})")
+    if cfg.cut_variants and algo.static_cut:
+        raise ValueError(f"config field 'cut_variants' = {cfg.cut_variants} cannot be combined with algorithm "
+                         f"{algo.name!r}'s static_cut (one compiled round per cut); drop one of them")
+    if cfg.client_state == "host" and jax.process_count() > 1:
+        raise ValueError("config field 'client_state' = 'host' is not supported with several processes yet "
+                         "(each process would hold its own copy); use 'device'")
 
 
 def _fit_chunk_size(cfg: ExperimentConfig, model, targets: dict) -> int:
@@ -439,7 +464,10 @@ def init_state(setup: Setup) -> ServerState:
     shapes = {k: (t.in_features, t.out_features) for k, t in setup.targets.items()}
     lora0 = lora_lib.init(jax.random.fold_in(jax.random.key(cfg.seed), LORA_INIT_STREAM), shapes, cfg.r_max,
                           scheme=setup.algo.init_scheme)
-    return init_server_state(lora0, setup.head0, setup.algo, num_clients=cfg.num_clients)
+    check_population_memory(population_state_bytes(setup.algo, lora0, cfg.num_clients), num_clients=cfg.num_clients,
+                            on_host=cfg.client_state == "host")
+    return init_server_state(lora0, setup.head0, setup.algo, num_clients=cfg.num_clients,
+                             client_state_on_host=cfg.client_state == "host")
 
 
 def sample_clients(cfg: ExperimentConfig, round_idx: int) -> np.ndarray:
@@ -501,7 +529,8 @@ def make_round_fn(setup: Setup, static_grad_cut: int | None = None):
     opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     mesh = mp.global_client_mesh() if jax.process_count() > 1 else None
     round_fn = make_round(setup.task, setup.algo, optimizer=opt, chunk_size=setup.chunk_size,
-                          static_grad_cut=static_grad_cut, return_client_models=cfg.diagnose_first_round, mesh=mesh)
+                          static_grad_cut=static_grad_cut, return_client_models=cfg.diagnose_first_round, mesh=mesh,
+                          cut_variants=cfg.cut_variants or None, client_state_on_host=cfg.client_state == "host")
     # Several processes: each passes its own clients' batches; state and metrics come back to the host.
     return round_fn if mesh is None else mp.DistributedRound(round_fn, mesh)
 

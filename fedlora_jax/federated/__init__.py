@@ -7,6 +7,7 @@ from fedlora_jax.federated.hypergrad import RoundInputs, run_rounds, with_client
 from fedlora_jax.federated.memory import (
     MemoryBudgetError,
     MemoryEstimate,
+    check_population_memory,
     choose_chunk_size,
     cpu_cache_chunk_cap,
     device_memory_bytes,
@@ -24,6 +25,7 @@ from fedlora_jax.federated.round import (
     effective_base,
     init_server_state,
     make_round,
+    population_state_bytes,
     round_key,
 )
 from fedlora_jax.federated.sharding import client_mesh, shard_base
@@ -41,6 +43,7 @@ __all__ = [
     "ServerHyper",
     "ServerState",
     "Task",
+    "check_population_memory",
     "choose_chunk_size",
     "check_hyper",
     "check_round_inputs",
@@ -57,6 +60,7 @@ __all__ = [
     "multiprocess",
     "num_clients",
     "pad_clients",
+    "population_state_bytes",
     "round_key",
     "run_rounds",
     "shard_base",

@@ -317,3 +317,34 @@ def cpu_cache_chunk_cap(batch: int, seq_len: int, width: int, *, itemsize: int =
                     ("cache_bytes", cache_bytes)):
         _pos_int(name, v)
     return max(1, int(cache_bytes) // (int(batch) * int(seq_len) * int(width) * int(itemsize)))
+
+
+def check_population_memory(population_bytes: int, *, num_clients: int, on_host: bool,
+                            device_limit_bytes: int | None = None, host_limit_bytes: int | None = None,
+                            safety: float = 0.8) -> None:
+    """Refuse a per-client population state that cannot fit, before anything is allocated.
+
+    On the device the round reads the ``[K, ...]`` state and writes an updated copy, so it needs
+    ``2 x population_bytes`` there; on the host (``client_state_on_host``) it needs the state
+    once in host RAM. ``device_limit_bytes`` / ``host_limit_bytes`` default to
+    :func:`device_memory_bytes` / the host's available RAM.
+
+    Raises:
+      MemoryBudgetError: naming the number of clients, the bytes, the budget and what to change.
+    """
+    if population_bytes <= 0:
+        return
+    if on_host:
+        limit = _host_available_bytes() if host_limit_bytes is None else host_limit_bytes
+        need, where = population_bytes, "host RAM"
+        fix = "use fewer clients (num_clients), a lower r_max, or fewer target modules"
+    else:
+        limit = device_memory_bytes() if device_limit_bytes is None else device_limit_bytes
+        need, where = 2 * population_bytes, "device memory (the state and its updated copy)"
+        fix = ("keep it on the host (config client_state='host', make_round(client_state_on_host=True)), "
+               "or use fewer clients (num_clients)")
+    if limit is None or need <= safety * limit:
+        return
+    raise MemoryBudgetError(
+        f"the per-client state of {num_clients} clients ({population_bytes / GiB:.2f} GiB) needs "
+        f"{need / GiB:.2f} GiB of {where}, more than {safety:.0%} of the {limit / GiB:.2f} GiB available; {fix}")

@@ -142,3 +142,52 @@ def test_fedara_static_cut_same_numbers_one_compile_per_cut(tiny_model, tmp_path
     assert dyn["compilations_this_call"] == 1
     assert sta["compilations_this_call"] == len(cuts)
     np.testing.assert_allclose([r["train_loss"] for r in rows_s], [r["train_loss"] for r in rows_d], rtol=2e-5)
+
+
+def _numbers(out):
+    keys = ("train_loss", "test_accuracy", "active_ranks", "grad_cut", "bytes_up")
+    return [{k: r.get(k) for k in keys} for r in _rows(out)]
+
+
+def test_cut_variants_and_host_client_state_change_no_number(tiny_model, tmp_path):
+    """The engine fields give the same metrics as the default engine, with one compile:
+    ``cut_variants`` on LEGEND's mixed depths, ``client_state="host"`` on FedSA's local factors."""
+    legend = tiny_config(tiny_model, "legend", client_ranks=(), num_clients=4, clients_per_round=4,
+                         device_mix=("datacenter_h100_sxm", "raspberry_pi_5_8gb"))
+    ref = run_experiment(legend, tmp_path / "lg", quiet=True, cache_dir=tmp_path / "cache")
+    fast = run_experiment(dataclasses.replace(legend, cut_variants=(1,)), tmp_path / "lg_cut", quiet=True,
+                          cache_dir=tmp_path / "cache")
+    cuts = {c for r in _rows(tmp_path / "lg") if r["round"] >= 0 for c in r["grad_cut"]}
+    assert {0, 1} <= cuts, cuts                 # deep and shallow clients: the variant branch runs
+    assert _numbers(tmp_path / "lg") == _numbers(tmp_path / "lg_cut")
+    assert fast["compilations_this_call"] == ref["compilations_this_call"] == 1
+    assert legend.fingerprint() == dataclasses.replace(legend, cut_variants=(1,)).fingerprint()
+
+    fedsa = tiny_config(tiny_model, "fedsa")
+    run_experiment(fedsa, tmp_path / "sa", quiet=True, cache_dir=tmp_path / "cache")
+    run_experiment(dataclasses.replace(fedsa, client_state="host"), tmp_path / "sa_host", quiet=True,
+                   cache_dir=tmp_path / "cache")
+    assert _numbers(tmp_path / "sa") == _numbers(tmp_path / "sa_host")
+
+
+def test_engine_field_validation(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="cut_variants"):
+        tiny_config(tiny_model, "legend", cut_variants=(-1,))
+    with pytest.raises(ValueError, match="client_state"):
+        tiny_config(tiny_model, "fedsa", client_state="disk")
+    with pytest.raises(ValueError, match="not layers of the model"):
+        run_experiment(tiny_config(tiny_model, "legend", client_ranks=(), cut_variants=(7,)), tmp_path / "x",
+                       quiet=True, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="static_cut"):
+        run_experiment(tiny_config(tiny_model, "fedara", client_ranks=(), algo={"static_cut": True},
+                                   cut_variants=(1,)), tmp_path / "y", quiet=True, cache_dir=tmp_path / "cache")
+
+
+def test_population_memory_is_checked_before_allocation():
+    from fedlora_jax.federated import MemoryBudgetError, check_population_memory
+
+    check_population_memory(10**9, num_clients=10_000, on_host=False, device_limit_bytes=10**10)
+    with pytest.raises(MemoryBudgetError, match="10000 clients.*client_state='host'"):
+        check_population_memory(10**9, num_clients=10_000, on_host=False, device_limit_bytes=2 * 10**9)
+    with pytest.raises(MemoryBudgetError, match="host RAM.*fewer clients"):
+        check_population_memory(10**9, num_clients=10_000, on_host=True, host_limit_bytes=10**9)
