@@ -77,3 +77,37 @@ def test_peer_peak_rss_is_the_childs_own():
     done, rss = rb.run_with_peak_rss([sys.executable, "-c", code])
     assert done.returncode == 0 and done.stdout.strip() == "ok"
     assert rss is not None and 80 <= rss < 200 < rb.peak_rss_mb()   # its own ~80 MiB, not a copy of us
+
+
+def test_depth_bench_plan_is_legend_style():
+    db = _load("depth_bench")
+    plan = db.client_plan([6, 3, 1], 5, 6, 1, 8, 6)
+    assert [sum(1 for r in p if r) for p in plan] == [6, 3, 1, 6, 3]     # depths round-robin
+    for p, d in zip(plan, [6, 3, 1, 6, 3], strict=True):
+        assert all(r == 0 for r in p[:6 - d]) and all(1 <= r <= 8 for r in p[6 - d:])
+        assert p == sorted(p) and sum(p) == 6 * d                        # ramp rises toward the output
+    assert db.cuts_of(plan) == (0, 3, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_depth_bench_tiny_run(tmp_path):
+    """One tiny invocation: ours (dynamic cut, cut_variants) and the depth-aware peer, alternating;
+    the variants equal the dynamic cut bit for bit."""
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    out = tmp_path / "depth.jsonl"
+    done = subprocess.run([sys.executable, str(BENCH / "depth_bench.py"), "--size", "tiny", "--clients", "3",
+                           "--steps", "1", "--batch", "2", "--seq", "8", "--repeats", "1", "--depths", "2", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["env", "ours", "ours", "peer", "summary"]
+    summ = rows[-1]
+    assert summ["variants_equal_dynamic_bit_for_bit"] is True
+    assert summ["cut_variants"] == [0, 1] and summ["variants_client_steps_per_s"] > 0
+    for r in rows[1:4]:
+        assert r["client_steps_per_s"] > 0 and len(r["load_avg"]) == 1 and r["load_avg"][0]["before"] is not None
+    assert rows[3]["peer_trainable_params"] and rows[3]["peer_process_peak_rss_mb"] > 0
