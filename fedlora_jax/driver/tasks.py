@@ -28,18 +28,27 @@ def add_base_delta(base_state, deltas: dict):
     return jax.tree_util.tree_map_with_path(add, base_state)
 
 
+def _train_forward(graphdef, *, scale: float, remat: bool):
+    """``forward(trainable, base, batch, masks, grad_cut) -> model output`` for a task's loss
+    (``remat=True``: each transformer block rematerialised in the backward pass)."""
+    extra = {"remat": True} if remat else {}
+
+    def forward(trainable, base, batch, masks, grad_cut):
+        return functional_forward(graphdef, base, trainable["head"], batch["input_ids"], batch["attention_mask"],
+                                  lora=trainable["lora"], masks=masks, scale=scale, grad_cut_layer=grad_cut, **extra)
+
+    return forward
+
+
 def classification_task(graphdef, *, scale: float, label_smoothing: float = 0.0, remat: bool = False) -> Task:
     """Cross-entropy on an encoder classifier; batches hold ``input_ids [B, T]``,
     ``attention_mask [B, T]``, ``labels [B]`` and ``example_mask [B]`` (padding rows = 0).
     ``remat=True`` rematerialises each transformer block in the backward pass."""
-    extra = {"remat": True} if remat else {}
+    forward = _train_forward(graphdef, scale=scale, remat=remat)
 
     def loss(trainable, base, batch, masks, grad_cut, key):
         del key
-        logits = functional_forward(graphdef, base, trainable["head"], batch["input_ids"],
-                                    batch["attention_mask"], lora=trainable["lora"], masks=masks,
-                                    scale=scale, grad_cut_layer=grad_cut, **extra)
-        logits = logits.astype(jnp.float32)
+        logits = forward(trainable, base, batch, masks, grad_cut).astype(jnp.float32)
         n_cls = logits.shape[-1]
         labels = jax.nn.one_hot(batch["labels"], n_cls)
         if label_smoothing:
@@ -141,13 +150,11 @@ def causal_lm_task(graphdef, *, scale: float, remat: bool = False) -> Task:
     no trainable head (the LM head is frozen in the base): ``trainable["head"]`` is the empty
     state of :func:`~fedlora_jax.models.split_for_round`.
     """
-    extra = {"remat": True} if remat else {}
+    forward = _train_forward(graphdef, scale=scale, remat=remat)
 
     def loss(trainable, base, batch, masks, grad_cut, key):
         del key
-        logits = functional_forward(graphdef, base, trainable["head"], batch["input_ids"],
-                                    batch["attention_mask"], lora=trainable["lora"], masks=masks,
-                                    scale=scale, grad_cut_layer=grad_cut, **extra)
+        logits = forward(trainable, base, batch, masks, grad_cut)
         nll, valid, hit = token_nll(logits, batch["labels"], batch["example_mask"])
         n = jnp.sum(valid)
         return jnp.sum(nll) / jnp.maximum(n, 1.0), {"correct": jnp.sum(hit), "count": n}

@@ -380,6 +380,29 @@ def run_blocks(layers, h: Array, attention_mask: Array, *, adapter: AdapterCall,
     return h
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for cached generation (slot ``p`` = position ``p``).
+
+    Attributes:
+      k, v: ``[L, B, Tc, Hk, D]`` in the model's compute dtype (keys already rotated).
+    """
+
+    k: Array
+    v: Array
+
+
+def decode_blocks(layers, h: Array, cache: KVCache, valid: Array, positions: Array, *, adapter: AdapterCall,
+                  dtype) -> tuple[Array, KVCache]:
+    """One cached decoding step through every block (each ``layer.decode(h, k, v, valid,
+    positions, i=, adapter=, dtype=) -> (h, k, v)``): ``h [B, 1, D]`` -> ``(h, updated cache)``."""
+    ks, vs = [], []
+    for i, layer in enumerate(layers):
+        h, k, v = layer.decode(h, cache.k[i], cache.v[i], valid, positions, i=i, adapter=adapter, dtype=dtype)
+        ks.append(k)
+        vs.append(v)
+    return h, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+
 def lm_logits(h: Array, lm_head, embedding, dtype) -> Array:
     """Causal-LM logits ``[B, T, V]`` float32: through ``lm_head`` or, with tied embeddings
     (``lm_head is None``), through the transposed token embedding ``[V, D]``."""

@@ -21,7 +21,7 @@ from flax import nnx
 
 from fedlora_jax.lora import LoraTree, MaskTree
 from fedlora_jax.models import common, switches
-from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
+from fedlora_jax.models.common import AdapterCall, Dense, Embed, KVCache, LayerNorm, TargetInfo
 
 Array = jax.Array
 
@@ -208,8 +208,6 @@ class GPT2LM(nnx.Module):
                 lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0):
         """Prompt forward + KV cache of ``cache_len`` slots: ``(logits [B, T, V], KVCache)``
         (see :meth:`fedlora_jax.models.llama.LlamaLM.prefill`)."""
-        from fedlora_jax.models.llama import KVCache
-
         cfg = self.config
         common.check_inputs(input_ids, attention_mask, max_len=cfg.max_len)
         common.check_adapters(self.adapter_targets(), lora, masks)
@@ -230,20 +228,13 @@ class GPT2LM(nnx.Module):
     def decode_step(self, tokens: Array, positions: Array, cache, valid: Array, *,
                     lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0):
         """One token per row at ``positions [B]``: ``(logits [B, V], KVCache)``."""
-        from fedlora_jax.models.llama import KVCache
-
         cfg = self.config
         common.check_adapters(self.adapter_targets(), lora, masks)
         adapter = AdapterCall(lora, masks, scale)
         h = self._embed(tokens[:, None], positions[:, None])
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            h, k, v = layer.decode(h, cache.k[i], cache.v[i], valid, positions, i=i, adapter=adapter,
-                                   dtype=cfg.dtype)
-            ks.append(k)
-            vs.append(v)
+        h, cache = common.decode_blocks(self.layers, h, cache, valid, positions, adapter=adapter, dtype=cfg.dtype)
         logits = common.lm_logits(self.ln_f(h), self.lm_head, self.wte.embedding, cfg.dtype)
-        return logits[:, 0], KVCache(jnp.stack(ks), jnp.stack(vs))
+        return logits[:, 0], cache
 
 
 def hf_key_table(cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 
 from fedlora_jax.lora import LoraTree, MaskTree
 from fedlora_jax.models import common, switches
-from fedlora_jax.models.common import AdapterCall, Dense, Embed, RMSNorm, TargetInfo
+from fedlora_jax.models.common import AdapterCall, Dense, Embed, KVCache, RMSNorm, TargetInfo
 
 Array = jax.Array
 
@@ -217,17 +217,6 @@ class LlamaBlock(nnx.Module):
         return self._finish(h, ctx, lin, dtype), cache_k, cache_v
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer for cached generation (slot ``p`` = position ``p``).
-
-    Attributes:
-      k, v: ``[L, B, Tc, Hk, D]`` in the model's compute dtype (keys already rotated).
-    """
-
-    k: Array
-    v: Array
-
-
 class LlamaLM(nnx.Module):
     """Llama / Qwen2 causal LM.
 
@@ -310,14 +299,9 @@ class LlamaLM(nnx.Module):
         common.check_adapters(self.adapter_targets(), lora, masks)
         adapter = AdapterCall(lora, masks, scale)
         h = self.embed_tokens(tokens[:, None], dtype=cfg.dtype)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            h, k, v = layer.decode(h, cache.k[i], cache.v[i], valid, positions, i=i, adapter=adapter,
-                                   dtype=cfg.dtype)
-            ks.append(k)
-            vs.append(v)
+        h, cache = common.decode_blocks(self.layers, h, cache, valid, positions, adapter=adapter, dtype=cfg.dtype)
         logits = common.lm_logits(self.norm(h), self.lm_head, self.embed_tokens.embedding, cfg.dtype)
-        return logits[:, 0], KVCache(jnp.stack(ks), jnp.stack(vs))
+        return logits[:, 0], cache
 
 
 def hf_key_table(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
