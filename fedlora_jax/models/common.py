@@ -391,6 +391,20 @@ class KVCache(NamedTuple):
     v: Array
 
 
+def prefill_blocks(layers, h: Array, attention_mask: Array, *, cache_len: int, adapter: AdapterCall,
+                   dtype) -> tuple[Array, KVCache]:
+    """The prompt through every block (each ``layer.prefill(h, attention_mask, i=, adapter=,
+    dtype=) -> (h, k, v)``), keys/values zero-padded from ``T`` to ``cache_len`` slots:
+    ``h [B, T, D]`` -> ``(h, KVCache [L, B, cache_len, Hk, D])``."""
+    pad = ((0, 0), (0, cache_len - h.shape[1]), (0, 0), (0, 0))
+    ks, vs = [], []
+    for i, layer in enumerate(layers):
+        h, k, v = layer.prefill(h, attention_mask, i=i, adapter=adapter, dtype=dtype)
+        ks.append(jnp.pad(k.astype(dtype), pad))
+        vs.append(jnp.pad(v.astype(dtype), pad))
+    return h, KVCache(jnp.stack(ks), jnp.stack(vs))
+
+
 def decode_blocks(layers, h: Array, cache: KVCache, valid: Array, positions: Array, *, adapter: AdapterCall,
                   dtype) -> tuple[Array, KVCache]:
     """One cached decoding step through every block (each ``layer.decode(h, k, v, valid,

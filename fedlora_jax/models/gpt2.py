@@ -21,7 +21,7 @@ from flax import nnx
 
 from fedlora_jax.lora import LoraTree, MaskTree
 from fedlora_jax.models import common, switches
-from fedlora_jax.models.common import AdapterCall, Dense, Embed, KVCache, LayerNorm, TargetInfo
+from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
 
 Array = jax.Array
 
@@ -216,14 +216,9 @@ class GPT2LM(nnx.Module):
             raise ValueError(f"cache_len must be an int in [T={t}, max_len={cfg.max_len}], got {cache_len!r}")
         adapter = AdapterCall(lora, masks, scale)
         h = self._embed(input_ids, jnp.arange(t)[None])
-        ks, vs = [], []
-        pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
-        for i, layer in enumerate(self.layers):
-            h, k, v = layer.prefill(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
-            ks.append(jnp.pad(k.astype(cfg.dtype), pad))
-            vs.append(jnp.pad(v.astype(cfg.dtype), pad))
-        logits = common.lm_logits(self.ln_f(h), self.lm_head, self.wte.embedding, cfg.dtype)
-        return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+        h, cache = common.prefill_blocks(self.layers, h, attention_mask, cache_len=cache_len, adapter=adapter,
+                                         dtype=cfg.dtype)
+        return common.lm_logits(self.ln_f(h), self.lm_head, self.wte.embedding, cfg.dtype), cache
 
     def decode_step(self, tokens: Array, positions: Array, cache, valid: Array, *,
                     lora: LoraTree | None = None, masks: MaskTree | None = None, scale=1.0):

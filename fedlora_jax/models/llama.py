@@ -278,14 +278,9 @@ class LlamaLM(nnx.Module):
             raise ValueError(f"cache_len must be an int in [T={t}, max_len={cfg.max_len}], got {cache_len!r}")
         adapter = AdapterCall(lora, masks, scale)
         h = self.embed_tokens(input_ids, dtype=cfg.dtype)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            h, k, v = layer.prefill(h, attention_mask, i=i, adapter=adapter, dtype=cfg.dtype)
-            pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
-            ks.append(jnp.pad(k.astype(cfg.dtype), pad))
-            vs.append(jnp.pad(v.astype(cfg.dtype), pad))
-        logits = common.lm_logits(self.norm(h), self.lm_head, self.embed_tokens.embedding, cfg.dtype)
-        return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
+        h, cache = common.prefill_blocks(self.layers, h, attention_mask, cache_len=cache_len, adapter=adapter,
+                                         dtype=cfg.dtype)
+        return common.lm_logits(self.norm(h), self.lm_head, self.embed_tokens.embedding, cfg.dtype), cache
 
     def decode_step(self, tokens: Array, positions: Array, cache: KVCache, valid: Array, *,
                     lora: LoraTree | None = None, masks: MaskTree | None = None,
