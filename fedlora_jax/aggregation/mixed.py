@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from fedlora_jax.aggregation import _common as cm
 from fedlora_jax.aggregation.base import Aggregator, EmptyState, check_inputs, check_mapping, register
-from fedlora_jax.aggregation.padding import _distribute_truncate
+from fedlora_jax.aggregation.padding import _data_slot_weights, _distribute_truncate
 from fedlora_jax.lora import LoraFactors
 
 Array = jax.Array
@@ -108,7 +108,7 @@ def mixed_padding(*, pad_mix: float = 1.0) -> Aggregator:
         for k, gl in global_lora.items():
             f, m = client_lora[k], masks[k]
             cd = cm.compute_dtype(f.a)
-            w_slot = cm.bcast(p.astype(cd), m) * cm.binary(m, cd)
+            w_slot = _data_slot_weights(k, gl, f, m, p, extras)          # p_k m_k[i]
             if hyper.slot_weight is not None:
                 w_slot = w_slot * _slot_weight(_for_key(hyper.slot_weight, k, "slot_weight"), m, cd)
             g = static_g if hyper.pad_mix is None else _for_key(hyper.pad_mix, k, "pad_mix")
