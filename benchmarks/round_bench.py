@@ -125,6 +125,23 @@ def measure_matmul_peak(dtype, n=2048, reps=5):
     return 2 * n**3 / best
 
 
+def compile_and_time(rf, state, batch, spec, base, rounds: int):
+    """Compile the round once, then run ``rounds`` rounds (round ``r`` keyed ``key(r)``):
+    ``(compile_s, xla_flops, [round seconds], last metrics)``."""
+    t0 = time.perf_counter()
+    compiled = rf.jitted.lower(state, batch, spec, jax.random.key(0), base).compile()
+    compile_s = time.perf_counter() - t0
+    ca = compiled.cost_analysis()
+    xla_flops = (ca[0] if isinstance(ca, list) else ca or {}).get("flops")
+    times = []
+    for r in range(rounds):
+        t = time.perf_counter()
+        state, m = compiled(state, batch, spec, jax.random.key(r), base)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t)
+    return compile_s, xla_flops, times, m
+
+
 def run_ours(a, C):
     size = SIZES[a.size]
     dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float32
@@ -156,17 +173,7 @@ def run_ours(a, C):
                      num_layers=cfg.num_layers)
     spec = jax.tree.map(jnp.asarray, spec)
     state = init_server_state(glob, head, agg)
-    t0 = time.perf_counter()
-    compiled = rf.jitted.lower(state, batch, spec, jax.random.key(0), base).compile()
-    compile_s = time.perf_counter() - t0
-    ca = compiled.cost_analysis()
-    xla_flops = (ca[0] if isinstance(ca, list) else ca or {}).get("flops")
-    times = []
-    for r in range(a.rounds):
-        t = time.perf_counter()
-        state, m = compiled(state, batch, spec, jax.random.key(r), base)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t)
+    compile_s, xla_flops, times, m = compile_and_time(rf, state, batch, spec, base, a.rounds)
     best = min(times)
     tokens = C * a.steps * a.batch * a.seq
     h, f, L = size["hidden_size"], size["intermediate_size"], size["num_layers"]
@@ -276,17 +283,7 @@ def run_ours_llm(a, C):
                      num_layers=cfg.num_layers, layer_of_key={k: t.layer for k, t in targets.items()})
     spec = jax.tree.map(jnp.asarray, spec)
     state = init_server_state(glob, head, agg)
-    t0 = time.perf_counter()
-    compiled = rf.jitted.lower(state, batch, spec, jax.random.key(0), base).compile()
-    compile_s = time.perf_counter() - t0
-    ca = compiled.cost_analysis()
-    xla_flops = (ca[0] if isinstance(ca, list) else ca or {}).get("flops")
-    times = []
-    for r in range(a.rounds):
-        t = time.perf_counter()
-        state, m = compiled(state, batch, spec, jax.random.key(r), base)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t)
+    compile_s, xla_flops, times, m = compile_and_time(rf, state, batch, spec, base, a.rounds)
     best = min(times)
     tokens = C * a.steps * a.batch * a.seq
     mflops = llm_model_flops_per_token(size, a.seq, float(np.mean(ranks))) * tokens
