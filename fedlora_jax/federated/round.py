@@ -408,7 +408,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         specs_p = specs_p._replace(weight=specs_p.weight * pad_flag, num_steps=specs_p.num_steps * pad_flag)
         chunk_variant = None
         if variants is not None:
-            low_p = jnp.where(pad_flag, _lowest_active_layer(specs_p, tuple(state.lora), big), big)
+            low_p = jnp.where(pad_flag, pad_clients(low[order], c_pad), big)     # padding never lowers a chunk
             chunk_low = jnp.min(low_p.reshape(n_chunks, k), axis=1)                       # [n_chunks]
             chunk_variant = jnp.searchsorted(jnp.asarray(variants), chunk_low, side="right") - 1
 
