@@ -5,9 +5,37 @@ Usage::
     python experiments/make_results.py [--results experiments/results] [--readme experiments/README.md]
 
 Reads ``results/<comparison>/<label>[_<field><value>]_s<seed>/metrics.jsonl`` (one JSON line per
-round, round -1 = before training), and writes per comparison a table (mean +- std over seeds,
-std with ddof=1), plots (accuracy vs round / cumulative uplink / simulated time, mean over
-seeds with a +-1 std band) and a verdict per paper claim computed from the numbers.
+round, round -1 = before training; a run counts when its ``summary.json`` exists) and the
+comparison's config module ``configs/<comparison>.py``. Nothing here names a method: the arms
+(``METHODS``), seeds, sweep, target and claims all come from the config module.
+
+Config contract (besides ``METHODS`` / ``SEEDS`` / ``SWEEP`` of ``run_comparison``):
+
+* ``TARGET = {"fraction": f, "reference": label}`` (optional): per sweep value, the target
+  accuracy is ``f`` x the mean over seeds of the reference arm's last-3 accuracy.
+* ``CLAIMS = ({"claim": str, "arm": label, "ref": label, "metric": name, "direction": +1 | -1}, ...)``:
+  the paper claims ``metric(arm)`` is higher (+1) / lower (-1) than ``metric(ref)``; evaluated
+  separately for each sweep value.
+* ``DIFFERENCES`` (optional): how our setting differs from the paper's, printed beside the verdicts.
+
+Metrics: see :data:`METRIC_NAMES` and :func:`metric_value`.
+
+Verdict rules (:func:`judge_claim`), per claim and sweep value:
+
+* Pairs are the seeds that finished in both arms; ``d_s = metric(arm, s) - metric(ref, s)``.
+  We report n, every ``d_s``, their mean, sample sd (ddof=1) and the two-sided 95% t interval
+  ``mean +- t(0.975, n-1) * sd / sqrt(n)``.
+* "holds" when the whole interval lies on the claimed side of 0, "does not hold (reversed)"
+  when it lies wholly on the other side, "inconclusive" otherwise or with fewer than 2 pairs.
+* To-target metrics (a run may never reach the target), with "better" = the side the claim
+  says is cheaper: if the better side never reached the target in some seed, the claim cannot
+  hold: "does not hold" if the other side reached it in that seed, else "inconclusive". If only
+  the other side never reached it, its whole-run value (rounds run + 1, total MB, total sim s)
+  is a bound substituted for it; the difference is marked (``≤`` / ``≥``) and biased against
+  the claim, so it can still establish "holds" but never a reversal (then "inconclusive").
+* A metric a run does not log (e.g. no ``global_slot_norm``) drops that pair, and the verdict
+  text names the seeds.
+* Cost metrics also show the ratio of means ``mean(ref) / mean(arm)`` over the pairs.
 """
 
 from __future__ import annotations
@@ -19,6 +47,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -27,9 +56,34 @@ from run_comparison import load_module, run_name, sweep_items  # noqa: E402
 
 COMPARISONS = ("byun_lee", "hafl", "fedara", "legend")
 MB = 1e6
+TO_TARGET = ("rounds_to_target", "mb_to_target", "sim_s_to_target")
+TOTALS = ("total_mb", "total_sim_s", "total_energy_kj")
+COST_METRICS = TO_TARGET + TOTALS
+SCALAR_METRICS = ("final_acc", "last3_acc", "best_acc", "auc", *COST_METRICS, "diagnostic_drop", "global_budget")
+#: Metrics with arguments: ``slot_norm:<lo>:<hi>``, ``distributed_acc:<rank>``, ``distribution_drop:<rank>``.
+PARAM_METRICS = {"slot_norm": 2, "distributed_acc": 1, "distribution_drop": 1}
+METRIC_NAMES = (*SCALAR_METRICS, "slot_norm:<lo>:<hi>", "distributed_acc:<rank>", "distribution_drop:<rank>")
+DIGITS = {"rounds_to_target": 1, "mb_to_target": 2, "sim_s_to_target": 1, "total_mb": 2, "total_sim_s": 1,
+          "global_budget": 1}
+SLOT_BIN = 4
+CI_LEVEL = 0.95
+RULES = """## How the verdicts are computed
+
+Each claim compares one metric of two arms, paired by seed (every arm of a seed samples the same
+clients and holds the same data): `d_s = metric(arm, s) - metric(ref, s)` for the seeds that
+finished in both. The table gives every `d_s`, their mean and the two-sided 95% t interval
+`mean ± t(0.975, n-1) · sd / sqrt(n)` (sd with ddof=1). **holds**: the whole interval is on the
+claimed side of 0; **does not hold (reversed)**: wholly on the other side; **inconclusive**:
+otherwise, or fewer than 2 paired seeds. To-target metrics: if the arm the claim says is cheaper
+never reached the target in a seed, the claim cannot hold (**does not hold** if the other arm
+reached it in that seed, **inconclusive** otherwise); if only the other arm never reached it, its
+whole-run value (rounds run + 1, total MB, total simulated s) is substituted as a bound, the
+difference is marked `≤` / `≥`, and this bound can support "holds" but never a reversal. Cost
+metrics also show the ratio of means (ref / arm, "2.4x less communication").
+"""
 
 
-# ----------------------------------------------------------------------------- pure aggregation
+# ----------------------------------------------------------------------------- per-run metrics
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Rows of a metrics.jsonl file."""
@@ -64,109 +118,434 @@ def eval_curve(rows: list[dict], x_key: str = "round") -> tuple[np.ndarray, np.n
 
 def first_reaching(rows: list[dict], target: float, key: str) -> float | None:
     """``rows[key]`` at the first trained round whose test accuracy is >= ``target`` (None if
-    never reached). Rounds before training are ignored."""
-    for r in sorted(rows, key=lambda r: r["round"]):
-        if r["round"] >= 0 and r.get("test_accuracy") is not None and r["test_accuracy"] >= target:
-            return float(r[key])
+    never reached). Rounds before training are ignored; ``key="round"`` gives round + 1."""
+    for r in trained_rows(rows):
+        if r.get("test_accuracy") is not None and r["test_accuracy"] >= target:
+            return float(r["round"] + 1 if key == "round" else r[key])
     return None
 
 
-def run_stats(rows: list[dict]) -> dict:
-    """Final / best / last-3-mean test accuracy, cumulative uplink MB, simulated time (s) and
-    energy (kJ). ``last3_acc`` (mean of the last three evaluations) is less noisy than the final
-    accuracy on a small test set and is what the verdicts compare."""
-    trained = [r for r in rows if r["round"] >= 0]
-    evals = [r["test_accuracy"] for r in trained if "test_accuracy" in r]
-    last = max(trained, key=lambda r: r["round"]) if trained else {}
-    return {
-        "final_acc": evals[-1] if evals else None,
-        "best_acc": max(evals) if evals else None,
-        "last3_acc": float(np.mean(evals[-3:])) if evals else None,
-        "up_mb": last.get("cum_bytes_up", math.nan) / MB,
-        "sim_s": last.get("cum_sim_time_s", math.nan),
-        "energy_kj": last.get("cum_energy_j", math.nan) / 1e3,
-        "rounds": len(trained),
-    }
+def trained_rows(rows: list[dict]) -> list[dict]:
+    """The rows of trained rounds (round >= 0), in round order."""
+    return sorted((r for r in rows if r["round"] >= 0), key=lambda r: r["round"])
 
 
-def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]):
-    """Mean x, mean y and std y over seeds of curves evaluated at the same rounds (truncated to
-    the shortest)."""
-    n = min(len(c[0]) for c in curves)
-    xs = np.stack([c[0][:n] for c in curves])
-    ys = np.stack([c[1][:n] for c in curves])
-    sd = ys.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
-    return xs.mean(axis=0), ys.mean(axis=0), sd
+def trained_evals(rows: list[dict]) -> list[float]:
+    """Test accuracies of the evaluated trained rounds, in round order."""
+    return [r["test_accuracy"] for r in trained_rows(rows) if "test_accuracy" in r]
 
 
-def aggregate_group(runs: list[list[dict]], *, target: float | None = None) -> dict:
-    """Mean/std over seeds of :func:`run_stats` plus time/bytes to ``target`` accuracy."""
-    stats = [run_stats(r) for r in runs]
-    keys = ("final_acc", "last3_acc", "best_acc", "up_mb", "sim_s", "energy_kj")
-    out = {k: mean_std([s[k] for s in stats]) for k in keys}
-    out["n"] = len(runs)
+def last_row(rows: list[dict]) -> dict:
+    """The row of the last trained round."""
+    trained = trained_rows(rows)
+    if not trained:
+        raise ValueError("run has no trained round")
+    return trained[-1]
+
+
+def auc(rows: list[dict]) -> float | None:
+    """Normalised area under accuracy vs round (x = round + 1, pre-training row at 0): trapezoid
+    over the evaluated points divided by the x range, in accuracy units (None with < 2 points)."""
+    x, y = eval_curve(rows, "round")
+    if x.size < 2:
+        return None
+    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    return area / float(x[-1] - x[0])
+
+
+def whole_run_value(rows: list[dict], metric: str) -> float:
+    """The bound substituted for a to-target metric of a run that never reached the target:
+    rounds run + 1, total uplink MB or total simulated seconds."""
+    last = last_row(rows)
+    return {"rounds_to_target": float(len(trained_rows(rows)) + 1), "mb_to_target": last["cum_bytes_up"] / MB,
+            "sim_s_to_target": float(last["cum_sim_time_s"])}[metric]
+
+
+def parse_metric(metric: str) -> tuple[str, tuple[int, ...]]:
+    """``(base name, integer arguments)`` of a metric name; ValueError for an unknown one."""
+    base, *args = metric.split(":")
+    if base in SCALAR_METRICS and not args:
+        return base, ()
+    if base in PARAM_METRICS and len(args) == PARAM_METRICS[base]:
+        try:
+            ints = tuple(int(a) for a in args)
+        except ValueError:
+            ints = None
+        if ints is not None and (base != "slot_norm" or 0 <= ints[0] < ints[1]):
+            return base, ints
+    raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRIC_NAMES)} (slot_norm needs 0 <= lo < hi)")
+
+
+def metric_value(rows: list[dict], metric: str, target: float | None = None) -> float | None:
+    """One metric of one run (None when undefined: not logged, or the target never reached).
+
+    final_acc / last3_acc (mean of the last three trained evaluations, fewer if fewer) / best_acc;
+    auc (:func:`auc`); rounds_to_target (round + 1 of the first trained evaluation >= target),
+    mb_to_target, sim_s_to_target (cumulative uplink MB / simulated s at that row); total_mb,
+    total_sim_s, total_energy_kj (at the last row); slot_norm:lo:hi (sum of
+    ``global_slot_norm[lo:hi]`` at the last row logging it); distributed_acc:r
+    (``distributed_test_accuracy[r]`` of the last row), distribution_drop:r (final_acc minus it);
+    diagnostic_drop (local minus after-aggregation accuracy of ``first_round_diagnostic``);
+    global_budget (sum of ``global_ranks`` at the last row).
+    """
+    base, args = parse_metric(metric)
+    evals = trained_evals(rows)
+    if base in ("final_acc", "last3_acc", "best_acc"):
+        if not evals:
+            return None
+        return {"final_acc": evals[-1], "last3_acc": float(np.mean(evals[-3:])), "best_acc": max(evals)}[base]
+    if base == "auc":
+        return auc(rows)
+    if base in TO_TARGET:
+        if target is None:
+            raise ValueError(f"metric {metric!r} needs a target accuracy (TARGET in the config)")
+        key = {"rounds_to_target": "round", "mb_to_target": "cum_bytes_up", "sim_s_to_target": "cum_sim_time_s"}[base]
+        v = first_reaching(rows, target, key)
+        return None if v is None else v / MB if base == "mb_to_target" else v
+    last = last_row(rows)
+    if base in TOTALS:
+        key, scale = {"total_mb": ("cum_bytes_up", MB), "total_sim_s": ("cum_sim_time_s", 1.0),
+                      "total_energy_kj": ("cum_energy_j", 1e3)}[base]
+        return float(last[key]) / scale
+    if base == "slot_norm":
+        logged = [r["global_slot_norm"] for r in trained_rows(rows) if "global_slot_norm" in r]
+        if not logged:
+            return None
+        lo, hi = args
+        if hi > len(logged[-1]):
+            raise ValueError(f"metric {metric!r}: global_slot_norm has only {len(logged[-1])} slots")
+        return float(np.sum(logged[-1][lo:hi]))
+    if base in ("distributed_acc", "distribution_drop"):
+        acc = last.get("distributed_test_accuracy", {}).get(str(args[0]))
+        if acc is None or base == "distributed_acc":
+            return acc
+        return evals[-1] - acc if evals else None
+    if base == "diagnostic_drop":
+        diag = next((r["first_round_diagnostic"] for r in rows if "first_round_diagnostic" in r), None)
+        return None if diag is None else diag["local_accuracy"] - diag["after_aggregation_accuracy"]
+    if base == "global_budget":
+        return float(sum(last["global_ranks"].values())) if "global_ranks" in last else None
+    raise AssertionError(base)
+
+
+# ----------------------------------------------------------------------------- paired statistics
+
+def paired_interval(diffs, level: float = CI_LEVEL) -> dict:
+    """n, mean, sample sd (ddof=1) and the two-sided t interval of paired differences
+    (sd / lo / hi None with fewer than 2 values; mean None with none)."""
+    d = np.asarray(diffs, np.float64)
+    n = int(d.size)
+    if n < 2:
+        return {"n": n, "mean": float(d[0]) if n else None, "sd": None, "lo": None, "hi": None}
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def interval_verdict(interval: dict, direction: int) -> str:
+    """"holds" / "does not hold (reversed)" / "inconclusive" from the interval's position."""
+    if interval["n"] < 2:
+        return "inconclusive"
+    if direction * interval["lo"] > 0 and direction * interval["hi"] > 0:
+        return "holds"
+    if direction * interval["lo"] < 0 and direction * interval["hi"] < 0:
+        return "does not hold (reversed)"
+    return "inconclusive"
+
+
+def claim_pairs(arm_runs: dict, ref_runs: dict, metric: str, target: float | None) -> list[dict]:
+    """Per seed finished in both arms: ``{"seed", "arm", "ref"}`` metric values (None = undefined)."""
+    seeds = sorted(set(arm_runs) & set(ref_runs))
+    return [{"seed": s, "arm": metric_value(arm_runs[s], metric, target),
+             "ref": metric_value(ref_runs[s], metric, target)} for s in seeds]
+
+
+def judge_claim(pairs: list[dict], direction: int, metric: str, *, arm_runs: dict | None = None,
+                ref_runs: dict | None = None) -> dict:
+    """Verdict of one claim from its per-seed pairs (rules in the module docstring).
+
+    ``arm_runs`` / ``ref_runs`` (seed -> rows) are needed only for to-target metrics, for the
+    whole-run bound of a censored run. Returns ``{"verdict", "notes", "interval", "diffs",
+    "ratio", "ratio_mark"}``; ``diffs`` is ``[(seed, d, mark)]`` with mark "", "≤" or "≥"
+    (the true difference is at most / at least d), or d None when the pair is unusable.
+    """
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1 or -1, got {direction!r}")
+    if not pairs:
+        return {"verdict": "pending", "notes": ["no seed finished in both arms"], "interval": paired_interval([]),
+                "diffs": [], "ratio": None, "ratio_mark": ""}
+    censorable = parse_metric(metric)[0] in TO_TARGET
+    better, worse = ("arm", "ref") if direction < 0 else ("ref", "arm")
+    used, diffs, notes = [], [], []
+    better_missed = {True: [], False: []}  # other side reached it in that seed -> seeds
+    undefined, bounded = [], []
+    for p in pairs:
+        a, r, mark = p["arm"], p["ref"], ""
+        if censorable and p[better] is None:
+            better_missed[p[worse] is not None].append(p["seed"])
+            diffs.append((p["seed"], None, f"{better} never reached"))
+            continue
+        if censorable and p[worse] is None:
+            runs = ref_runs if worse == "ref" else arm_runs
+            if runs is None:
+                raise ValueError("judge_claim needs arm_runs and ref_runs for a to-target metric")
+            bound = whole_run_value(runs[p["seed"]], metric)
+            a, r = (a, bound) if worse == "ref" else (bound, r)
+            mark = "≤" if worse == "ref" else "≥"
+            bounded.append(p["seed"])
+        elif a is None or r is None:
+            undefined.append(p["seed"])
+            diffs.append((p["seed"], None, "undefined"))
+            continue
+        used.append((a, r))
+        diffs.append((p["seed"], a - r, mark))
+    interval = paired_interval([a - r for a, r in used])
+    verdict = interval_verdict(interval, direction)
+    if better_missed[True]:
+        verdict = "does not hold"
+        notes.append(f"the {better} never reached the target in seed(s) {_seeds(better_missed[True])}, "
+                     f"where the {worse} did")
+    if better_missed[False]:
+        if verdict != "does not hold":
+            verdict = "inconclusive"
+        notes.append(f"neither arm reached the target in seed(s) {_seeds(better_missed[False])}")
+    if bounded:
+        notes.append(f"the {worse} never reached the target in seed(s) {_seeds(bounded)}: its whole-run value is "
+                     "substituted (censored bound, against the claim)")
+        if verdict == "does not hold (reversed)":
+            verdict = "inconclusive"
+            notes.append("a censored bound cannot establish a reversal")
+    if undefined:
+        notes.append(f"metric not logged in seed(s) {_seeds(undefined)} (pair dropped)")
+    if interval["n"] < 2 and verdict == "inconclusive":
+        notes.append("fewer than 2 paired seeds")
+    ratio, ratio_mark = None, ""
+    if parse_metric(metric)[0] in COST_METRICS and used:
+        arm_mean, ref_mean = np.mean([a for a, _ in used]), np.mean([r for _, r in used])
+        ratio = float(ref_mean / arm_mean) if arm_mean != 0 else None
+        ratio_mark = ("≥" if worse == "ref" else "≤") if bounded else ""
+    return {"verdict": verdict, "notes": notes, "interval": interval, "diffs": diffs, "ratio": ratio,
+            "ratio_mark": ratio_mark}
+
+
+def _seeds(seeds) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def evaluate_claim(claim: dict, groups: dict, value, target: float | None) -> dict:
+    """:func:`judge_claim` of one config claim at one sweep value ("pending" when an arm has not
+    finished or the target is not yet derivable)."""
+    arm_runs, ref_runs = groups.get((claim["arm"], value), {}), groups.get((claim["ref"], value), {})
+    if parse_metric(claim["metric"])[0] in TO_TARGET and target is None:
+        return judge_claim([], claim["direction"], claim["metric"]) | {
+            "notes": ["no target accuracy yet (the reference arm has no finished run)"]}
+    pairs = claim_pairs(arm_runs, ref_runs, claim["metric"], target)
+    return judge_claim(pairs, claim["direction"], claim["metric"], arm_runs=arm_runs, ref_runs=ref_runs)
+
+
+def validate_config(module) -> None:
+    """ValueError when TARGET or a CLAIMS entry is malformed: unknown keys, arms not in METHODS,
+    unknown metric, bad direction, or a to-target metric without TARGET."""
+    target = getattr(module, "TARGET", None)
     if target is not None:
-        t = [first_reaching(r, target, "cum_sim_time_s") for r in runs]
-        b = [first_reaching(r, target, "cum_bytes_up") for r in runs]
-        out["t_target"] = mean_std(t)
-        out["mb_target"] = mean_std([None if x is None else x / MB for x in b])
-        out["reached"] = sum(x is not None for x in t)
-    return out
+        if set(target) != {"fraction", "reference"} or target["reference"] not in module.METHODS:
+            raise ValueError(f"TARGET must be {{'fraction', 'reference': a METHODS label}}, got {target!r}")
+        if not 0 < target["fraction"] <= 1:
+            raise ValueError(f"TARGET fraction must be in (0, 1], got {target['fraction']!r}")
+    for claim in getattr(module, "CLAIMS", ()):
+        name = claim.get("claim", claim)
+        if set(claim) != {"claim", "arm", "ref", "metric", "direction"}:
+            raise ValueError(f"claim {name!r}: keys must be claim, arm, ref, metric, direction; got {sorted(claim)}")
+        for side in ("arm", "ref"):
+            if claim[side] not in module.METHODS:
+                raise ValueError(f"claim {name!r}: {side} {claim[side]!r} is not in METHODS {sorted(module.METHODS)}")
+        try:
+            base, _ = parse_metric(claim["metric"])
+        except ValueError as e:
+            raise ValueError(f"claim {name!r}: {e}") from None
+        if claim["direction"] not in (1, -1):
+            raise ValueError(f"claim {name!r}: direction must be +1 or -1, got {claim['direction']!r}")
+        if base in TO_TARGET and target is None:
+            raise ValueError(f"claim {name!r}: metric {claim['metric']!r} needs TARGET in the config")
 
 
 # ----------------------------------------------------------------------------- loading
 
-def load_comparison(results: Path, name: str, config_dir: Path):
-    """``{(label, sweep_value): [rows per seed]}`` plus the module, for the runs that finished."""
-    module = load_module(config_dir / f"{name}.py")
-    groups = {}
+def finished_runs(results: Path, name: str, module) -> dict:
+    """``{(label, sweep_value, seed): run directory}`` of the config's runs whose summary.json
+    exists (directories of arms no longer in METHODS are ignored)."""
+    out = {}
     for field, value in sweep_items(module):
         for label in module.METHODS:
-            runs = []
             for seed in module.SEEDS:
                 d = results / name / run_name(label, seed, field, value)
                 if (d / "summary.json").exists():
-                    runs.append(read_jsonl(d / "metrics.jsonl"))
-            if runs:
-                groups[(label, value)] = runs
+                    out[(label, value, seed)] = d
+    return out
+
+
+def load_comparison(results: Path, name: str, config_dir: Path):
+    """``(module, {(label, sweep_value): {seed: rows}})`` for the runs that finished."""
+    module = load_module(config_dir / f"{name}.py")
+    groups = {}
+    for (label, value, seed), d in finished_runs(results, name, module).items():
+        groups.setdefault((label, value), {})[seed] = read_jsonl(d / "metrics.jsonl")
     return module, groups
 
 
-def wall_minutes(results: Path, name: str) -> float:
-    total = 0.0
-    for s in (results / name).glob("*/summary.json"):
-        total += json.loads(s.read_text()).get("wall_s", 0.0)
-    return total / 60
+def wall_minutes(results: Path, name: str, module) -> float:
+    """Sum of the finished runs' measured ``wall_s`` (summary.json), in minutes."""
+    dirs = finished_runs(results, name, module).values()
+    return sum(json.loads((d / "summary.json").read_text())["wall_s"] for d in dirs) / 60
+
+
+def target_accuracy(module, groups: dict, value) -> dict | None:
+    """``{"target", "reference", "fraction", "ref_last3", "n"}`` at one sweep value (None without
+    TARGET or when the reference arm has no finished run there)."""
+    spec = getattr(module, "TARGET", None)
+    runs = groups.get((spec["reference"], value)) if spec else None
+    if not runs:
+        return None
+    last3 = [metric_value(r, "last3_acc") for r in runs.values()]
+    if any(v is None for v in last3):
+        raise ValueError(f"reference arm {spec['reference']!r} has a run without a trained evaluation")
+    ref = float(np.mean(last3))
+    return {"target": spec["fraction"] * ref, "reference": spec["reference"], "fraction": spec["fraction"],
+            "ref_last3": ref, "n": len(last3)}
+
+
+def identical_groups(groups: dict) -> list[tuple]:
+    """Pairs of group keys whose metrics (ignoring wall time) are identical in every seed."""
+    def strip(runs):
+        return {s: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows] for s, rows in runs.items()}
+
+    keys = list(groups)
+    return [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]
+            if a[1] == b[1] and strip(groups[a]) == strip(groups[b])]
 
 
 # ----------------------------------------------------------------------------- formatting
 
 def fmt(ms, digits=3, scale=1.0):
+    """``"m ± s"`` of a (mean, std) pair, "n/a" when the mean is missing."""
     m, s = ms
     if m is None or math.isnan(m):
         return "n/a"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
-def table(groups: dict, aggs: dict, *, sweep_field: str | None, with_target: bool) -> str:
-    head = ["method"] + ([sweep_field] if sweep_field else []) + [
-        "seeds", "final acc", "last-3 acc", "best acc", "uplink MB", "sim time s", "energy kJ"]
-    if with_target:
-        head += ["sim s to target", "uplink MB to target", "reached"]
+def _num(x, digits=3, mark="") -> str:
+    return "n/a" if x is None else f"{mark}{x:+.{digits}f}"
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in groups:
-        label, value = key
-        a = aggs[key]
-        row = [label] + ([str(value)] if sweep_field else []) + [
-            str(a["n"]), fmt(a["final_acc"]), fmt(a["last3_acc"]), fmt(a["best_acc"]), fmt(a["up_mb"], 2),
-            fmt(a["sim_s"], 1), fmt(a["energy_kj"], 3)]
-        if with_target:
-            row += [fmt(a["t_target"], 1), fmt(a["mb_target"], 2), f"{a['reached']}/{a['n']}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def arms_table(sub: dict, target: float | None) -> str:
+    """Per arm, mean ± sd over seeds of the accuracy, AUC, to-target and total cost metrics."""
+    head = ["arm", "seeds", "final acc", "last-3 acc", "AUC", "rounds to target (reached)",
+            "uplink MB to target", "sim s to target", "total uplink MB", "total sim s", "energy kJ"]
+    rows = []
+    for (label, _), runs in sub.items():
+        def col(metric, digits=3):
+            return fmt(mean_std([metric_value(r, metric, target) for r in runs.values()]), digits)
+        row = [label, str(len(runs)), col("final_acc"), col("last3_acc"), col("auc")]
+        if target is None:
+            row += ["n/a", "n/a", "n/a"]
+        else:
+            reached = sum(metric_value(r, "rounds_to_target", target) is not None for r in runs.values())
+            row += [f"{col('rounds_to_target', 1)} ({reached}/{len(runs)})", col("mb_to_target", 2),
+                    col("sim_s_to_target", 1)]
+        row += [col("total_mb", 2), col("total_sim_s", 1), col("total_energy_kj", 3)]
+        rows.append(row)
+    return _md_table(head, rows)
+
+
+def diagnostic_tables(sub: dict) -> list[str]:
+    """Markdown tables of the diagnostics the runs logged (each only when present)."""
+    out = []
+    diag = {label: [next((r["first_round_diagnostic"] for r in rows if "first_round_diagnostic" in r), None)
+                    for rows in runs.values()] for (label, _), runs in sub.items()}
+    if any(d is not None for ds in diag.values() for d in ds):
+        rows = []
+        for label, ds in diag.items():
+            ds = [d for d in ds if d is not None]
+            if ds:
+                loc = [d["local_accuracy"] for d in ds]
+                aft = [d["after_aggregation_accuracy"] for d in ds]
+                rows.append([label, str(len(ds)), fmt(mean_std(loc)), fmt(mean_std(aft)),
+                             fmt(mean_std([a - b for a, b in zip(loc, aft, strict=True)]))])
+        out += ["First-round diagnostic (the highest-rank participating client's accuracy before and after "
+                "the first aggregation):", "",
+                _md_table(["arm", "seeds", "local acc", "after aggregation", "drop"], rows), ""]
+    norms = {label: [[r["global_slot_norm"] for r in trained_rows(rows) if "global_slot_norm" in r]
+                     for rows in runs.values()] for (label, _), runs in sub.items()}
+    width = max((len(n[-1]) for ns in norms.values() for n in ns if n), default=0)
+    if width:
+        bins = [(lo, min(lo + SLOT_BIN, width)) for lo in range(0, width, SLOT_BIN)]
+        rows = []
+        for label, ns in norms.items():
+            ns = [n for n in ns if n]
+            for when, idx in (("first eval", 0), ("last eval", -1)):
+                if ns:
+                    rows.append([label, when] + [fmt(mean_std([float(np.sum(n[idx][lo:hi])) for n in ns]))
+                                                 for lo, hi in bins])
+        out += ["Global slot norm (sum over modules of each rank slot's norm; mean ± sd over seeds):", "",
+                _md_table(["arm", "when"] + [f"slots {lo}-{hi - 1}" for lo, hi in bins], rows), ""]
+    dist = {label: [last_row(rows).get("distributed_test_accuracy") for rows in runs.values()]
+            for (label, _), runs in sub.items()}
+    ranks = sorted({int(k) for ds in dist.values() for d in ds if d for k in d})
+    if ranks:
+        rows = []
+        for (label, _), runs in sub.items():
+            if not any(dist[label]):
+                continue
+            cells = []
+            for rank in ranks:
+                acc = [metric_value(r, f"distributed_acc:{rank}") for r in runs.values()]
+                drop = [metric_value(r, f"distribution_drop:{rank}") for r in runs.values()]
+                cells.append(f"{fmt(mean_std(acc))} (drop {fmt(mean_std(drop))})")
+            rows.append([label] + cells)
+        out += ["Accuracy of the model a client of each rank receives (drop = global final accuracy minus it):", "",
+                _md_table(["arm"] + [f"rank {r}" for r in ranks], rows), ""]
+    budgets = {label: [metric_value(r, "global_budget") for r in runs.values()] for (label, _), runs in sub.items()}
+    if any(b is not None for bs in budgets.values() for b in bs):
+        rows = [[label, fmt(mean_std(bs), 1)] for label, bs in budgets.items() if any(b is not None for b in bs)]
+        out += ["Final global rank budget (sum of `global_ranks`):", "",
+                _md_table(["arm", "global budget"], rows), ""]
+    return out
+
+
+def claims_block(claims, results: list[dict]) -> list[str]:
+    """The claims table and one bullet per claim."""
+    rows, bullets = [], []
+    for claim, res in zip(claims, results, strict=True):
+        digits = DIGITS.get(parse_metric(claim["metric"])[0], 3)
+        per_seed = ", ".join(f"s{s}: {_num(d, digits, mark)}" if d is not None else f"s{s}: n/a ({mark})"
+                             for s, d, mark in res["diffs"]) or "–"
+        iv = res["interval"]
+        marked = any(mark in ("≤", "≥") for _, _, mark in res["diffs"])
+        ci = ("n/a" if iv["mean"] is None else f"{_num(iv['mean'], digits)} (n = 1)" if iv["lo"] is None
+              else f"{_num(iv['mean'], digits)} [{_num(iv['lo'], digits + 1)}, {_num(iv['hi'], digits + 1)}]")
+        ci = f"{ci} (censored)" if marked else ci
+        ratio = "" if res["ratio"] is None else f"{res['ratio_mark']}{res['ratio']:.2f}x"
+        side = "higher" if claim["direction"] > 0 else "lower"
+        rows.append([claim["claim"], f"`{claim['arm']}` − `{claim['ref']}`", f"`{claim['metric']}` ({side})",
+                     per_seed, ci, ratio, f"**{res['verdict']}**"])
+        nums = "" if iv["mean"] is None else f"mean difference {ci} over {iv['n']} paired seed(s)"
+        nums += f", ref/arm ratio of means {ratio}" if ratio else ""
+        text = "; ".join(x for x in [nums, *res["notes"]] if x)
+        bullets.append(f"- **{claim['claim']}** — {res['verdict']}: {text}.")
+    table = _md_table(["claim", "arm − ref", "metric (claimed)", "per-seed differences", "mean [95% CI]",
+                       "ratio of means (ref/arm)", "verdict"], rows)
+    return [table, "", *bullets, ""]
 
 
 def plot_groups(groups: dict, title: str, path: Path) -> None:
+    """Accuracy vs round / cumulative uplink MB / cumulative simulated time: mean over seeds with a
+    ±1 sd band (no band with one seed). ``groups``: ``{(label, value): {seed: rows}}``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,11 +555,12 @@ def plot_groups(groups: dict, title: str, path: Path) -> None:
     for (label, _), runs in groups.items():
         for ax, key, xl in zip(axes, ("round", "cum_bytes_up", "cum_sim_time_s"),
                                ("round", "cumulative uplink (MB)", "cumulative simulated time (s)"), strict=True):
-            x, m, s = mean_curve([eval_curve(r, key) for r in runs])
+            x, m, s = mean_curve([eval_curve(r, key) for r in runs.values()])
             if key == "cum_bytes_up":
                 x = x / MB
-            ax.plot(x, m, marker="o", ms=3, label=label)
-            ax.fill_between(x, m - s, m + s, alpha=0.2)
+            ax.plot(x, m, marker="o", ms=3, label=f"{label} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(x, m - s, m + s, alpha=0.2)
             ax.set_xlabel(xl)
             ax.set_ylabel("test accuracy")
     axes[0].legend()
@@ -191,143 +571,59 @@ def plot_groups(groups: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def diff_verdict(a: tuple[float, float], b: tuple[float, float], n: int) -> tuple[float, str]:
-    """``a - b`` of two mean/std pairs and whether it is above noise (2 standard errors)."""
-    d = a[0] - b[0]
-    se = math.sqrt((a[1] ** 2 + b[1] ** 2) / max(n, 1))
-    if d > 2 * se and d > 0:
-        return d, "above noise"
-    if d > 0:
-        return d, "within noise"
-    return d, "not better"
-
-
-def identical_groups(groups: dict) -> list[tuple]:
-    """Pairs of group keys whose metrics (ignoring wall time) are identical in every seed."""
-    def strip(runs):
-        return [[{k: v for k, v in r.items() if k != "wall_s"} for r in rows] for rows in runs]
-
-    keys = list(groups)
-    return [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]
-            if a[1] == b[1] and strip(groups[a]) == strip(groups[b])]
-
-
-# ----------------------------------------------------------------------------- verdicts
-
-def verdict_byun_lee(aggs) -> str:
-    rep, zp = aggs[("replication", None)], aggs[("zero_padding", None)]
-    d, how = diff_verdict(rep["last3_acc"], zp["last3_acc"], rep["n"])
-    db, howb = diff_verdict(rep["best_acc"], zp["best_acc"], rep["n"])
-    word = ("reproduced" if how == "above noise" else
-            "partly (same direction, within seed noise)" if d > 0 or db > 0 else "not reproduced")
-    return (f"**Claim: replication padding beats zero padding under heterogeneous ranks — {word}.** "
-            f"Last-3 accuracy {rep['last3_acc'][0]:.3f} vs {zp['last3_acc'][0]:.3f} "
-            f"(difference {d:+.3f}, {how}); best accuracy difference {db:+.3f} ({howb}).")
-
-
-def verdict_hafl(aggs, alphas) -> str:
-    parts, wins = [], 0
-    for a in alphas:
-        if ("hafl_freeze", a) not in aggs or ("zero_padding", a) not in aggs:
-            continue
-        h, z = aggs[("hafl_freeze", a)], aggs[("zero_padding", a)]
-        d, how = diff_verdict(h["last3_acc"], z["last3_acc"], h["n"])
-        wins += how == "above noise"
-        parts.append(f"alpha {a}: {h['last3_acc'][0]:.3f} vs {z['last3_acc'][0]:.3f} ({d:+.3f}, {how})")
-    done = len(parts)
-    word = ("reproduced" if done and wins == done else "partly" if wins
-            else "partly (same direction, within seed noise)" if any("within" in p for p in parts)
-            else "not reproduced")
-    return (f"**Claim: HAFL (freeze) beats HetLoRA zero padding under non-IID data — {word}.** "
-            "Last-3 accuracy HAFL vs zero padding: " + "; ".join(parts) + ".")
-
-
-def verdict_fedara(aggs) -> str:
-    f, x = aggs[("fedara", None)], aggs[("fixed_rank_fedit", None)]
-    ratio = x["up_mb"][0] / f["up_mb"][0]
-    dt = 1 - f["sim_s"][0] / x["sim_s"][0]
-    de = 1 - f["energy_kj"][0] / x["energy_kj"][0]
-    dacc = f["last3_acc"][0] - x["last3_acc"][0]
-    ok = ratio >= 2.0 and dt >= 0.35 and de >= 0.35 and dacc > -0.02
-    some = ratio > 1.2 or dt > 0.1 or de > 0.1
-    word = "reproduced" if ok else ("partly" if some else "not reproduced")
-    return (f"**Claim: 2.40x less communication, 48.9% less time, 46.95% less energy vs fixed rank — {word}.** "
-            f"We measure {ratio:.2f}x less uplink, {100 * dt:.1f}% less simulated time, {100 * de:.1f}% less "
-            f"simulated energy, last-3 accuracy {dacc:+.3f} vs fixed-rank FedIT." + _adalora_note(aggs))
-
-
-def _adalora_note(aggs) -> str:
-    a, f = aggs.get(("adalora_central", None)), aggs[("fedara", None)]
-    if a is None or a["last3_acc"] != f["last3_acc"] or a["up_mb"] != f["up_mb"]:
-        return ""
-    return (" The AdaLoRA-style baseline (`nested=False`) gave the same runs as FedARA: in this library a "
-            "pruned triplet is no longer trained or scored, so its aggregated score decays to 0 and, with a "
-            "non-increasing budget, the global top-k never revives it; `nested=False` then equals "
-            "`nested=True`. In AdaLoRA proper the masked triplets keep receiving gradients and can return, "
-            "so this baseline does not yet test what it is meant to test.")
-
-
-def verdict_legend(aggs, target) -> str:
-    lg, un = aggs[("legend", None)], aggs[("uniform_fedit", None)]
-    sp = un["t_target"][0] / lg["t_target"][0] if lg["reached"] and un["reached"] else math.nan
-    save = 1 - lg["mb_target"][0] / un["mb_target"][0] if lg["reached"] and un["reached"] else math.nan
-    if math.isnan(sp):
-        word = "not measurable"
-    elif sp >= 1.5 and save >= 0.3:
-        word = "reproduced"
-    elif sp > 1.0 or save > 0.0:
-        word = "partly"
-    else:
-        word = "not reproduced"
-    return (f"**Claim: 1.5-2.8x speedup and ~42% less traffic to target accuracy — {word}.** "
-            f"Target {target:.3f}; LEGEND reached it in {lg.get('reached', 0)}/{lg['n']} seeds, uniform in "
-            f"{un.get('reached', 0)}/{un['n']}; speedup in simulated time {sp:.2f}x, uplink saving "
-            f"{100 * save:.1f}% (ratio of means over the seeds that reached it).")
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]):
+    """Mean x, mean y and std y over seeds of curves evaluated at the same rounds (truncated to
+    the shortest; std 0 for one curve)."""
+    n = min(len(c[0]) for c in curves)
+    xs = np.stack([c[0][:n] for c in curves])
+    ys = np.stack([c[1][:n] for c in curves])
+    sd = ys.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
+    return xs.mean(axis=0), ys.mean(axis=0), sd
 
 
 # ----------------------------------------------------------------------------- page
 
+def value_block(name: str, module, groups: dict, field: str | None, value, plots: Path) -> list[str]:
+    """The part of a section for one sweep value (or the whole comparison without a sweep)."""
+    sub = {k: g for k, g in groups.items() if k[1] == value}
+    out = [] if field is None else [f"### {field} = {value}", ""]
+    if not sub:
+        return out + ["No finished runs.", ""]
+    tgt = target_accuracy(module, groups, value)
+    target = None if tgt is None else tgt["target"]
+    if tgt is not None:
+        out += [f"Target accuracy: {tgt['target']:.3f} = {tgt['fraction']:.2f} x the mean last-3 accuracy "
+                f"({tgt['ref_last3']:.3f}, {tgt['n']} seed(s)) of the reference arm `{tgt['reference']}`.", ""]
+    elif getattr(module, "TARGET", None):
+        out += [f"Target accuracy: pending (reference arm `{module.TARGET['reference']}` has no finished run).", ""]
+    out += [arms_table(sub, target), ""]
+    out += diagnostic_tables(sub)
+    fname = f"{name}{'' if field is None else f'_{field}{value}'}.png"
+    plot_groups(sub, f"{name}{'' if field is None else f' ({field}={value})'}", plots / fname)
+    out += [f"![{fname}](results/plots/{fname})", ""]
+    claims = tuple(getattr(module, "CLAIMS", ()))
+    if claims:
+        out += claims_block(claims, [evaluate_claim(c, groups, value, target) for c in claims])
+    return out
+
+
 def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
+    """The README section of one comparison."""
     module, groups = load_comparison(results, name, config_dir)
+    validate_config(module)
     if not groups:
         return f"## {name}\n\nNo finished runs.\n"
     doc = (module.__doc__ or "").strip()
-    target = None
-    sweep = getattr(module, "SWEEP", None) or {}
-    sweep_field = next(iter(sweep), None)
-    ref_key = (getattr(module, "TARGET_REFERENCE", "fixed_rank_fedit"), None)
-    if name in ("legend", "fedara") and ref_key in groups:
-        frac = getattr(module, "TARGET_FRACTION", 0.95)
-        target = frac * aggregate_group(groups[ref_key])["last3_acc"][0]
-    aggs = {k: aggregate_group(v, target=target) for k, v in groups.items()}
     out = [f"## {name}", "", doc.split("\n\n")[0], "",
-           f"Runs: {sum(len(v) for v in groups.values())}, CPU wall time {wall_minutes(results, name):.1f} min "
-           "(2 shared cores).", ""]
-    if target is not None:
-        out += [f"Target accuracy: {target:.3f} = {getattr(module, 'TARGET_FRACTION', 0.95):.2f} x the mean last-3 "
-                f"accuracy of the reference method ({ref_key[0]}).", ""]
-    out += [table(groups, aggs, sweep_field=sweep_field, with_target=target is not None), ""]
-    values = sorted({v for _, v in groups}, key=lambda v: (v is None, v))
-    for v in values:
-        sub = {k: g for k, g in groups.items() if k[1] == v}
-        fname = f"{name}{'' if v is None else f'_{sweep_field}{v}'}.png"
-        plot_groups(sub, f"{name}{'' if v is None else f' ({sweep_field}={v})'}", plots / fname)
-        out += [f"![{fname}](results/plots/{fname})", ""]
+           f"Runs: {sum(len(v) for v in groups.values())}, measured CPU wall time "
+           f"{wall_minutes(results, name, module):.1f} min.", ""]
+    for field, value in sweep_items(module):
+        out += value_block(name, module, groups, field, value, plots)
+    if getattr(module, "DIFFERENCES", None):
+        out += [f"Differences from the paper: {module.DIFFERENCES}", ""]
     for a, b in identical_groups(groups):
-        out += [f"Note: `{a[0]}` and `{b[0]}` produced byte-identical metrics in every seed "
-                "(the comparison between them is empty).", ""]
-    needed = {"byun_lee": ("replication", "zero_padding"), "hafl": ("hafl_freeze", "zero_padding"),
-              "fedara": ("fedara", "fixed_rank_fedit"), "legend": ("legend", "uniform_fedit")}[name]
-    if not all(any(k[0] == m for k in groups) for m in needed) or (name == "legend" and target is None):
-        out.append("Verdict pending: not all methods have finished runs.")
-    elif name == "byun_lee":
-        out.append(verdict_byun_lee(aggs))
-    elif name == "hafl":
-        out.append(verdict_hafl(aggs, values))
-    elif name == "fedara":
-        out.append(verdict_fedara(aggs))
-    elif name == "legend":
-        out.append(verdict_legend(aggs, target))
+        out += [f"Note: `{a[0]}` and `{b[0]}`{'' if a[1] is None else f' ({a[1]})'} produced byte-identical "
+                "metrics in every seed (the comparison between them is empty).", ""]
     return "\n".join(out) + "\n"
 
 
@@ -339,9 +635,8 @@ def main(argv=None) -> int:
     p.add_argument("--preamble", default=str(HERE / "results_preamble.md"))
     args = p.parse_args(argv)
     results, configs = Path(args.results), Path(args.configs)
-    parts = []
     pre = Path(args.preamble)
-    parts.append(pre.read_text() if pre.exists() else "# Results\n")
+    parts = [pre.read_text() if pre.exists() else "# Results\n", RULES]
     for name in COMPARISONS:
         if (results / name).is_dir():
             parts.append(section(name, results, configs, results / "plots"))

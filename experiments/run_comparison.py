@@ -7,7 +7,9 @@ Usage::
 
 A comparison config module defines ``get_config(variant) -> ExperimentConfig`` (the base),
 ``METHODS = {label: {"algorithm": ..., "algo": {...}, <other ExperimentConfig overrides>}}``,
-``SEEDS`` and optionally ``SWEEP = {field: (v1, v2, ...)}`` (one field). Each run writes
+``SEEDS`` and optionally ``SWEEP = {field: (v1, v2, ...)}`` (one field). A method's override may
+be a function of the base config (``{"client_groups": lambda base: ...}``), so that it follows the
+smoke variant's sizes. Each run writes
 ``<out>/<label>[_<field><value>]_s<seed>/{metrics.jsonl, summary.json, config.json}``; a run
 whose ``summary.json`` exists is skipped, so an interrupted comparison resumes. Checkpoints go
 to a temporary directory and are deleted (only the small JSON files are kept for git).
@@ -65,7 +67,7 @@ def run_name(label: str, seed: int, field: str | None = None, value=None) -> str
 def make_run_config(base: ExperimentConfig, label: str, method: dict, *, seed: int,
                     field: str | None = None, value=None) -> ExperimentConfig:
     """The base config with the method's overrides, the seed and the sweep value applied."""
-    changes = dict(method)
+    changes = {k: v(base) if callable(v) else v for k, v in method.items()}
     changes.setdefault("algo", {})  # a method never inherits the base config's algorithm options
     changes["seed"] = seed
     if field is not None:
@@ -79,13 +81,13 @@ def make_run_config(base: ExperimentConfig, label: str, method: dict, *, seed: i
 
 def plan_runs(module, variant: str, seeds, overrides: list[str] | None = None
               ) -> list[tuple[str, ExperimentConfig]]:
-    """Every (run directory name, config) of the comparison, in a deterministic order;
+    """Every (run directory name, config) of the comparison, in a deterministic (seed-major) order;
     ``overrides`` (``key=value``) change the base config first."""
     base = apply_overrides(module.get_config(variant), overrides)
     runs = []
     for field, value in sweep_items(module):
-        for label, method in module.METHODS.items():
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a partial comparison holds complete paired seeds
+            for label, method in module.METHODS.items():
                 cfg = make_run_config(base, label, method, seed=seed, field=field, value=value)
                 runs.append((run_name(label, seed, field, value), cfg))
     return runs

@@ -23,6 +23,7 @@ adalora        PEFT's AdaLoRA run federatedly (unmasked forward, lambda zeroed i
                non-nested allocation, full-rank traffic): FedARA's baseline
 legend         per-device LoRA depth and rank ramp from the LCD configurator, re-planned
                from measured device times (LEGEND, arXiv 2412.20004)
+head_only      control: no adapter trained or sent, only the classifier head is federated
 =============  =====================================================================
 """
 
@@ -41,6 +42,7 @@ from fedlora_jax.algorithms import (
     flexlora,
     flora,
     hafl,
+    head_only,
     hetlora,
     legend,
     replication,
@@ -60,6 +62,7 @@ BUILDERS: dict[str, Callable[..., Algorithm]] = {
     "fedara": fedara.build,
     "adalora": adalora.build,
     "legend": legend.build,
+    "head_only": head_only.build,
 }
 
 #: Other names users give for a registered method.

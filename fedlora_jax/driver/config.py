@@ -34,7 +34,7 @@ NATURAL_DATASETS = ("shakespeare",)
 #: Engine switches that give bit-identical numbers (tested): never part of the fingerprint.
 _ENGINE_FIELDS = ("cut_variants", "client_state")
 _LATE_FIELDS = ("task", "lm_loss", "chat_template", "generate_samples", "generate_max_new_tokens",
-                "generate_temperature", "natural_min_lines", "natural_test_per_client")
+                "generate_temperature", "natural_min_lines", "natural_test_per_client", "eval_distributed_ranks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +116,13 @@ class ExperimentConfig:
       diagnose_first_round: after round 0, log the test accuracy of the highest-rank
         participating client's own model just before aggregation and of what it receives just
         after (Byun & Lee's dilution diagnostic), as ``first_round_diagnostic`` in the metrics.
+      eval_distributed_ranks: after the last round, evaluate the model a client of each of these
+        ranks receives (the algorithm's own plan and distribute for the population's first
+        client of that rank), as ``distributed_test_accuracy`` ``{rank: accuracy}`` in the last
+        metrics row and the summary (HAFL's "degradation at distribution"). Every rank must be
+        held by some client. Every evaluated row also logs ``global_slot_norm`` ``[R]``: per
+        rank slot ``i``, the sum over modules of ``|e_i| ||a[:, i]|| ||b[i, :]||`` of the global
+        adapter (how much each slot carries; Byun & Lee's dilution of the high slots).
     """
 
     name: str = "experiment"
@@ -163,6 +170,7 @@ class ExperimentConfig:
     norm_barrier: str = "auto"
     merged_lora: str = "auto"
     diagnose_first_round: bool = False
+    eval_distributed_ranks: tuple[int, ...] = ()
     task: str = "classification"
     lm_loss: str = "response"
     chat_template: bool = False
@@ -224,6 +232,10 @@ def validate(cfg: ExperimentConfig) -> None:
     if not isinstance(cfg.cut_variants, tuple) or any(
             not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in cfg.cut_variants):
         _fail("cut_variants", cfg.cut_variants, "a tuple of ints >= 0 (layer indices), e.g. (3, 5)")
+    ranks = cfg.eval_distributed_ranks
+    if not isinstance(ranks, tuple) or any(
+            not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= cfg.r_max for v in ranks):
+        _fail("eval_distributed_ranks", cfg.eval_distributed_ranks, f"a tuple of ranks in [1, r_max={cfg.r_max}]")
     if cfg.client_state not in ("device", "host"):
         _fail("client_state", cfg.client_state, "'device' or 'host'")
     if cfg.clients_per_round > cfg.num_clients:
@@ -292,6 +304,8 @@ def _validate_task(cfg: ExperimentConfig) -> None:
                   "partitions need class labels)")
         if cfg.diagnose_first_round:
             _fail("diagnose_first_round", True, "False for task='causal_lm' (the diagnostic reports accuracy)")
+        if cfg.eval_distributed_ranks:
+            _fail("eval_distributed_ranks", cfg.eval_distributed_ranks, "() for task='causal_lm' (it reports accuracy)")
     if cfg.natural_test_per_client and cfg.dataset not in NATURAL_DATASETS:
         _fail("natural_test_per_client", cfg.natural_test_per_client, f"0 unless the dataset comes with clients "
               f"({NATURAL_DATASETS}), got dataset={cfg.dataset!r}")

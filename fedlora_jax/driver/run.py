@@ -300,18 +300,26 @@ def _causal_lm_data(cfg, tokenizer, tok_cache) -> _Data:
     return _Data(train, batches, None, ["text"], parts=parts, num_groups=num_groups, samples_from=test)
 
 
+def sample_rows(num_examples: int, n: int) -> np.ndarray:
+    """``[min(n, num_examples)]`` row indices evenly spaced over ``0 .. num_examples - 1`` (the
+    first and the last included): test sets in client order (natural clients) give prompts from
+    many clients, not the first few."""
+    n = min(n, num_examples)
+    return np.unique(np.linspace(0, num_examples - 1, n).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
 def _sample_prompts(tok, n: int):
-    """The first ``n`` examples of ``tok`` as generation prompts: the prompt tokens (those
-    before the first target) of instruction data, else the first half of the text.
-    Returns ``(ids [G, T], mask [G, T], prompt_lens [G], lens [G])``."""
-    n = min(n, tok.num_examples)
-    ids, mask, labels = (np.asarray(x[:n]) for x in tok)
+    """``n`` examples of ``tok`` (:func:`sample_rows`) as generation prompts: the prompt tokens
+    (those before the first target) of instruction data, else the first half of the text.
+    Returns ``(ids [G, T], mask [G, T], prompt_lens [G], lens [G], rows [G])``."""
+    rows = sample_rows(tok.num_examples, n)
+    ids, mask, labels = (np.asarray(x)[rows] for x in tok)
     lens = mask.sum(-1)
     target = labels != data_lib.IGNORE_INDEX
     first = np.where(target.any(-1), target.argmax(-1), lens)
     plen = np.where(first > 0, first, np.maximum(lens // 2, 1)).clip(1, None)
     pmask = (np.arange(ids.shape[1])[None] < plen[:, None]).astype(np.int32)
-    return np.where(pmask > 0, ids, 0).astype(np.int32), pmask, plen, lens
+    return np.where(pmask > 0, ids, 0).astype(np.int32), pmask, plen, lens, rows
 
 
 def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path | None = None) -> Setup:
@@ -377,6 +385,10 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
     graphdef, base, head0 = split_for_round(model)
     keys = tuple(sorted(targets))
     ranks = _client_ranks(cfg, group_of_client)
+    missing = sorted(set(cfg.eval_distributed_ranks) - set(ranks.tolist()))
+    if missing:
+        raise ValueError(f"config field 'eval_distributed_ranks' = {cfg.eval_distributed_ranks}: no client has "
+                         f"rank {missing} (the clients' ranks are {sorted(set(ranks.tolist()))})")
     profiles = _resolve_devices(cfg)
     client_devices = np.array([i % len(profiles) for i in range(cfg.num_clients)], np.int32)
     shape = _model_shape(model, cfg, targets, num_labels or 2, causal_lm=lm)
@@ -561,6 +573,32 @@ def first_round_diagnostic(setup: Setup, before: ServerState, after: ServerState
             "after_aggregation_accuracy": float(merged)}
 
 
+def global_slot_norms(lora) -> list[float]:
+    """``[R]``: per rank slot ``i``, the sum over modules of ``|e_i| ||a[:, i]|| ||b[i, :]||`` (the
+    norm of the slot's rank-1 component; how much each slot of the global adapter carries)."""
+    total = 0.0
+    for f in lora.values():
+        norm = jnp.linalg.norm(f.a, axis=0) * jnp.linalg.norm(f.b, axis=1)
+        total = total + (norm if f.e is None else norm * jnp.abs(f.e))
+    return np.asarray(total, np.float64).round(6).tolist()
+
+
+def distributed_accuracies(setup: Setup, state: ServerState, evaluate, test_batches) -> dict[str, float]:
+    """``{rank: accuracy}`` of the model a client of each of ``cfg.eval_distributed_ranks``
+    receives from ``state``: the algorithm's plan and distribute for the population's first
+    client of that rank (HAFL's "degradation at distribution")."""
+    out = {}
+    base = effective_base(setup.task, setup.base, state.agg_state)
+    for rank in setup.cfg.eval_distributed_ranks:
+        cid = int(np.flatnonzero(setup.ctx.client_ranks == rank)[0])
+        plan = setup.algo.plan(state, np.array([cid]), int(state.round))
+        masks = {k: jnp.asarray(v[0]) for k, v in plan.masks.items()}
+        own_state = jax.tree.map(lambda x: x[cid], state.clients) if state.clients else ()
+        received = setup.algo.distribute_fn()(state, masks, own_state)
+        out[str(rank)] = float(evaluate(base, state.head, received, masks, test_batches)[0])
+    return out
+
+
 def _spec(setup: Setup, plan, client_ids, num_steps, weights):
     return make_spec(plan.masks, update_masks=plan.update_masks, num_steps=num_steps, weight=weights,
                      client_id=client_ids, num_layers=setup.ctx.num_layers, depth_mask=plan.depth_mask,
@@ -639,7 +677,7 @@ def generate_samples(setup: Setup, state: ServerState) -> list[dict]:
     from fedlora_jax.models.generate import make_generate
 
     cfg = setup.cfg
-    ids, mask, plen, lens, tok = setup.samples
+    ids, mask, plen, lens, rows, tok = setup.samples
     tokenizer = setup.tokenizer
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -651,10 +689,13 @@ def generate_samples(setup: Setup, state: ServerState) -> list[dict]:
     out = gen(base, state.head, jnp.asarray(ids), jnp.asarray(mask), key=key, lora=state.lora,
               masks=eval_masks(setup, state), scale=cfg.scale)
     tokens, n_gen = np.asarray(out.tokens), np.asarray(out.lengths)
-    full = np.asarray(tok.input_ids)
+    full = np.asarray(tok.input_ids)[rows]
+    group = setup.test_batches.get("group")
+    client = None if group is None else np.asarray(group).reshape(-1)[rows]
     dec = lambda x: tokenizer.decode([int(t) for t in x], skip_special_tokens=True)
     return [{"prompt": dec(ids[g, : plen[g]]), "generated": dec(tokens[g, : n_gen[g]]),
-             "reference": dec(full[g, plen[g]: lens[g]])} for g in range(len(ids))]
+             "reference": dec(full[g, plen[g]: lens[g]]),
+             **({} if client is None else {"client": int(client[g])})} for g in range(len(ids))]
 
 
 def _jsonable_option(v):
@@ -803,6 +844,10 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
                 line["global_ranks"] = {k: int(np.asarray(v).sum()) for k, v in global_masks.items()}
             if (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1:
                 line.update(evaluate_state(state))
+                if cfg.task != "causal_lm":
+                    line["global_slot_norm"] = global_slot_norms(state.lora)
+            if cfg.eval_distributed_ranks and r == cfg.rounds - 1:
+                line["distributed_test_accuracy"] = distributed_accuracies(setup, state, evaluate, test_batches)
             line["wall_s"] = round(time.time() - t0, 3)
             _append_jsonl(metrics_path, line)
             if (r + 1) % cfg.checkpoint_every == 0 or r == cfg.rounds - 1:
@@ -927,6 +972,8 @@ def _summary(metrics_path: Path, cfg: ExperimentConfig, traces: int) -> dict:
                   "best_test_accuracy": max((r["test_accuracy"] for r in evals), default=None)}
         if cfg.task != "classification":
             metric["task"] = cfg.task
+        if last.get("distributed_test_accuracy"):
+            metric["distributed_test_accuracy"] = last["distributed_test_accuracy"]
     return {
         "name": cfg.name, "algorithm": cfg.algorithm, "rounds_completed": len(trained),
         **metric,

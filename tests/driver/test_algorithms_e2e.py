@@ -191,3 +191,42 @@ def test_population_memory_is_checked_before_allocation():
         check_population_memory(10**9, num_clients=10_000, on_host=False, device_limit_bytes=2 * 10**9)
     with pytest.raises(MemoryBudgetError, match="host RAM.*fewer clients"):
         check_population_memory(10**9, num_clients=10_000, on_host=True, host_limit_bytes=10**9)
+
+
+def test_head_only_trains_the_head_and_sends_no_factor(tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, "head_only", client_ranks=())
+    run_experiment(cfg, tmp_path / "ho", quiet=True, cache_dir=tmp_path / "cache")
+    rows = [r for r in _rows(tmp_path / "ho") if r["round"] >= 0]
+    for r in rows:
+        assert all(v == [0.0] * 3 for v in r["active_ranks"].values())
+        assert r["global_slot_norm"] == [0.0] * cfg.r_max          # the adapters never move from B = 0
+    head_bytes = 4 * (32 * 2 + 2)                                     # tiny BERT: hidden 32, 2 labels, float32
+    assert rows[0]["client_bytes_up"] == [head_bytes] * 3
+    fedit = run_experiment(dataclasses.replace(tiny_config(tiny_model, "fedit", client_ranks=()), rounds=1),
+                           tmp_path / "fi", quiet=True, cache_dir=tmp_path / "cache")
+    del fedit
+    fi_row = [r for r in _rows(tmp_path / "fi") if r["round"] == 0][0]
+    assert fi_row["client_bytes_up"][0] > head_bytes
+    assert sum(fi_row["global_slot_norm"]) > 0
+
+
+def test_slot_norm_and_distributed_accuracy(tiny_model, tmp_path):
+    from fedlora_jax.driver import run as run_lib
+    from fedlora_jax.lora import LoraFactors
+
+    a, b = np.arange(6.0).reshape(3, 2), np.arange(8.0).reshape(2, 4)
+    lora = {"m": LoraFactors(a, b), "n": LoraFactors(a, b, np.array([2.0, -0.5]))}
+    want = [np.linalg.norm(a[:, i]) * np.linalg.norm(b[i]) * (1 + abs([2.0, -0.5][i])) for i in range(2)]
+    np.testing.assert_allclose(run_lib.global_slot_norms(lora), want, rtol=1e-5)
+
+    cfg = tiny_config(tiny_model, "hafl", eval_distributed_ranks=(1, 4))
+    summary = run_experiment(cfg, tmp_path / "hd", quiet=True, cache_dir=tmp_path / "cache")
+    last = _rows(tmp_path / "hd")[-1]
+    got = last["distributed_test_accuracy"]
+    assert set(got) == {"1", "4"} and summary["distributed_test_accuracy"] == got
+    # a rank-4 (r_max) client of HAFL receives the whole global adapter: the global accuracy
+    assert got["4"] == pytest.approx(last["test_accuracy"], abs=1e-6)
+    with pytest.raises(ValueError, match="no client has rank"):
+        run_experiment(tiny_config(tiny_model, "hafl", eval_distributed_ranks=(3,)), tmp_path / "bad", quiet=True)
+    with pytest.raises(ValueError, match="eval_distributed_ranks"):
+        tiny_config(tiny_model, "hafl", eval_distributed_ranks=(5,))

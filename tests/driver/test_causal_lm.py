@@ -260,10 +260,17 @@ def _fake_shakespeare(monkeypatch):
 def test_shakespeare_natural_clients_per_client_perplexity(tiny_dir, tmp_path, monkeypatch):
     population, calls = _fake_shakespeare(monkeypatch)
     cfg = _lm_config(tiny_dir, "x", dataset="shakespeare", partition="natural", num_clients=4, clients_per_round=2,
-                     max_length=48, rounds=1, lm_loss="all", generate_samples=1, natural_min_lines=3,
+                     max_length=48, rounds=1, lm_loss="all", generate_samples=5, natural_min_lines=3,
                      algorithm="hetlora")
     summary = run_experiment(cfg, tmp_path / "sh", quiet=True, cache_dir=tmp_path / "cache")
     assert calls == {"min_lines": 3, "max_clients": 4}
+    # the 14 test texts are in client order (2, 3, 4, 5 per client): the sample prompts are spread
+    # over them (rows 0, 3, 6, 10, 13), so every client gets one, each with its own text's second
+    # half as the reference
+    assert [s["client"] for s in summary["samples"]] == [0, 1, 2, 3, 3]
+    tests = [t for c in population[:4] for t in c.test]
+    for s, row in zip(summary["samples"], (0, 3, 6, 10, 13), strict=True):
+        assert s["reference"].strip() and s["reference"].strip() in tests[row]
     rows = [json.loads(x) for x in (tmp_path / "sh" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     spread = last["client_test_perplexity"]
@@ -326,3 +333,12 @@ def test_natural_test_per_client_caps_every_client(tiny_dir, tmp_path, monkeypat
     assert counts[1] == 4 and counts[2] == 8
     with pytest.raises(ValueError, match="natural_test_per_client"):
         _lm_config(tiny_dir, "x", natural_test_per_client=-1, **kw)
+
+
+def test_sample_rows_spread_over_the_test_set():
+    from fedlora_jax.driver.run import sample_rows
+
+    np.testing.assert_array_equal(sample_rows(14, 4), [0, 4, 9, 13])
+    np.testing.assert_array_equal(sample_rows(3, 8), [0, 1, 2])
+    np.testing.assert_array_equal(sample_rows(10, 1), [0])
+    assert sample_rows(5, 0).size == 0

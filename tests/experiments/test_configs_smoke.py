@@ -1,12 +1,11 @@
 """Experiment configs load, their methods build valid configs, the smoke variants run end to
-end (slow + smoke), and make_results' aggregation matches hand-computed numbers."""
+end (slow + smoke). make_results' own tests are in test_make_results.py."""
 
 import importlib.util
 import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fedlora_jax.driver.config import ALGORITHMS, ExperimentConfig, load_config
@@ -98,77 +97,6 @@ def test_smoke_variant_runs(path, tmp_path):
         assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     rows = make_results.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(-1, cfg.rounds))
-
-
-# ----------------------------------------------------------------------------- make_results math
-
-def _synthetic(accs, up, sim, energy):
-    """metrics rows: round -1 (acc 0.5) then one row per round with cumulative counters."""
-    rows = [{"round": -1, "test_accuracy": 0.5}]
-    for r, (a, u, s, e) in enumerate(zip(accs, np.cumsum(up), np.cumsum(sim), np.cumsum(energy), strict=True)):
-        rows.append({"round": r, "test_accuracy": a, "cum_bytes_up": float(u), "cum_sim_time_s": float(s),
-                     "cum_energy_j": float(e)})
-    return rows
-
-
-def test_aggregation_matches_hand_computation(tmp_path):
-    a = _synthetic([0.6, 0.8, 0.7], [1e6, 1e6, 1e6], [10, 10, 10], [100, 100, 100])
-    b = _synthetic([0.7, 0.7, 0.9], [2e6, 2e6, 2e6], [5, 5, 5], [50, 50, 50])
-    path = tmp_path / "m.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in a))
-    assert make_results.read_jsonl(path) == a
-    agg = make_results.aggregate_group([a, b], target=0.75)
-    finals = [0.7, 0.9]
-    assert agg["final_acc"][0] == pytest.approx(np.mean(finals))
-    assert agg["final_acc"][1] == pytest.approx(np.std(finals, ddof=1))
-    assert agg["best_acc"][0] == pytest.approx(0.85)
-    assert agg["last3_acc"][0] == pytest.approx(np.mean([np.mean([0.6, 0.8, 0.7]), np.mean([0.7, 0.7, 0.9])]))
-    assert agg["up_mb"][0] == pytest.approx(4.5)
-    assert agg["sim_s"][0] == pytest.approx(22.5)
-    assert agg["energy_kj"][0] == pytest.approx(0.225)
-    # target 0.75: run a reaches it at round 1 (20 s, 2 MB), run b at round 2 (15 s, 6 MB)
-    assert agg["t_target"][0] == pytest.approx(17.5)
-    assert agg["mb_target"][0] == pytest.approx(4.0)
-    assert agg["reached"] == 2
-
-
-def test_target_never_reached_and_single_seed():
-    a = _synthetic([0.6, 0.7], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
-    assert make_results.first_reaching(a, 0.9, "cum_sim_time_s") is None
-    # the pre-training row never counts, even when it is above the target
-    assert make_results.first_reaching(a, 0.5, "cum_sim_time_s") == 1.0
-    agg = make_results.aggregate_group([a], target=0.9)
-    assert agg["reached"] == 0 and math.isnan(agg["t_target"][0])
-    assert agg["final_acc"] == (0.7, 0.0)
-    assert agg["last3_acc"][0] == pytest.approx(0.65)  # trained rounds only, fewer than 3
-
-
-def test_curves_and_mean_curve():
-    a = _synthetic([0.6, 0.8], [1e6, 1e6], [2.0, 2.0], [1.0, 1.0])
-    b = _synthetic([0.8, 0.6, 0.9], [1e6, 1e6, 1e6], [4.0, 4.0, 4.0], [1.0, 1.0, 1.0])
-    x, y = make_results.eval_curve(a, "round")
-    np.testing.assert_allclose(x, [0, 1, 2])
-    np.testing.assert_allclose(y, [0.5, 0.6, 0.8])
-    x, _ = make_results.eval_curve(b, "cum_sim_time_s")
-    np.testing.assert_allclose(x, [0, 4, 8, 12])
-    mx, my, sd = make_results.mean_curve([make_results.eval_curve(r, "cum_sim_time_s") for r in (a, b)])
-    np.testing.assert_allclose(mx, [0, 3, 6])
-    np.testing.assert_allclose(my, [0.5, 0.7, 0.7])
-    np.testing.assert_allclose(sd, [0.0, np.std([0.6, 0.8], ddof=1), np.std([0.8, 0.6], ddof=1)])
-
-
-def test_diff_verdict():
-    assert make_results.diff_verdict((0.8, 0.01), (0.7, 0.01), 3)[1] == "above noise"
-    assert make_results.diff_verdict((0.71, 0.05), (0.7, 0.05), 3)[1] == "within noise"
-    assert make_results.diff_verdict((0.6, 0.0), (0.7, 0.0), 3)[1] == "not better"
-
-
-def test_identical_groups_detects_equal_runs_only():
-    a = _synthetic([0.6, 0.8], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
-    b = _synthetic([0.6, 0.9], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
-    a_wall = [dict(r, wall_s=3.0) for r in a]
-    groups = {("x", None): [a], ("y", None): [a_wall], ("z", None): [b]}
-    assert make_results.identical_groups(groups) == [(("x", None), ("y", None))]
 
 
 @pytest.mark.slow

@@ -1,0 +1,24 @@
+"""Head-only control: no adapter is trained or sent; only the classifier head is federated.
+
+Every comparison of the reproductions runs this arm (issue 23) so that the adapters' own
+contribution is visible: whatever a LoRA method gains over it comes from the adapters. Every
+client's forward and update masks are zero, so the adapters stay at their zero init (``B = 0``),
+no factor travels (the uplink is the head alone) and, through ``global_masks``, every module
+skips its low-rank matmul.
+"""
+
+import numpy as np
+
+from fedlora_jax import aggregation as agg_lib
+from fedlora_jax.algorithms.base import AlgoContext, Algorithm, ClientPlan
+
+
+def build(ctx: AlgoContext) -> Algorithm:
+    def plan(state, client_ids, round_idx):
+        del state, round_idx
+        zeros = np.zeros((len(client_ids), ctx.r_max), np.float32)
+        masks = {k: zeros for k in ctx.keys}
+        return ClientPlan(masks, masks, global_masks={k: zeros[0] for k in ctx.keys})
+
+    return Algorithm(name="head_only", aggregator=agg_lib.fedit(**ctx.aggregator_options), plan=plan,
+                     eval_masks=lambda algo_state: {k: np.zeros(ctx.r_max, np.float32) for k in ctx.keys})

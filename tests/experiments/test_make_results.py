@@ -1,0 +1,384 @@
+"""make_results: per-run metrics, paired statistics, censoring rules and the rendered page,
+against hand-computed numbers on synthetic runs (NumPy only, no model)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "experiments" / "configs"
+T975_2 = 4.302652729911275  # t_{0.975} with 2 degrees of freedom (tables)
+
+
+def _import(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_results = _import(ROOT / "experiments" / "make_results.py", "make_results_under_test")
+
+
+def _synthetic(accs, up, sim, energy, *, pre=0.5):
+    """metrics rows: round -1 (acc ``pre``) then one row per round with cumulative counters;
+    ``accs[r]`` None = round r not evaluated."""
+    rows = [{"round": -1, "test_accuracy": pre}]
+    for r, (a, u, s, e) in enumerate(zip(accs, np.cumsum(up), np.cumsum(sim), np.cumsum(energy), strict=True)):
+        row = {"round": r, "cum_bytes_up": float(u), "cum_sim_time_s": float(s), "cum_energy_j": float(e)}
+        if a is not None:
+            row["test_accuracy"] = a
+        rows.append(row)
+    return rows
+
+
+def _run(accs, *, up=1e6, sim=10.0):
+    n = len(accs)
+    return _synthetic(accs, [up] * n, [sim] * n, [100.0] * n)
+
+
+# ----------------------------------------------------------------------------- per-run metrics
+
+def test_accuracy_and_total_metrics_by_hand(tmp_path):
+    a = _synthetic([0.6, 0.8, 0.7, 0.9], [1e6, 1e6, 2e6, 1e6], [10, 10, 10, 5], [100, 100, 100, 50])
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in a))
+    assert make_results.read_jsonl(path) == a
+    mv = make_results.metric_value
+    assert mv(a, "final_acc") == 0.9
+    assert mv(a, "best_acc") == 0.9
+    assert mv(a, "last3_acc") == pytest.approx((0.8 + 0.7 + 0.9) / 3)  # last three, not the pre-training row
+    assert mv(a, "total_mb") == pytest.approx(5.0)
+    assert mv(a, "total_sim_s") == pytest.approx(35.0)
+    assert mv(a, "total_energy_kj") == pytest.approx(0.35)
+    assert make_results.mean_std([0.7, 0.9, None]) == (pytest.approx(0.8), pytest.approx(np.std([0.7, 0.9], ddof=1)))
+    assert make_results.mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_last3_with_fewer_evaluations_and_single_seed():
+    a = _run([0.6, 0.7])
+    assert make_results.metric_value(a, "last3_acc") == pytest.approx(0.65)
+    assert make_results.metric_value(_run([None, None]), "final_acc") is None
+
+
+def test_auc_trapezoid_by_hand():
+    # evaluated at x = 0 (pre, 0.5), x = 2 (0.7), x = 4 (0.9): (2*(0.5+0.7)/2 + 2*(0.7+0.9)/2) / 4 = 0.7
+    a = _run([None, 0.7, None, 0.9])
+    assert make_results.auc(a) == pytest.approx(0.7)
+    assert make_results.metric_value(a, "auc") == pytest.approx(0.7)
+    # unequal spacing: x = 0 (0.4), 1 (0.6), 4 (1.0): (1*0.5 + 3*0.8) / 4 = 0.725
+    uneven = _synthetic([0.6, None, None, 1.0], [1] * 4, [1] * 4, [1] * 4, pre=0.4)
+    assert make_results.auc(uneven) == pytest.approx(0.725)
+    assert make_results.auc([{"round": -1, "test_accuracy": 0.5}]) is None
+
+
+def test_to_target_metrics_by_hand():
+    a = _synthetic([0.6, 0.8, 0.7], [1e6, 2e6, 1e6], [10, 5, 10], [1, 1, 1], pre=0.9)
+    mv = make_results.metric_value
+    # the pre-training row (0.9) never counts; round 1 (x = 2) is the first trained row >= 0.75
+    assert mv(a, "rounds_to_target", 0.75) == 2.0
+    assert mv(a, "mb_to_target", 0.75) == pytest.approx(3.0)
+    assert mv(a, "sim_s_to_target", 0.75) == pytest.approx(15.0)
+    assert mv(a, "rounds_to_target", 0.6) == 1.0  # >= counts
+    assert mv(a, "rounds_to_target", 0.95) is None
+    assert make_results.first_reaching(a, 0.95, "cum_sim_time_s") is None
+    assert make_results.whole_run_value(a, "rounds_to_target") == 4.0  # 3 rounds run + 1
+    assert make_results.whole_run_value(a, "mb_to_target") == pytest.approx(4.0)
+    assert make_results.whole_run_value(a, "sim_s_to_target") == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="target"):
+        mv(a, "rounds_to_target")
+
+
+def test_slot_norm_distributed_diagnostic_and_budget_metrics():
+    a = _run([0.6, 0.8])
+    a[1]["global_slot_norm"] = [9.0] * 8
+    a[2]["global_slot_norm"] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    a[1]["first_round_diagnostic"] = {"client": 3, "rank": 16, "local_accuracy": 0.7,
+                                      "after_aggregation_accuracy": 0.55}
+    a[2]["distributed_test_accuracy"] = {"4": 0.5, "16": 0.8}
+    a[2]["global_ranks"] = {"q": 5, "v": 7}
+    mv = make_results.metric_value
+    assert mv(a, "slot_norm:4:8") == pytest.approx(26.0)  # last evaluated row, slots 4..7
+    assert mv(a, "slot_norm:0:1") == pytest.approx(1.0)
+    assert mv(a, "distributed_acc:4") == 0.5
+    assert mv(a, "distribution_drop:4") == pytest.approx(0.3)
+    assert mv(a, "distribution_drop:16") == pytest.approx(0.0)
+    assert mv(a, "distributed_acc:8") is None
+    assert mv(a, "diagnostic_drop") == pytest.approx(0.15)
+    assert mv(a, "global_budget") == 12.0
+    plain = _run([0.6])
+    assert mv(plain, "slot_norm:0:4") is None and mv(plain, "diagnostic_drop") is None
+    assert mv(plain, "global_budget") is None and mv(plain, "distributed_acc:4") is None
+    with pytest.raises(ValueError, match="slots"):
+        mv(a, "slot_norm:4:12")
+
+
+@pytest.mark.parametrize("name", ["accuracy", "slot_norm:4", "slot_norm:8:4", "slot_norm:a:b", "final_acc:1",
+                                  "distributed_acc"])
+def test_unknown_metric_refused(name):
+    with pytest.raises(ValueError, match="allowed"):
+        make_results.parse_metric(name)
+
+
+# ----------------------------------------------------------------------------- paired statistics
+
+def test_t_interval_by_hand():
+    iv = make_results.paired_interval([1.0, 2.0, 3.0])
+    half = T975_2 * 1.0 / math.sqrt(3)
+    assert (iv["n"], iv["mean"], iv["sd"]) == (3, pytest.approx(2.0), pytest.approx(1.0))
+    assert (iv["lo"], iv["hi"]) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    assert make_results.paired_interval([0.3]) == {"n": 1, "mean": 0.3, "sd": None, "lo": None, "hi": None}
+
+
+def _pairs(diffs, ref=10.0):
+    return [{"seed": s, "arm": ref + d, "ref": ref} for s, d in enumerate(diffs)]
+
+
+def test_verdict_holds_reversed_inconclusive_and_too_few():
+    judge = make_results.judge_claim
+    # mean 1, sd 0.2: half width 4.303 * 0.2 / sqrt(3) = 0.497 -> [0.503, 1.497]
+    res = judge(_pairs([1.0, 1.2, 0.8]), +1, "last3_acc")
+    assert res["verdict"] == "holds"
+    assert res["interval"]["lo"] == pytest.approx(1.0 - T975_2 * 0.2 / math.sqrt(3))
+    assert [d for _, d, _ in res["diffs"]] == [pytest.approx(1.0), pytest.approx(1.2), pytest.approx(0.8)]
+    assert res["ratio"] is None  # not a cost metric
+    assert judge(_pairs([1.0, 1.2, 0.8]), -1, "last3_acc")["verdict"] == "does not hold (reversed)"
+    # [1, 2, 3]: interval [-0.48, 4.48] straddles 0
+    assert judge(_pairs([1.0, 2.0, 3.0]), +1, "last3_acc")["verdict"] == "inconclusive"
+    one = judge(_pairs([5.0]), +1, "last3_acc")
+    assert one["verdict"] == "inconclusive" and "fewer than 2 paired seeds" in one["notes"]
+    assert judge([], +1, "last3_acc")["verdict"] == "pending"
+    with pytest.raises(ValueError, match="direction"):
+        judge(_pairs([1.0, 2.0]), 0, "last3_acc")
+
+
+def test_ratio_of_means_for_cost_metrics():
+    pairs = [{"seed": 0, "arm": 2.0, "ref": 5.0}, {"seed": 1, "arm": 2.0, "ref": 4.0}, {"seed": 2, "arm": 2.0, "ref": 3.0}]
+    res = make_results.judge_claim(pairs, -1, "total_mb")
+    assert res["ratio"] == pytest.approx(4.0 / 2.0) and res["ratio_mark"] == ""
+    # d = -3, -2, -1: every seed favours the arm, but mean -2, sd 1, half width 2.48 -> [-4.48, 0.48]
+    assert res["verdict"] == "inconclusive"
+
+
+def test_undefined_metric_drops_the_pair():
+    pairs = [{"seed": 0, "arm": 1.0, "ref": 0.0}, {"seed": 1, "arm": None, "ref": 0.0},
+             {"seed": 2, "arm": 1.1, "ref": 0.0}, {"seed": 3, "arm": 0.9, "ref": 0.0}]
+    res = make_results.judge_claim(pairs, +1, "slot_norm:0:4")
+    assert res["interval"]["n"] == 3 and res["verdict"] == "holds"
+    assert any("seed(s) 1" in n for n in res["notes"])
+
+
+# ----------------------------------------------------------------------------- censoring
+
+
+def test_censoring_arm_never_reached_cannot_hold():
+    arm = {0: _run([0.5, 0.6, 0.6]), 1: _run([0.9, 0.9, 0.9]), 2: _run([0.9, 0.9, 0.9])}
+    ref = {0: _run([0.5, 0.9, 0.9]), 1: _run([0.5, 0.5, 0.9]), 2: _run([0.5, 0.5, 0.9])}
+    pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
+    assert [(p["arm"], p["ref"]) for p in pairs] == [(None, 2.0), (1.0, 3.0), (1.0, 3.0)]
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", arm_runs=arm, ref_runs=ref)
+    assert res["verdict"] == "does not hold"  # arm missed in seed 0, where the ref reached it
+    assert "seed(s) 0" in res["notes"][0]
+    # neither reached in seed 0: cannot hold, and nothing to say against it either
+    ref[0] = _run([0.5, 0.5, 0.5])
+    pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", arm_runs=arm, ref_runs=ref)
+    assert res["verdict"] == "inconclusive" and any("neither" in n for n in res["notes"])
+    # direction +1: the claimed-cheaper side is the ref
+    res = make_results.judge_claim(make_results.claim_pairs(ref, arm, "rounds_to_target", 0.8), +1,
+                                   "rounds_to_target", arm_runs=ref, ref_runs=arm)
+    assert res["verdict"] == "inconclusive"
+
+
+def test_censoring_ref_never_reached_substitutes_the_whole_run_bound():
+    arm = {s: _run([0.5, 0.9, 0.9, 0.9], up=1e6) for s in range(3)}
+    ref = {0: _run([0.5, 0.5, 0.5, 0.5], up=3e6), 1: _run([0.5, 0.5, 0.5, 0.9], up=3e6),
+           2: _run([0.5, 0.5, 0.9, 0.9], up=3e6)}
+    pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", arm_runs=arm, ref_runs=ref)
+    # seed 0: ref bound = 4 rounds run + 1 = 5 -> d <= 2 - 5 = -3; seeds 1, 2: 2 - 4 = -2, 2 - 3 = -1
+    assert res["diffs"] == [(0, -3.0, "≤"), (1, -2.0, ""), (2, -1.0, "")]
+    assert res["interval"]["mean"] == pytest.approx(-2.0)
+    assert res["verdict"] == "inconclusive"  # [-4.48, 0.48]
+    assert res["ratio"] == pytest.approx(4.0 / 2.0) and res["ratio_mark"] == "≥"
+    assert any("whole-run value" in n for n in res["notes"])
+    mb = make_results.judge_claim(make_results.claim_pairs(arm, ref, "mb_to_target", 0.8), -1, "mb_to_target",
+                                  arm_runs=arm, ref_runs=ref)
+    # seed 0: ref total 12 MB -> d <= 2 - 12 = -10; seed 1: 2 - 12 = -10; seed 2: 2 - 9 = -7
+    assert [d for _, d, _ in mb["diffs"]] == [pytest.approx(-10.0), pytest.approx(-10.0), pytest.approx(-7.0)]
+    assert mb["verdict"] == "holds"  # mean -9, sd sqrt(3): [-13.3, -4.7]
+
+
+def test_censored_bound_never_establishes_a_reversal():
+    # the arm reaches the target late, using more MB than the ref's whole (censored) run
+    arm = {s: _run([0.5, 0.5, 0.9], up=5e6 + s * 1e5) for s in range(3)}
+    ref = {s: _run([0.5, 0.5, 0.5], up=1e6) for s in range(3)}
+    pairs = make_results.claim_pairs(arm, ref, "mb_to_target", 0.8)
+    res = make_results.judge_claim(pairs, -1, "mb_to_target", arm_runs=arm, ref_runs=ref)
+    assert res["interval"]["lo"] > 0
+    assert res["verdict"] == "inconclusive" and "a censored bound cannot establish a reversal" in res["notes"]
+
+
+# ----------------------------------------------------------------------------- curves, groups
+
+def test_curves_and_mean_curve():
+    a = _synthetic([0.6, 0.8], [1e6, 1e6], [2.0, 2.0], [1.0, 1.0])
+    b = _synthetic([0.8, 0.6, 0.9], [1e6, 1e6, 1e6], [4.0, 4.0, 4.0], [1.0, 1.0, 1.0])
+    x, y = make_results.eval_curve(a, "round")
+    np.testing.assert_allclose(x, [0, 1, 2])
+    np.testing.assert_allclose(y, [0.5, 0.6, 0.8])
+    x, _ = make_results.eval_curve(b, "cum_sim_time_s")
+    np.testing.assert_allclose(x, [0, 4, 8, 12])
+    mx, my, sd = make_results.mean_curve([make_results.eval_curve(r, "cum_sim_time_s") for r in (a, b)])
+    np.testing.assert_allclose(mx, [0, 3, 6])
+    np.testing.assert_allclose(my, [0.5, 0.7, 0.7])
+    np.testing.assert_allclose(sd, [0.0, np.std([0.6, 0.8], ddof=1), np.std([0.8, 0.6], ddof=1)])
+
+
+def test_identical_groups_detects_equal_runs_only():
+    a = _run([0.6, 0.8])
+    b = _run([0.6, 0.9])
+    a_wall = [dict(r, wall_s=3.0) for r in a]
+    groups = {("x", None): {0: a}, ("y", None): {0: a_wall}, ("z", None): {0: b}, ("w", None): {1: a}}
+    assert make_results.identical_groups(groups) == [(("x", None), ("y", None))]
+
+
+# ----------------------------------------------------------------------------- configs
+
+COMPARISON_CONFIGS = [CONFIG_DIR / f"{n}.py" for n in make_results.COMPARISONS]
+
+
+@pytest.mark.parametrize("path", COMPARISON_CONFIGS, ids=lambda p: p.stem)
+def test_real_config_claims_name_known_arms_and_metrics(path):
+    module = make_results.load_module(path)
+    if not getattr(module, "CLAIMS", ()):
+        pytest.skip(f"{path.stem} defines no CLAIMS yet")
+    make_results.validate_config(module)
+    for claim in module.CLAIMS:
+        assert claim["arm"] in module.METHODS and claim["ref"] in module.METHODS
+        make_results.parse_metric(claim["metric"])
+
+
+class _Module:
+    METHODS = {"a": {}, "b": {}}
+    TARGET = {"fraction": 0.9, "reference": "b"}
+
+
+def _claim(**kw):
+    return {"claim": "a beats b", "arm": "a", "ref": "b", "metric": "last3_acc", "direction": 1} | kw
+
+
+@pytest.mark.parametrize("claim, match", [
+    (_claim(metric="accuracy"), "a beats b.*allowed"),
+    (_claim(arm="c"), "a beats b.*not in METHODS"),
+    (_claim(direction=2), "direction"),
+    ({"claim": "x", "arm": "a", "ref": "b", "metric": "auc"}, "keys"),
+])
+def test_malformed_claims_refused(claim, match):
+    module = type("M", (_Module,), {"CLAIMS": (claim,)})
+    with pytest.raises(ValueError, match=match):
+        make_results.validate_config(module)
+
+
+def test_to_target_claim_needs_target():
+    module = type("M", (), {"METHODS": {"a": {}, "b": {}}, "CLAIMS": (_claim(metric="mb_to_target"),)})
+    with pytest.raises(ValueError, match="needs TARGET"):
+        make_results.validate_config(module)
+
+
+# ----------------------------------------------------------------------------- whole section
+
+FAKE_CONFIG = '''"""Fake comparison: fast beats slow.
+
+Second paragraph, not on the page.
+"""
+
+SEEDS = (0, 1, 2)
+METHODS = {"fast": {"algorithm": "fedit"}, "slow": {"algorithm": "fedit"}, "late": {"algorithm": "fedit"},
+           "twin": {"algorithm": "fedit"}}
+TARGET = {"fraction": 0.9, "reference": "slow"}
+CLAIMS = (
+    {"claim": "fast ends higher", "arm": "fast", "ref": "slow", "metric": "last3_acc", "direction": +1},
+    {"claim": "fast needs fewer rounds", "arm": "fast", "ref": "slow", "metric": "rounds_to_target", "direction": -1},
+    {"claim": "fast sends less to the target", "arm": "fast", "ref": "slow", "metric": "mb_to_target",
+     "direction": -1},
+    {"claim": "fast dilutes less", "arm": "fast", "ref": "slow", "metric": "slot_norm:4:8", "direction": +1},
+    {"claim": "late is not done", "arm": "late", "ref": "slow", "metric": "auc", "direction": +1},
+)
+DIFFERENCES = "a toy setting"
+
+
+def get_config(variant="full"):
+    raise AssertionError("make_results must not build configs")
+'''
+
+
+def _write_run(root: Path, name: str, rows, wall_s=60.0):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"wall_s": wall_s}))
+
+
+def _with_norms(rows, norm):
+    for r in rows:
+        if r["round"] >= 0 and "test_accuracy" in r:
+            r["global_slot_norm"] = [1.0] * 4 + [norm] * 4
+    return rows
+
+
+def test_section_rendered_from_run_directories(tmp_path):
+    configs, results, plots = tmp_path / "configs", tmp_path / "results", tmp_path / "plots"
+    configs.mkdir()
+    (configs / "toy.py").write_text(FAKE_CONFIG)
+    for s in range(3):
+        _write_run(results / "toy", f"fast_s{s}", _with_norms(_run([0.7, 0.9, 0.9 + 0.01 * s], up=1e6), 2.0 + s))
+        _write_run(results / "toy", f"slow_s{s}", _with_norms(_run([0.6, 0.7, 0.8 - 0.01 * s], up=2e6), 0.5))
+        _write_run(results / "toy", f"twin_s{s}", _with_norms(_run([0.6, 0.7, 0.8 - 0.01 * s], up=2e6), 0.5))
+    _write_run(results / "toy", "late_s0", _run([0.6, 0.7, 0.8]))  # one seed: plotting must not fail
+    (results / "toy" / "late_s1").mkdir()  # unfinished: no summary.json
+    (results / "toy" / "old_arm_s0").mkdir()
+    (results / "toy" / "old_arm_s0" / "summary.json").write_text(json.dumps({"wall_s": 6000.0}))
+
+    module, groups = make_results.load_comparison(results, "toy", configs)
+    assert sorted(groups) == [("fast", None), ("late", None), ("slow", None), ("twin", None)]
+    assert sorted(groups[("fast", None)]) == [0, 1, 2] and sorted(groups[("late", None)]) == [0]
+    assert make_results.wall_minutes(results, "toy", module) == pytest.approx(10 * 60.0 / 60)
+
+    page = make_results.section("toy", results, configs, plots)
+    assert page.startswith("## toy\n\nFake comparison: fast beats slow.\n")
+    assert "Second paragraph" not in page
+    assert "Runs: 10, measured CPU wall time 10.0 min." in page
+    slow_last3 = np.mean([np.mean([0.6, 0.7, 0.8 - 0.01 * s]) for s in range(3)])
+    assert f"Target accuracy: {0.9 * slow_last3:.3f} = 0.90 x" in page
+    # target 0.63: fast reaches it at x = 1 (1 MB), slow at x = 2 (4 MB) in every seed
+    assert "| fast | 3 | 0.910 ± 0.010 |" in page
+    assert "1.0 ± 0.0 (3/3)" in page
+    assert "- **fast ends higher** — holds:" in page
+    assert "- **fast needs fewer rounds** — holds:" in page
+    assert "s0: -1.0, s1: -1.0, s2: -1.0" in page
+    assert "ref/arm ratio of means 4.00x" in page  # mb_to_target: 4 MB / 1 MB
+    assert "- **fast dilutes less** — holds:" in page
+    assert "- **late is not done** — inconclusive:" in page and "fewer than 2 paired seeds" in page
+    assert "Global slot norm" in page and "slots 4-7" in page
+    assert "Differences from the paper: a toy setting" in page
+    assert "Note: `slow` and `twin` produced byte-identical metrics" in page
+    assert "![toy.png](results/plots/toy.png)" in page
+    assert (plots / "toy.png").stat().st_size > 0
+
+
+def test_section_pending_and_empty(tmp_path):
+    configs, results = tmp_path / "configs", tmp_path / "results"
+    configs.mkdir()
+    (configs / "toy.py").write_text(FAKE_CONFIG)
+    (results / "toy").mkdir(parents=True)
+    assert make_results.section("toy", results, configs, tmp_path / "plots") == "## toy\n\nNo finished runs.\n"
+    _write_run(results / "toy", "fast_s0", _run([0.7, 0.9]))
+    page = make_results.section("toy", results, configs, tmp_path / "plots")
+    assert "Target accuracy: pending (reference arm `slow` has no finished run)." in page
+    assert "- **fast ends higher** — pending:" in page
+    assert "- **fast needs fewer rounds** — pending: no target accuracy yet" in page
