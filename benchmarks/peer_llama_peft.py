@@ -10,6 +10,8 @@ rank (HetLoRA distribution), fresh AdamW (lr 1e-4), ``S`` steps of next-token cr
 every token (``labels = input_ids``), then FedAvg of the adapters zero-padded to ``r_max``
 (= our ``fedit`` with heterogeneous masks). Hand-written loop (no HF Trainer): the *fast*
 sequential baseline. Prints one JSON line per configuration (best round after the first).
+``--dtype bf16``: the frozen base in bfloat16, the adapters in float32 (peft's default
+``autocast_adapter_dtype``), the usual way an LLM is LoRA-tuned.
 
     python benchmarks/peer_llama_peft.py --size smollm2 --clients 4 --steps 2 --batch 4 --seq 64 --ranks 4 8 16
 """
@@ -40,6 +42,7 @@ p.add_argument("--batch", type=int, default=4)
 p.add_argument("--seq", type=int, default=64)
 p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
 p.add_argument("--rounds", type=int, default=3)
+p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
 a = p.parse_args()
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 kw = dict(SIZES[a.size])
@@ -50,6 +53,8 @@ except TypeError:
     cfg = LlamaConfig(**kw, rope_theta=theta)
 torch.manual_seed(0)
 model = LlamaForCausalLM(cfg)
+if a.dtype == "bf16":
+    model = model.to(torch.bfloat16)
 r_max = max(a.ranks)
 names = {r: f"r{r}" for r in sorted(set(a.ranks))}
 lora = lambda r: LoraConfig(r=r, lora_alpha=2 * r, target_modules=MODULES, lora_dropout=0.0,
@@ -144,7 +149,8 @@ for C in a.clients:
                           attn_implementation=getattr(model.config, "_attn_implementation", None),
                           size=a.size, task="causal_lm", modules=MODULES, ranks=ranks, r_max=r_max,
                           trainable_params_per_rank=n_trainable, clients=C, steps=a.steps,
-                          batch=a.batch, seq=a.seq, dtype="f32", round_s=round(t, 4),
+                          batch=a.batch, seq=a.seq, dtype=a.dtype, round_s=round(t, 4),
+                          adapter_dtype=str(glob0[next(iter(glob0))].dtype).replace("torch.", ""),
                           round_times=[round(x, 4) for x in times], client_steps_per_s=round(C * a.steps / t, 3),
                           tokens_per_s=round(tokens / t), mean_last_step_loss=round(sum(losses[-C:]) / C, 4),
                           self_vmhwm_mb=vm_hwm_mb())),

@@ -252,11 +252,9 @@ def run_ours_llm(a, C):
     docstring); LoRA on ``LLM_MODULES`` at ``r_max = max(ranks)``, client ``c`` masked to rank
     ``ranks[c % len(ranks)]``, FedIT (= zero-padding FedAvg) aggregation."""
     size = LLM_SIZES[a.size]
-    if a.dtype != "f32":
-        raise SystemExit("--size smollm2: only --dtype f32 is wired up for the LLM benchmark")
     load_before = load_average()
-    cfg = LlamaConfig(model_type="llama", dtype=jnp.float32, param_dtype=jnp.float32,
-                      merged_lora=a.merged_lora, **size)
+    dtype = jnp.bfloat16 if a.dtype == "bf16" else jnp.float32   # bf16: frozen base and compute; factors f32
+    cfg = LlamaConfig(model_type="llama", dtype=dtype, param_dtype=dtype, merged_lora=a.merged_lora, **size)
     model = LlamaLM(cfg, rngs=nnx.Rngs(0))
     graphdef, base, head = split_for_round(model)
     targets = model.adapter_targets(list(LLM_MODULES))
@@ -266,7 +264,8 @@ def run_ours_llm(a, C):
     agg = fedit()
     task = causal_lm_task(graphdef, scale=2.0, remat=a.remat)
     if a.chunk is None and jax.default_backend() == "cpu":
-        chunk = cpu_cache_chunk_cap(a.batch, a.seq, max(size["hidden_size"], size["intermediate_size"]))
+        chunk = cpu_cache_chunk_cap(a.batch, a.seq, max(size["hidden_size"], size["intermediate_size"]),
+                                    itemsize=2 if a.dtype == "bf16" else 4)
     else:
         chunk = a.chunk or C
     rf = make_round(task, agg, optimizer=optax.adamw(1e-4), chunk_size=min(chunk, C),
@@ -335,7 +334,7 @@ def run_peer_llm(a, C):
     peer = Path(__file__).resolve().parent / "peer_llama_peft.py"
     cmd = [sys.executable, str(peer), "--size", a.size, "--clients", str(C), "--steps", str(a.steps),
            "--batch", str(a.batch), "--seq", str(a.seq), "--ranks", *map(str, a.ranks),
-           "--rounds", str(a.peer_rounds or a.rounds)]
+           "--rounds", str(a.peer_rounds or a.rounds), "--dtype", a.dtype]
     load_before = load_average()
     out, rss = run_with_peak_rss(cmd)
     if out.returncode != 0:
