@@ -510,12 +510,45 @@ def diagnostic_tables(sub: dict) -> list[str]:
             rows.append([label] + cells)
         out += ["Accuracy of the model a client of each rank receives (drop = global final accuracy minus it):", "",
                 _md_table(["arm"] + [f"rank {r}" for r in ranks], rows), ""]
+    out += plan_table(sub)
     budgets = {label: [metric_value(r, "global_budget") for r in runs.values()] for (label, _), runs in sub.items()}
     if any(b is not None for bs in budgets.values() for b in bs):
         rows = [[label, fmt(mean_std(bs), 1)] for label, bs in budgets.items() if any(b is not None for b in bs)]
         out += ["Final global rank budget (sum of `global_ranks`):", "",
                 _md_table(["arm", "global budget"], rows), ""]
     return out
+
+
+def device_plans(rows: list[dict]) -> dict[str, tuple[int, ...]]:
+    """``{device type: ranks per layer, bottom to top}`` of the first trained round: each layer's
+    largest ``active_ranks`` over its modules, for the first sampled client of each device type
+    (``{}`` when the run did not log ``client_device``)."""
+    first = next(iter(trained_rows(rows)), {})
+    if "client_device" not in first or "active_ranks" not in first:
+        return {}
+    layers: dict[int, list[list[float]]] = {}
+    for key, per_client in first["active_ranks"].items():
+        layers.setdefault(int(key.split(".")[1]), []).append(per_client)
+    plans = {}
+    for c, device in enumerate(first["client_device"]):
+        if device not in plans:
+            plans[device] = tuple(int(max(m[c] for m in layers[i])) for i in sorted(layers))
+    return plans
+
+
+def plan_table(sub: dict) -> list[str]:
+    """The adapter plan of each arm per device type in the first round (seed of the first finished
+    run; depth = layers with an adapter), when the arms' plans differ between device types."""
+    rows = []
+    for (label, _), runs in sub.items():
+        seed = min(runs)
+        for device, ranks in device_plans(runs[seed]).items():
+            rows.append([label, device, str(sum(r > 0 for r in ranks)), " ".join(map(str, ranks))])
+    if not rows or len({tuple(r[2:]) for r in rows}) == 1:
+        return []
+    return ["Adapter plan in the first round, per device type (ranks per layer from the bottom to the top, "
+            "the largest over the layer's modules):", "",
+            _md_table(["arm", "device", "depth", "ranks per layer"], rows), ""]
 
 
 def claims_block(claims, results: list[dict]) -> list[str]:

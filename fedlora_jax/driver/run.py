@@ -818,6 +818,7 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
             line = {
                 "round": r,
                 "clients": ids.tolist(),
+                "client_device": [setup.ctx.device_profiles[d].name for d in setup.ctx.client_devices[ids]],
                 "train_loss": float(m["train_loss"]),
                 "train_accuracy": float(m["train_accuracy"]),
                 "client_loss": np.asarray(m["client_loss"]).round(6).tolist(),

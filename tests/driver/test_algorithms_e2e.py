@@ -65,6 +65,7 @@ def test_legend_gives_weaker_devices_fewer_layers(tiny_model, tmp_path):
     run_experiment(cfg, tmp_path / "lg", quiet=True, cache_dir=tmp_path / "cache")
     r = [r for r in _rows(tmp_path / "lg") if r["round"] >= 0][0]
     # clients 0, 2 are H100s, 1, 3 Raspberry Pis (device_mix round-robin)
+    assert r["client_device"] == [cfg.device_mix[c % 2] for c in r["clients"]]
     total = lambda c: sum(v[c] for v in r["active_ranks"].values())
     assert total(0) >= total(1) and total(2) >= total(3)
 

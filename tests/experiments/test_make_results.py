@@ -382,3 +382,17 @@ def test_section_pending_and_empty(tmp_path):
     assert "Target accuracy: pending (reference arm `slow` has no finished run)." in page
     assert "- **fast ends higher** — pending:" in page
     assert "- **fast needs fewer rounds** — pending: no target accuracy yet" in page
+
+
+def test_device_plans_and_plan_table():
+    row = {"round": 0, "client_device": ["orin", "pi", "orin"],
+           "active_ranks": {"layer.0.query": [8, 0, 8], "layer.0.value": [6, 0, 8],
+                            "layer.1.query": [8, 1, 8], "layer.1.value": [8, 2, 8]}}
+    rows = [{"round": -1, "test_accuracy": 0.3}, row]
+    assert make_results.device_plans(rows) == {"orin": (8, 8), "pi": (0, 2)}
+    assert make_results.device_plans([{"round": 0, "active_ranks": {}}]) == {}
+    uniform = dict(row, active_ranks={k: [8, 8, 8] for k in row["active_ranks"]})
+    table = make_results.plan_table({("legend", None): {0: rows}, ("uniform", None): {0: [uniform]}})
+    text = "\n".join(table)
+    assert "| legend | pi | 1 | 0 2 |" in text and "| uniform | orin | 2 | 8 8 |" in text
+    assert make_results.plan_table({("uniform", None): {0: [uniform]}}) == []
