@@ -315,6 +315,61 @@ def classification_prompts(texts: list[str], label_names: list[str], tokenizer: 
     return [build(_fit_text(tokenizer, t, budget)) for t in texts], answers
 
 
+class SharedPromptChoices(NamedTuple):
+    """Candidates that share their prompt tokens: each prompt once, the answers once.
+
+    Attributes:
+      prompt_ids: ``[E, P]`` int32 right-padded prompt tokens (``P`` = the longest prompt).
+      prompt_mask: ``[E, P]`` int32, 1 = real token.
+      answer_ids: ``[K, A]`` int32 tokens of answer ``k`` (0 after its end).
+      answer_mask: ``[K, A]`` float32, 1 = a token of the answer.
+    """
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    answer_ids: np.ndarray
+    answer_mask: np.ndarray
+
+
+def shared_prompt_choices(choices: TokenizedDataset) -> SharedPromptChoices | None:
+    """The :class:`SharedPromptChoices` layout of ``tokenize_choices``' ``[E, K, T]`` arrays, or
+    ``None`` when the candidates do not factor that way: when, in some example, the candidates'
+    tokens before their answers differ (the tokenizer merged the prompt's end with an answer) or
+    an answer's tokens differ from the same answer's tokens in another example, or an answer is
+    not the contiguous end of its sequence. Exact: scoring the layout gives the same
+    log-likelihoods as scoring every candidate whole."""
+    ids, mask, labels = (np.asarray(x) for x in choices)
+    if ids.ndim != 3:
+        raise ValueError(f"choices must be [E, K, T] arrays, got input_ids of shape {ids.shape}")
+    target = labels != IGNORE_INDEX
+    if not target.any(-1).all() or not np.array_equal(labels[target], ids[target]):
+        return None
+    first = target.argmax(-1)                                                  # [E, K]
+    lens = mask.sum(-1)                                                        # [E, K]
+    pos = np.arange(ids.shape[-1])
+    if not np.array_equal(target, (pos >= first[..., None]) & (pos < lens[..., None])):
+        return None
+    plen = first[:, 0]
+    if plen.min() < 1 or not np.array_equal(first, np.broadcast_to(plen[:, None], first.shape)):
+        return None
+    prompt = np.where(pos < plen[:, None, None], ids, 0)
+    if not np.array_equal(prompt, np.broadcast_to(prompt[:, :1], prompt.shape)):
+        return None
+    alen = lens - first                                                        # [E, K]
+    width = int(alen.max())
+    offsets = np.arange(width)
+    in_answer = offsets < alen[..., None]                                      # [E, K, A]
+    idx = np.minimum(first[..., None] + offsets, ids.shape[-1] - 1)
+    answers = np.where(in_answer, np.take_along_axis(ids, idx, -1), 0)
+    if not (np.array_equal(answers, np.broadcast_to(answers[:1], answers.shape))
+            and np.array_equal(in_answer, np.broadcast_to(in_answer[:1], in_answer.shape))):
+        return None
+    p = int(plen.max())
+    prompt_mask = (pos[:p][None] < plen[:, None]).astype(np.int32)
+    return SharedPromptChoices(np.where(prompt_mask > 0, ids[:, 0, :p], 0).astype(np.int32), prompt_mask,
+                               answers[0].astype(np.int32), in_answer[0].astype(np.float32))
+
+
 def tokenize_choices(prompts: list[str], answers: list[str], tokenizer: Any, *, max_length: int,
                      cache_dir: str | os.PathLike | None = None) -> TokenizedDataset:
     """Every prompt with every candidate answer: arrays ``[E, K, T]`` (``K = len(answers)``).

@@ -51,6 +51,7 @@ from fedlora_jax.driver.tasks import (
     make_choice_evaluate,
     make_evaluate,
     make_lm_evaluate,
+    make_shared_prompt_choice_evaluate,
 )
 from fedlora_jax.federated import (
     ServerState,
@@ -112,6 +113,7 @@ class Setup:
     num_groups: int | None = None  # natural clients with their own test texts (per-client LM eval)
     tokenizer: Any = None
     samples: Any = None            # (prompt ids [G, T], prompt mask [G, T], reference texts) or None
+    choice_answers: Any = None     # cls_generation with shared prompts: (answer_ids [K, A], answer_mask [K, A])
 
 
 def _resolve_devices(cfg: ExperimentConfig):
@@ -191,10 +193,11 @@ class _Data:
     """What a task's data step gives :func:`build_setup` (host NumPy)."""
 
     def __init__(self, train, test_batches, part_labels, label_names, *, parts=None, num_groups=None,
-                 samples_from=None):
+                 samples_from=None, choice_answers=None):
         self.train, self.test_batches = train, test_batches
         self.part_labels, self.label_names = part_labels, label_names
         self.parts, self.num_groups, self.samples_from = parts, num_groups, samples_from
+        self.choice_answers = choice_answers
 
 
 def _batches_dict(ev) -> dict:
@@ -223,7 +226,9 @@ def _cls_data(cfg, train_ds, test_ds, tokenizer, tok_cache) -> _Data:
 
 def _cls_generation_data(cfg, train_ds, test_ds, tokenizer, tok_cache) -> _Data:
     """Classification as generation: prompt + label word; the loss is on the answer only, the
-    evaluation scores every label word (``make_choice_evaluate``)."""
+    evaluation scores every label word: from one cached pass of each prompt when the candidates
+    share their prompt tokens (``shared_prompt_choices``, the usual case), else every candidate
+    whole (``make_choice_evaluate``); the two give the same scores (tested)."""
     from fedlora_jax.data import tokenization as tok_lib
 
     names = list(train_ds.label_names)
@@ -235,14 +240,20 @@ def _cls_generation_data(cfg, train_ds, test_ds, tokenizer, tok_cache) -> _Data:
     test_prompts, _ = tok_lib.classification_prompts(test_ds.texts, names, tokenizer, **kw)
     choices = tok_lib.tokenize_choices(test_prompts, answers, tokenizer, max_length=cfg.max_length,
                                        cache_dir=tok_cache)
-    ev = data_lib.eval_batches(choices, cfg.eval_batch_size)
+    # Candidates sharing their prompt tokens are scored from one cached prompt pass (exact, fewer tokens).
+    shared = tok_lib.shared_prompt_choices(choices)
+    if shared is None:
+        ev, choice_answers = data_lib.eval_batches(choices, cfg.eval_batch_size), None
+    else:
+        prompts_only = data_lib.TokenizedDataset(shared.prompt_ids, shared.prompt_mask, shared.prompt_ids)
+        ev, choice_answers = data_lib.eval_batches(prompts_only, cfg.eval_batch_size), shared[2:]
     labels = np.asarray(test_ds.labels, np.int32)
     rows = np.zeros(ev.example_mask.size, np.int64)
     rows[: len(labels)] = np.arange(len(labels))
     batches = _batches_dict(ev)
     batches["class_labels"] = labels[rows].reshape(ev.example_mask.shape)
     true = data_lib.TokenizedDataset(*(x[np.arange(len(labels)), labels] for x in choices))
-    return _Data(train, batches, train_ds.labels, names, samples_from=true)
+    return _Data(train, batches, train_ds.labels, names, samples_from=true, choice_answers=choice_answers)
 
 
 def _natural_clients(cfg: ExperimentConfig):
@@ -420,7 +431,7 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
     return Setup(cfg, model, graphdef, base, head0, targets, train, data.test_batches, parts,
                  list(data.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
                  task, chunk_size, part_labels=data.part_labels, num_groups=data.num_groups,
-                 tokenizer=tokenizer, samples=samples)
+                 tokenizer=tokenizer, samples=samples, choice_answers=data.choice_answers)
 
 
 def _check_engine_fields(cfg: ExperimentConfig, algo, num_layers: int) -> None:
@@ -655,7 +666,11 @@ def make_evaluator(setup: Setup):
 
         return evaluate, evaluate_state
     n_cls = len(setup.label_names)
-    if cfg.task == "cls_generation":
+    if cfg.task == "cls_generation" and setup.choice_answers is not None:
+        evaluate = make_shared_prompt_choice_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls,
+                                                      answer_ids=setup.choice_answers[0],
+                                                      answer_mask=setup.choice_answers[1])
+    elif cfg.task == "cls_generation":
         evaluate = make_choice_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
     else:
         evaluate = make_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 from fedlora_jax.federated import Task
 from fedlora_jax.models.common import functional_forward
@@ -227,17 +229,77 @@ def make_choice_evaluate(graphdef, *, scale: float, num_classes: int):
             ones = jnp.ones((bsz * c,), jnp.float32)
             nll, _, _ = token_nll(logits, flat(b["labels"]), ones)
             scores = -jnp.sum(nll, -1).reshape(bsz, c)                  # [B, C] log-likelihoods
-            y = b["class_labels"]
-            ex = b["example_mask"].astype(jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(scores, y)
-            hit = (jnp.argmax(scores, -1) == y) * ex
-            onehot = jax.nn.one_hot(y, num_classes) * ex[:, None]
-            return jnp.sum(hit), jnp.sum(ce * ex), jnp.sum(ex), hit @ onehot, jnp.sum(onehot, 0)
+            return _choice_counts(scores, b, num_classes)
 
-        correct, loss, n, cls_correct, cls_n = jax.lax.map(one, batches)
-        tot = jnp.maximum(jnp.sum(n), 1.0)
-        cls_correct, cls_n = jnp.sum(cls_correct, 0), jnp.sum(cls_n, 0)
-        per_class = jnp.where(cls_n > 0, cls_correct / jnp.maximum(cls_n, 1.0), jnp.nan)
-        return jnp.sum(correct) / tot, jnp.sum(loss) / tot, per_class
+        return _choice_totals(jax.lax.map(one, batches))
+
+    return jax.jit(evaluate)
+
+
+def _choice_counts(scores, b, num_classes: int):
+    """Per batch: hits, summed cross-entropy of ``softmax(scores)``, examples, per-class hits and
+    counts, from ``scores [B, C]`` and the batch's ``class_labels`` / ``example_mask``."""
+    y = b["class_labels"]
+    ex = b["example_mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(scores, y)
+    hit = (jnp.argmax(scores, -1) == y) * ex
+    onehot = jax.nn.one_hot(y, num_classes) * ex[:, None]
+    return jnp.sum(hit), jnp.sum(ce * ex), jnp.sum(ex), hit @ onehot, jnp.sum(onehot, 0)
+
+
+def _choice_totals(counts):
+    """``(accuracy, loss, per_class_accuracy)`` from the stacked :func:`_choice_counts`."""
+    correct, loss, n, cls_correct, cls_n = counts
+    tot = jnp.maximum(jnp.sum(n), 1.0)
+    cls_correct, cls_n = jnp.sum(cls_correct, 0), jnp.sum(cls_n, 0)
+    per_class = jnp.where(cls_n > 0, cls_correct / jnp.maximum(cls_n, 1.0), jnp.nan)
+    return jnp.sum(correct) / tot, jnp.sum(loss) / tot, per_class
+
+
+def make_shared_prompt_choice_evaluate(graphdef, *, scale: float, num_classes: int, answer_ids, answer_mask):
+    """:func:`make_choice_evaluate` for candidates that share their prompt
+    (:func:`fedlora_jax.data.tokenization.shared_prompt_choices`), one jit: each prompt is run
+    once through the model's cached path (``prefill``), the first token of every answer is
+    scored from the prompt's last logits, and the rest of answer ``k`` by ``A - 1`` cached decode
+    steps from the same cache. Same scores as the whole-candidate evaluator, for about
+    ``(P + K (A - 1)) / (K T)`` of its tokens.
+
+    Args:
+      answer_ids, answer_mask: ``[K, A]`` answer tokens and their mask (static).
+    ``batches``: ``input_ids, attention_mask [N, B, P]`` (the prompts), ``class_labels`` and
+    ``example_mask [N, B]``. Returns ``(accuracy, loss, per_class_accuracy)``.
+    """
+    answer_ids, answer_mask = np.asarray(answer_ids, np.int32), np.asarray(answer_mask, np.float32)
+    k_answers, width = answer_ids.shape
+    if k_answers != num_classes:
+        raise ValueError(f"answer_ids has {k_answers} answers for num_classes={num_classes}")
+
+    def evaluate(base, head, lora, masks, batches):
+        model = nnx.merge(graphdef, base, head)
+        kw = dict(lora=lora, masks=masks, scale=scale)
+
+        def one(b):
+            ids, am = b["input_ids"], b["attention_mask"]
+            bsz, p = ids.shape
+            rows = jnp.arange(bsz)
+            lens = jnp.sum(am != 0, -1).astype(jnp.int32)
+            logits, cache = model.prefill(ids, am, cache_len=p + width - 1, **kw)
+            first = jax.nn.log_softmax(logits[rows, lens - 1], -1)                   # [B, V]
+            valid0 = jnp.pad(am != 0, ((0, 0), (0, width - 1)))
+            scores = []
+            for k in range(k_answers):
+                lp, c, valid = first[:, answer_ids[k, 0]], cache, valid0
+                for j in range(1, width):
+                    if answer_mask[k, j] == 0:
+                        break
+                    pos = lens + j - 1                                                # slot of token j - 1
+                    valid = valid.at[rows, pos].set(True)
+                    tok = jnp.full((bsz,), answer_ids[k, j - 1], jnp.int32)
+                    step_logits, c = model.decode_step(tok, pos, c, valid, **kw)
+                    lp = lp + jax.nn.log_softmax(step_logits, -1)[:, answer_ids[k, j]]
+                scores.append(lp)
+            return _choice_counts(jnp.stack(scores, -1), b, num_classes)
+
+        return _choice_totals(jax.lax.map(one, batches))
 
     return jax.jit(evaluate)

@@ -342,3 +342,76 @@ def test_sample_rows_spread_over_the_test_set():
     np.testing.assert_array_equal(sample_rows(3, 8), [0, 1, 2])
     np.testing.assert_array_equal(sample_rows(10, 1), [0])
     assert sample_rows(5, 0).size == 0
+
+
+def test_shared_prompt_choice_evaluator_equals_whole_candidates(parts):
+    """Scoring each prompt once (prefill + cached decode of each answer) equals scoring every
+    candidate whole, with multi-token answers of different lengths and padding rows."""
+    from fedlora_jax.driver.tasks import make_shared_prompt_choice_evaluate
+
+    model, graphdef, base, head, lora, tok = parts
+    names = ["sports", "world affairs today", "tech"]
+    texts = ["a goal was scored", "the summit ended in the capital", "new chips ship", "rain", "a tie game"]
+    y = np.array([0, 1, 2, 1, 0], np.int32)
+    prompts, answers = tok_lib.classification_prompts(texts, names, tok, max_length=128)
+    choices = tok_lib.tokenize_choices(prompts, answers, tok, max_length=128)
+    shared = tok_lib.shared_prompt_choices(choices)
+    assert shared is not None
+    widths = shared.answer_mask.sum(-1)
+    assert widths.max() > 1 and len(set(widths.tolist())) > 1        # multi-token answers of different lengths
+    for e in range(5):
+        for k in range(3):
+            n_a = int(widths[k])
+            row = choices.input_ids[e, k][choices.attention_mask[e, k] > 0]
+            np.testing.assert_array_equal(row, np.concatenate([shared.prompt_ids[e][shared.prompt_mask[e] > 0],
+                                                               shared.answer_ids[k, :n_a]]))
+    pad = lambda x: np.concatenate([x, x[:1]])                       # one padding row -> [6, ...]
+    ex = np.array([1, 1, 1, 1, 1, 0], np.float32).reshape(2, 3)
+    yy = pad(y).reshape(2, 3)
+    whole = {"input_ids": pad(choices.input_ids).reshape(2, 3, 3, 128),
+             "attention_mask": pad(choices.attention_mask).reshape(2, 3, 3, 128),
+             "labels": pad(choices.labels).reshape(2, 3, 3, 128), "example_mask": ex, "class_labels": yy}
+    p = shared.prompt_ids.shape[1]
+    short = {"input_ids": pad(shared.prompt_ids).reshape(2, 3, p), "attention_mask": pad(shared.prompt_mask).reshape(
+        2, 3, p), "example_mask": ex, "class_labels": yy}
+    ref = make_choice_evaluate(graphdef, scale=2.0, num_classes=3)(base, head, lora, None,
+                                                                   jax.tree.map(jnp.asarray, whole))
+    got = make_shared_prompt_choice_evaluate(graphdef, scale=2.0, num_classes=3, answer_ids=shared.answer_ids,
+                                             answer_mask=shared.answer_mask)(base, head, lora, None,
+                                                                             jax.tree.map(jnp.asarray, short))
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompt_choices_refuses_what_does_not_factor():
+    ids = np.array([[[5, 6, 7, 0], [5, 6, 8, 9]]], np.int32)           # [E=1, K=2, T=4]
+    am = (ids > 0).astype(np.int32)
+    lab = np.where(np.arange(4) >= 2, ids, IGNORE_INDEX)
+    lab = np.where(am > 0, lab, IGNORE_INDEX)
+    got = tok_lib.shared_prompt_choices(tok_lib.TokenizedDataset(ids, am, lab))
+    np.testing.assert_array_equal(got.prompt_ids, [[5, 6]])
+    np.testing.assert_array_equal(got.answer_ids, [[7, 0], [8, 9]])
+    np.testing.assert_array_equal(got.answer_mask, [[1, 0], [1, 1]])
+    merged = ids.copy()
+    merged[0, 1, 1] = 4                                                # the candidates' prompts differ
+    assert tok_lib.shared_prompt_choices(tok_lib.TokenizedDataset(merged, am, lab)) is None
+    two = np.concatenate([ids, ids], 0)
+    two[1, 1, 3] = 3                                                   # answer 1 tokenized differently in example 1
+    lab2 = np.where((np.arange(4) >= 2) & (two > 0), two, IGNORE_INDEX)
+    assert tok_lib.shared_prompt_choices(tok_lib.TokenizedDataset(two, (two > 0).astype(np.int32), lab2)) is None
+
+
+def test_cls_generation_runs_end_to_end_with_the_shared_prompt_evaluator(tiny_dir, tmp_path):
+    """SST-2 as generation on the tiny Llama through the driver: the candidates share their
+    prompts, so the evaluation runs the cached scorer; the HAFL diagnostics work on it."""
+    from fedlora_jax.driver.run import build_setup
+
+    cfg = _lm_config(tiny_dir, "sst2", task="cls_generation", partition="dirichlet", train_limit=64, test_limit=12,
+                     max_length=128, chat_template=False, generate_samples=0, algorithm="hafl",
+                     eval_distributed_ranks=(1,))
+    setup = build_setup(cfg, quiet=True, cache_dir=tmp_path / "cache")
+    assert setup.choice_answers is not None and setup.test_batches["input_ids"].ndim == 3   # [N, B, P] prompts
+    summary = run_experiment(cfg, tmp_path / "cg", quiet=True, cache_dir=tmp_path / "cache")
+    assert summary["compilations_this_call"] == 1 and summary["task"] == "cls_generation"
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    assert set(summary["distributed_test_accuracy"]) == {"1"}
