@@ -54,12 +54,13 @@ sys.path.insert(0, str(HERE))
 
 from run_comparison import load_module, run_name, sweep_items  # noqa: E402
 
-COMPARISONS = ("byun_lee", "hafl", "fedara", "legend")
+COMPARISONS = ("byun_lee", "hafl", "hafl_llm", "fedara", "legend")
 MB = 1e6
 TO_TARGET = ("rounds_to_target", "mb_to_target", "sim_s_to_target")
 TOTALS = ("total_mb", "total_sim_s", "total_energy_kj")
 COST_METRICS = TO_TARGET + TOTALS
-SCALAR_METRICS = ("final_acc", "last3_acc", "best_acc", "auc", *COST_METRICS, "diagnostic_drop", "global_budget")
+SCALAR_METRICS = ("initial_acc", "final_acc", "last3_acc", "best_acc", "auc", *COST_METRICS, "diagnostic_drop",
+                  "global_budget")
 #: Metrics with arguments: ``slot_norm:<lo>:<hi>``, ``distributed_acc:<rank>``, ``distribution_drop:<rank>``.
 PARAM_METRICS = {"slot_norm": 2, "distributed_acc": 1, "distribution_drop": 1}
 METRIC_NAMES = (*SCALAR_METRICS, "slot_norm:<lo>:<hi>", "distributed_acc:<rank>", "distribution_drop:<rank>")
@@ -179,7 +180,8 @@ def parse_metric(metric: str) -> tuple[str, tuple[int, ...]]:
 def metric_value(rows: list[dict], metric: str, target: float | None = None) -> float | None:
     """One metric of one run (None when undefined: not logged, or the target never reached).
 
-    final_acc / last3_acc (mean of the last three trained evaluations, fewer if fewer) / best_acc;
+    initial_acc (the evaluation before training, round -1); final_acc / last3_acc (mean of the
+    last three trained evaluations, fewer if fewer) / best_acc;
     auc (:func:`auc`); rounds_to_target (round + 1 of the first trained evaluation >= target),
     mb_to_target, sim_s_to_target (cumulative uplink MB / simulated s at that row); total_mb,
     total_sim_s, total_energy_kj (at the last row); slot_norm:lo:hi (sum of
@@ -190,6 +192,8 @@ def metric_value(rows: list[dict], metric: str, target: float | None = None) -> 
     """
     base, args = parse_metric(metric)
     evals = trained_evals(rows)
+    if base == "initial_acc":
+        return next((r["test_accuracy"] for r in rows if r["round"] < 0 and "test_accuracy" in r), None)
     if base in ("final_acc", "last3_acc", "best_acc"):
         if not evals:
             return None
@@ -445,13 +449,13 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 def arms_table(sub: dict, target: float | None) -> str:
     """Per arm, mean ± sd over seeds of the accuracy, AUC, to-target and total cost metrics."""
-    head = ["arm", "seeds", "final acc", "last-3 acc", "AUC", "rounds to target (reached)",
+    head = ["arm", "seeds", "initial acc", "final acc", "last-3 acc", "AUC", "rounds to target (reached)",
             "uplink MB to target", "sim s to target", "total uplink MB", "total sim s", "energy kJ"]
     rows = []
     for (label, _), runs in sub.items():
         def col(metric, digits=3):
             return fmt(mean_std([metric_value(r, metric, target) for r in runs.values()]), digits)
-        row = [label, str(len(runs)), col("final_acc"), col("last3_acc"), col("auc")]
+        row = [label, str(len(runs)), col("initial_acc"), col("final_acc"), col("last3_acc"), col("auc")]
         if target is None:
             row += ["n/a", "n/a", "n/a"]
         else:

@@ -356,7 +356,7 @@ def test_section_rendered_from_run_directories(tmp_path):
     slow_last3 = np.mean([np.mean([0.6, 0.7, 0.8 - 0.01 * s]) for s in range(3)])
     assert f"Target accuracy: {0.9 * slow_last3:.3f} = 0.90 x" in page
     # target 0.63: fast reaches it at x = 1 (1 MB), slow at x = 2 (4 MB) in every seed
-    assert "| fast | 3 | 0.910 ± 0.010 |" in page
+    assert "| fast | 3 | 0.500 ± 0.000 | 0.910 ± 0.010 |" in page
     assert "1.0 ± 0.0 (3/3)" in page
     assert "- **fast ends higher** — holds:" in page
     assert "- **fast needs fewer rounds** — holds:" in page
@@ -396,3 +396,9 @@ def test_device_plans_and_plan_table():
     text = "\n".join(table)
     assert "| legend | pi | 1 | 0 2 |" in text and "| uniform | orin | 2 | 8 8 |" in text
     assert make_results.plan_table({("uniform", None): {0: [uniform]}}) == []
+
+
+def test_initial_accuracy_is_the_pre_training_row():
+    rows = [{"round": -1, "test_accuracy": 0.31}, {"round": 0, "test_accuracy": 0.5}]
+    assert make_results.metric_value(rows, "initial_acc") == 0.31
+    assert make_results.metric_value(rows[1:], "initial_acc") is None
