@@ -1,12 +1,12 @@
 """Experiment configs load, their methods build valid configs, the smoke variants run end to
 end (slow + smoke). make_results' own tests are in test_make_results.py."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from helpers.modules import import_file
 
 from fedlora_jax.driver.config import ALGORITHMS, ExperimentConfig, load_config
 
@@ -18,15 +18,8 @@ STANDALONE = ("quickstart", "llm_shakespeare")
 COMPARISONS = [p for p in CONFIGS if p.stem not in STANDALONE]
 
 
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run_comparison = _import(ROOT / "experiments" / "run_comparison.py", "run_comparison_under_test")
-make_results = _import(ROOT / "experiments" / "make_results.py", "make_results_under_test")
+run_comparison = import_file(ROOT / "experiments" / "run_comparison.py", "run_comparison_under_test")
+make_results = import_file(ROOT / "experiments" / "make_results.py", "make_results_under_test")
 
 
 def test_comparison_configs_exist():
@@ -105,7 +98,7 @@ def test_smoke_variant_runs(path, tmp_path):
 def test_hypergrad_experiment_smoke_runs(tmp_path):
     """experiments/hypergrad_weights.py --smoke: every arm of both studies runs 2 rounds and
     writes its result with one compiled round per arm."""
-    hg = _import(ROOT / "experiments" / "hypergrad_weights.py", "hypergrad_weights_under_test")
+    hg = import_file(ROOT / "experiments" / "hypergrad_weights.py", "hypergrad_weights_under_test")
     assert hg.main(["--smoke", "--out", str(tmp_path)]) == 0
     files = sorted(tmp_path.glob("*.json"))
     assert len(files) == sum(len(arms) for arms in hg.STUDIES.values())

@@ -1,27 +1,20 @@
 """make_results: per-run metrics, paired statistics, censoring rules and the rendered page,
 against hand-computed numbers on synthetic runs (NumPy only, no model)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.modules import import_file
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "experiments" / "configs"
 T975_2 = 4.302652729911275  # t_{0.975} with 2 degrees of freedom (tables)
 
 
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_results = _import(ROOT / "experiments" / "make_results.py", "make_results_under_test")
+make_results = import_file(ROOT / "experiments" / "make_results.py", "make_results_under_test")
 
 
 def _synthetic(accs, up, sim, energy, *, pre=0.5):
