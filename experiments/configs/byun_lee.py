@@ -62,6 +62,9 @@ CLAIMS = (
      "arm": "replication", "ref": "hetlora", "metric": "last3_acc", "direction": +1},
     {"claim": "zero padding dilutes the slots only the high-rank clients own (slot norm, slots 4-15)",
      "arm": "naive_zero_padding", "ref": "replication", "metric": "slot_norm:4:16", "direction": -1},
+    {"claim": "zero padding costs the high-rank client more accuracy at the first aggregation (the paper's "
+              "diagnostic: its own model's accuracy minus that of the model it receives)",
+     "arm": "naive_zero_padding", "ref": "replication", "metric": "diagnostic_drop", "direction": +1},
     {"claim": "the high-rank clients' extra slots help (replication vs everyone at rank 4)",
      "arm": "replication", "ref": "homogeneous_r4", "metric": "last3_acc", "direction": +1},
     {"claim": "the adapters add to the head alone",
