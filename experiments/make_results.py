@@ -17,6 +17,8 @@ Config contract (besides ``METHODS`` / ``SEEDS`` / ``SWEEP`` of ``run_comparison
   the paper claims ``metric(arm)`` is higher (+1) / lower (-1) than ``metric(ref)``; evaluated
   separately for each sweep value.
 * ``DIFFERENCES`` (optional): how our setting differs from the paper's, printed beside the verdicts.
+* ``FINDINGS`` (optional): the reading of the finished runs (why a claim holds or fails, from the
+  diagnostics on the page), printed after them; written by hand once the runs are in.
 
 Metrics: see :data:`METRIC_NAMES` and :func:`metric_value`.
 
@@ -658,6 +660,8 @@ def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
         out += value_block(name, module, groups, field, value, plots)
     if getattr(module, "DIFFERENCES", None):
         out += [f"Differences from the paper: {module.DIFFERENCES}", ""]
+    if getattr(module, "FINDINGS", None):
+        out += [f"Reading the numbers: {module.FINDINGS}", ""]
     for a, b in identical_groups(groups):
         out += [f"Note: `{a[0]}` and `{b[0]}`{'' if a[1] is None else f' ({a[1]})'} produced byte-identical "
                 "metrics in every seed (the comparison between them is empty).", ""]

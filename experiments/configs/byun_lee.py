@@ -73,6 +73,22 @@ CLAIMS = (
 #: make_results: where this setting differs from the paper's, printed beside the verdicts.
 DIFFERENCES = ("MiniLM-L6 (22 M parameters) instead of the paper's larger encoders; AG News only (no "
                "DBpedia); 40 clients, 20 rounds and ranks 16/4 instead of 20/5; 2 CPU cores.")
+#: make_results: the reading of the finished runs (2026-12-01, all 15 runs).
+FINDINGS = (
+    "The mechanism the paper describes is there and large: under zero padding the slots only the "
+    "four rank-16 clients own (4-15) carry almost nothing at the end (summed slot norm 0.05 under "
+    "naive zero padding, 0.04 under HetLoRA, against 40.6 under replication padding; the claim holds "
+    "in every seed). That is, zero padding trains an effectively rank-4 adapter, and indeed it "
+    "ends level with everyone at rank 4 (last-3 0.848 vs 0.847). But accuracy does not follow, "
+    "because in this setting the adapters add little at all: the head-only control ends at 0.840, "
+    "within 0.007 of replication padding (interval -0.031 to +0.045). So the extra capacity that "
+    "replication padding keeps alive has no accuracy to show for it here; every accuracy and "
+    "speed claim is inconclusive, with paired intervals about +-0.015 wide around zero. The "
+    "first-aggregation diagnostic measured only seed 0, where a rank-16 client took part in round "
+    "0: in seeds 1 and 2 the highest-rank participant had rank 4, and every arm gave it the same "
+    "model (difference 0). A task where the encoder must change (a harder task, a weaker head, or "
+    "a frozen head) is what would let replication padding's kept slots matter.")
+
 
 def get_config(variant: str = "full") -> ExperimentConfig:
     cfg = ExperimentConfig(
