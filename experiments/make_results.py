@@ -544,13 +544,14 @@ def device_plans(rows: list[dict]) -> dict[str, tuple[int, ...]]:
 
 def plan_table(sub: dict) -> list[str]:
     """The adapter plan of each arm per device type in the first round (seed of the first finished
-    run; depth = layers with an adapter), when the arms' plans differ between device types."""
-    rows = []
+    run; depth = layers with an adapter), when some arm's plan differs between device types."""
+    rows, differs = [], False
     for (label, _), runs in sub.items():
-        seed = min(runs)
-        for device, ranks in device_plans(runs[seed]).items():
+        plans = device_plans(runs[min(runs)])
+        differs |= len(set(plans.values())) > 1
+        for device, ranks in plans.items():
             rows.append([label, device, str(sum(r > 0 for r in ranks)), " ".join(map(str, ranks))])
-    if not rows or len({tuple(r[2:]) for r in rows}) == 1:
+    if not differs:
         return []
     return ["Adapter plan in the first round, per device type (ranks per layer from the bottom to the top, "
             "the largest over the layer's modules):", "",

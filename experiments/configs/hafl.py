@@ -67,6 +67,20 @@ DIFFERENCES = ("HAFL fine-tunes LLMs (LLaMA-class) on 20 Newsgroups / Banking77;
                "not read: the selection timing and the first-round start are ASSUMPTIONS "
                "(fedlora_jax/algorithms/hafl.py).")
 
+#: make_results: the reading of the finished runs (2026-12-01: alpha 0.5, all 12 runs; alpha 0.1 not run yet).
+FINDINGS = (
+    "alpha 0.5: nothing separates the arms except one seed. Both HAFL modes keep the slots above "
+    "rank 2 alive (summed norm of slots 4-7 about 10.8 and 11.3 against 0.014 under zero padding, "
+    "the same dilution as in Byun & Lee's comparison), but accuracy does not follow. Seeds 0 and 1 "
+    "put freeze, truncate and zero padding within 0.011 of each other. In seed 2 both HAFL modes "
+    "end 0.09-0.11 below zero padding (0.716 / 0.731 against 0.821) and HAFL-freeze never reaches "
+    "the target, which is why the rounds-to-target claim does not hold; the head-only control "
+    "(0.833 last-3) is level with zero padding (0.839), so here too the adapters add little over "
+    "the head. Truncation's negative distribution drop (-0.044) says that in seed 2 the model cut "
+    "to a rank-2 client's top components (0.842) beats the whole global model (0.731): the high "
+    "components learned in that seed hurt. Why seed 2 degrades under HAFL (its Dirichlet split "
+    "or its client order) is not yet diagnosed; alpha 0.1 and that diagnosis are the next runs.")
+
 
 def get_config(variant: str = "full") -> ExperimentConfig:
     cfg = ExperimentConfig(

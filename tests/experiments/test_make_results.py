@@ -389,6 +389,8 @@ def test_device_plans_and_plan_table():
     text = "\n".join(table)
     assert "| legend | pi | 1 | 0 2 |" in text and "| uniform | orin | 2 | 8 8 |" in text
     assert make_results.plan_table({("uniform", None): {0: [uniform]}}) == []
+    one_device = dict(row, client_device=["orin"] * 3)               # one device type: nothing to show
+    assert make_results.plan_table({("legend", None): {0: [one_device]}, ("uniform", None): {0: [uniform]}}) == []
 
 
 def test_initial_accuracy_is_the_pre_training_row():
