@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fedlora_jax.driver.config import ExperimentConfig, apply_overrides
 
-KEEP_FILES = ("metrics.jsonl", "summary.json", "config.json")
+KEEP_FILES = ("metrics.jsonl", "summary.json", "config.json", "partition.txt")
 
 
 def load_module(path: str | Path):

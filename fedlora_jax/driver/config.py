@@ -24,6 +24,7 @@ from fedlora_jax.algorithms.registry import ALIASES, BUILDERS, canonical_name
 #: Registered algorithm names (aliases such as ``fedavg`` are accepted too), from the registry.
 ALGORITHMS = tuple(BUILDERS)
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
+RANK_ORDERS = ("given", "label_entropy")
 #: What is trained: an encoder classifier, a causal LM, or classification as generation on an LM.
 TASKS = ("classification", "causal_lm", "cls_generation")
 LM_LOSSES = ("all", "response")
@@ -54,6 +55,10 @@ class ExperimentConfig:
       r_max (static ``R``), lora_alpha (scale = lora_alpha / r_max), target_modules,
       client_ranks: ranks assigned round-robin to clients (heterogeneous ranks), or empty
       for ``r_max`` everywhere.
+      rank_order: which client gets which of those ranks. ``given`` (default): client ``i``
+        gets ``client_ranks[i % len(client_ranks)]``. ``label_entropy``: the same ranks, the
+        highest on the clients whose training labels are most balanced (largest entropy of the
+        label histogram; ties by client index). Needs ``client_ranks`` and a labelled task.
       client_groups: data-quality groups ``((num_clients, dirichlet_alpha, rank), ...)``
         (Byun & Lee's setting): the examples are split over the groups in proportion to their
         sizes, each group's share is Dirichlet-partitioned with its own alpha, and its clients
@@ -149,6 +154,7 @@ class ExperimentConfig:
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("query", "value")
     client_ranks: tuple[int, ...] = ()
+    rank_order: str = "given"
     client_groups: tuple[tuple[int, float, int], ...] = ()
     algorithm: str = "fedit"
     algo: dict = dataclasses.field(default_factory=dict)
@@ -257,6 +263,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for r in cfg.client_ranks:
         if not isinstance(r, int) or r < 1 or r > cfg.r_max:
             _fail("client_ranks", cfg.client_ranks, f"ints in [1, r_max={cfg.r_max}]")
+    if cfg.rank_order not in RANK_ORDERS:
+        _fail("rank_order", cfg.rank_order, f"one of {RANK_ORDERS}{_suggest(cfg.rank_order, RANK_ORDERS)}")
+    if cfg.rank_order == "label_entropy" and (not cfg.client_ranks or cfg.task == "causal_lm"):
+        _fail("rank_order", cfg.rank_order, "client_ranks to reorder and a labelled task (not causal_lm)")
     if not cfg.target_modules:
         _fail("target_modules", cfg.target_modules, "at least one module name")
     if not cfg.lr > 0:

@@ -174,12 +174,32 @@ def _partition_clients(cfg: ExperimentConfig, labels: np.ndarray) -> tuple[list,
     return parts, np.asarray(group)
 
 
-def _client_ranks(cfg: ExperimentConfig, group_of_client: np.ndarray) -> np.ndarray:
-    """``[K]`` rank of every client: its group's rank, else ``client_ranks`` round-robin, else ``r_max``."""
+def ranks_by_label_entropy(ranks: np.ndarray, label_hist: np.ndarray) -> np.ndarray:
+    """The same ranks ``[K]`` reassigned so the highest go to the clients with the most balanced
+    labels: client order by the entropy of its label histogram ``label_hist [K, C]`` (largest
+    first, ties by client index) gets the ranks in descending order."""
+    hist = np.asarray(label_hist, np.float64)
+    p = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1.0)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+    order = np.argsort(-entropy, kind="stable")
+    out = np.empty_like(np.asarray(ranks))
+    out[order] = np.sort(np.asarray(ranks))[::-1]
+    return out
+
+
+def _client_ranks(cfg: ExperimentConfig, group_of_client: np.ndarray, label_hist: np.ndarray | None
+                  ) -> np.ndarray:
+    """``[K]`` rank of every client: its group's rank, else ``client_ranks`` round-robin (reordered
+    by ``rank_order``), else ``r_max``."""
     if cfg.client_groups:
         return np.array([cfg.client_groups[g][2] for g in group_of_client], np.int32)
     if cfg.client_ranks:
-        return np.array([cfg.client_ranks[i % len(cfg.client_ranks)] for i in range(cfg.num_clients)], np.int32)
+        ranks = np.array([cfg.client_ranks[i % len(cfg.client_ranks)] for i in range(cfg.num_clients)], np.int32)
+        if cfg.rank_order == "label_entropy":
+            if label_hist is None:
+                raise ValueError("config field 'rank_order' = 'label_entropy' needs labelled training data")
+            ranks = ranks_by_label_entropy(ranks, label_hist)
+        return ranks
     return np.full((cfg.num_clients,), cfg.r_max, np.int32)
 
 
@@ -395,7 +415,9 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                              f"{t.module!r} ({t.in_features} x {t.out_features})")
     graphdef, base, head0 = split_for_round(model)
     keys = tuple(sorted(targets))
-    ranks = _client_ranks(cfg, group_of_client)
+    label_hist = None if cfg.rank_order == "given" or data.part_labels is None else np.stack(
+        [np.bincount(data.part_labels[p], minlength=len(data.label_names)) for p in parts])
+    ranks = _client_ranks(cfg, group_of_client, label_hist)
     missing = sorted(set(cfg.eval_distributed_ranks) - set(ranks.tolist()))
     if missing:
         raise ValueError(f"config field 'eval_distributed_ranks' = {cfg.eval_distributed_ranks}: no client has "
@@ -649,8 +671,9 @@ def make_evaluator(setup: Setup):
     """``(evaluate, evaluate_state)``: the task's jitted evaluation (``evaluate(base, head, lora,
     masks, batches)``) and ``evaluate_state(state) -> dict`` of the metrics a round logs.
 
-    Classification and classification as generation: ``test_accuracy``, ``test_loss`` and
-    ``client_test_accuracy`` (each client's accuracy under its label histogram). Causal LM:
+    Classification and classification as generation: ``test_accuracy``, ``test_loss``,
+    ``test_class_accuracy`` (``[num_classes]``, ``None`` for a class absent from the test set)
+    and ``client_test_accuracy`` (each client's accuracy under its label histogram). Causal LM:
     ``test_loss`` (mean token NLL), ``test_perplexity``, ``test_token_accuracy`` and, with
     natural clients, ``client_test_perplexity`` / ``client_test_token_accuracy`` (mean, min,
     percentiles over the clients, each on its own test texts).
@@ -685,6 +708,7 @@ def make_evaluator(setup: Setup):
         acc, loss, per_class = evaluate_global(setup, st, evaluate, test_batches)
         ca = client_accuracies(per_class, label_hist)
         return {"test_accuracy": float(acc), "test_loss": float(loss),
+                "test_class_accuracy": [float(a) if np.isfinite(a) else None for a in np.asarray(per_class)],
                 "client_test_accuracy": {"mean": float(np.mean(ca)), "min": float(np.min(ca)),
                                          "p10": float(np.percentile(ca, 10)), "max": float(np.max(ca))}}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers.tiny_bert import write_tiny_bert
 
+from fedlora_jax.data.loading import load_text_classification
 from fedlora_jax.driver.config import ALGORITHMS, ExperimentConfig
 from fedlora_jax.driver.run import run_experiment
 
@@ -40,10 +41,16 @@ def test_algorithm_runs_end_to_end(algorithm, tiny_model, tmp_path):
     assert summary["rounds_completed"] == 3
     assert summary["compilations_this_call"] == 1
     rows = [r for r in _rows(tmp_path / algorithm) if r["round"] >= 0]
+    test_labels = load_text_classification("sst2", split=cfg.test_split, max_examples=cfg.test_limit).labels
     for r in rows:
         assert np.isfinite(r["train_loss"]) and 0 <= r["test_accuracy"] <= 1
         assert r["bytes_up"] > 0 and r["sim_round_time_s"] > 0 and r["sim_energy_j"] > 0
         assert 0 <= r["client_test_accuracy"]["min"] <= r["client_test_accuracy"]["mean"] <= 1
+        # the per-class accuracies, weighted by the test set's class counts, give the accuracy
+        per_class = np.array([np.nan if a is None else a for a in r["test_class_accuracy"]])
+        counts = np.bincount(test_labels, minlength=len(per_class))
+        assert np.isnan(per_class).tolist() == (counts == 0).tolist()
+        np.testing.assert_allclose(np.nansum(per_class * counts) / counts.sum(), r["test_accuracy"], atol=1e-6)
     assert summary["total_energy_j"] > 0
 
 
@@ -114,7 +121,7 @@ def test_client_groups_partition_balance():
                            client_groups=((2, 50.0, 16), (8, 0.1, 4)))
     parts, group = _partition_clients(cfg, labels)
     assert group.tolist() == [0, 0] + [1] * 8
-    assert _client_ranks(cfg, group).tolist() == [16, 16] + [4] * 8
+    assert _client_ranks(cfg, group, None).tolist() == [16, 16] + [4] * 8
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))   # a partition of all rows
 
     def skew(p):
@@ -126,6 +133,50 @@ def test_client_groups_partition_balance():
         ExperimentConfig(num_clients=10, clients_per_round=2, client_groups=((2, 1.0, 4),))
     with pytest.raises(ValueError, match="client_groups"):
         ExperimentConfig(num_clients=2, clients_per_round=2, client_groups=((2, 1.0, 4),), client_ranks=(2,))
+
+
+def test_rank_order_label_entropy_puts_high_ranks_on_balanced_clients():
+    from fedlora_jax.driver.run import _client_ranks, ranks_by_label_entropy
+
+    hist = np.array([[10, 0, 0], [5, 5, 0], [3, 3, 4], [9, 1, 0], [4, 3, 3]])
+    # a loop reference: entropy per client, clients sorted by it (largest first, ties by index)
+    ent = []
+    for h in hist:
+        p = h / h.sum()
+        ent.append(-sum(x * np.log(x) for x in p if x > 0))
+    order = sorted(range(len(hist)), key=lambda c: (-ent[c], c))
+    ranks = np.array([2, 2, 4, 4, 8])
+    want = np.zeros(5, int)
+    for pos, c in enumerate(order):
+        want[c] = sorted(ranks, reverse=True)[pos]
+    got = ranks_by_label_entropy(ranks, hist)
+    assert got.tolist() == want.tolist() == [2, 4, 8, 2, 4]
+    assert sorted(got.tolist()) == sorted(ranks.tolist())              # the same ranks, reassigned
+    tie = ranks_by_label_entropy(np.array([1, 2, 3]), np.array([[1, 1], [1, 1], [2, 0]]))
+    assert tie.tolist() == [3, 2, 1]                                   # ties: the lower index first
+    cfg = ExperimentConfig(num_clients=5, clients_per_round=2, r_max=8, client_ranks=(2, 2, 4, 4, 8),
+                           rank_order="label_entropy")
+    assert _client_ranks(cfg, np.zeros(5, int), hist).tolist() == want.tolist()
+    assert _client_ranks(dataclasses.replace(cfg, rank_order="given"), np.zeros(5, int), hist).tolist() == [2, 2, 4, 4, 8]
+    with pytest.raises(ValueError, match="rank_order"):
+        ExperimentConfig(num_clients=5, clients_per_round=2, rank_order="entropy")
+    with pytest.raises(ValueError, match="rank_order"):
+        ExperimentConfig(num_clients=5, clients_per_round=2, rank_order="label_entropy")   # no client_ranks
+
+
+def test_rank_order_label_entropy_through_the_driver(tiny_model, tmp_path):
+    """The driver reorders the ranks by the clients' real label histograms (partition.txt)."""
+    cfg = tiny_config(tiny_model, "hetlora", client_ranks=(1, 1, 2, 4), num_clients=4, clients_per_round=4,
+                      rounds=1, partition="dirichlet", dirichlet_alpha=0.3, rank_order="label_entropy")
+    run_experiment(cfg, tmp_path / "re", quiet=True, cache_dir=tmp_path / "cache")
+    row = next(r for r in _rows(tmp_path / "re") if r["round"] == 0)
+    got = [max(v[c] for v in row["active_ranks"].values()) for c in range(4)]
+    table = (tmp_path / "re" / "partition.txt").read_text().splitlines()[2:6]
+    hist = np.array([[int(x) for x in line.split()[2:]] for line in table])
+    from fedlora_jax.driver.run import ranks_by_label_entropy
+
+    assert got == ranks_by_label_entropy(np.array([1, 1, 2, 4]), hist).tolist()
+    assert got != [1, 1, 2, 4]                     # this split's most balanced client is not client 3
 
 
 def test_fedara_static_cut_same_numbers_one_compile_per_cut(tiny_model, tmp_path):
