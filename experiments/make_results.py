@@ -56,7 +56,7 @@ sys.path.insert(0, str(HERE))
 
 from run_comparison import load_module, run_name, sweep_items  # noqa: E402
 
-COMPARISONS = ("byun_lee", "hafl", "hafl_llm", "fedara", "legend")
+COMPARISONS = ("byun_lee", "hafl", "hafl_rank_skew", "hafl_llm", "fedara", "legend")
 MB = 1e6
 TO_TARGET = ("rounds_to_target", "mb_to_target", "sim_s_to_target")
 TOTALS = ("total_mb", "total_sim_s", "total_energy_kj")
@@ -399,6 +399,33 @@ def load_comparison(results: Path, name: str, config_dir: Path):
     return module, groups
 
 
+def read_partition(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """``(label names, hist [K, C])`` from a run's ``partition.txt`` (the driver's per-client table:
+    a header ``client size <names...>``, a rule, one row per client, a summary line)."""
+    lines = Path(path).read_text().splitlines()
+    head = lines[0].split()
+    if head[:2] != ["client", "size"] or len(head) < 3:
+        raise ValueError(f"{path}: not a partition table (header {lines[0]!r})")
+    hist = []
+    for ln in lines[2:]:
+        cells = ln.split()
+        if len(cells) != len(head) or not all(c.isdigit() for c in cells):
+            break
+        if int(cells[0]) != len(hist):
+            raise ValueError(f"{path}: client rows out of order at {ln!r}")
+        hist.append([int(c) for c in cells[2:]])
+    if not hist:
+        raise ValueError(f"{path}: no client rows")
+    return head[2:], np.asarray(hist, np.int64)
+
+
+def load_partitions(results: Path, name: str, module) -> dict:
+    """``{(label, sweep_value, seed): (label names, hist [K, C])}`` of the finished runs that kept
+    their ``partition.txt``."""
+    return {key: read_partition(d / "partition.txt")
+            for key, d in finished_runs(results, name, module).items() if (d / "partition.txt").exists()}
+
+
 def wall_minutes(results: Path, name: str, module) -> float:
     """Sum of the finished runs' measured ``wall_s`` (summary.json), in minutes."""
     dirs = finished_runs(results, name, module).values()
@@ -469,9 +496,12 @@ def arms_table(sub: dict, target: float | None) -> str:
     return _md_table(head, rows)
 
 
-def diagnostic_tables(sub: dict) -> list[str]:
-    """Markdown tables of the diagnostics the runs logged (each only when present)."""
-    out = []
+def diagnostic_tables(sub: dict, partitions: dict | None = None) -> list[str]:
+    """Markdown tables of the diagnostics the runs logged (each only when present);
+    ``partitions`` as from :func:`load_partitions`."""
+    partitions = partitions or {}
+    names = next(iter(partitions.values()))[0] if partitions else None
+    out = class_accuracy_table(sub, names) + rank_share_table(sub, partitions)
     diag = {label: [next((r["first_round_diagnostic"] for r in rows if "first_round_diagnostic" in r), None)
                     for rows in runs.values()] for (label, _), runs in sub.items()}
     if any(d is not None for ds in diag.values() for d in ds):
@@ -523,6 +553,69 @@ def diagnostic_tables(sub: dict) -> list[str]:
         out += ["Final global rank budget (sum of `global_ranks`):", "",
                 _md_table(["arm", "global budget"], rows), ""]
     return out
+
+
+def class_accuracy_table(sub: dict, names: list[str] | None = None) -> list[str]:
+    """Per arm, the final global model's accuracy on each class (``test_class_accuracy`` of the
+    last evaluated row; mean ± sd over seeds), when the runs logged it."""
+    rows = []
+    for (label, _), runs in sub.items():
+        finals = [next((r["test_class_accuracy"] for r in reversed(trained_rows(rr)) if "test_class_accuracy" in r),
+                       None) for rr in runs.values()]
+        finals = [f for f in finals if f is not None]
+        if finals:
+            width = len(finals[0])
+            rows.append([label, str(len(finals))] + [fmt(mean_std([f[k] for f in finals])) for k in range(width)])
+    if not rows:
+        return []
+    width = len(rows[0]) - 2
+    names = names if names is not None and len(names) == width else [f"class {k}" for k in range(width)]
+    return ["Final accuracy per class (global model; mean ± sd over seeds):", "",
+            _md_table(["arm", "seeds"] + list(names), rows), ""]
+
+
+def client_ranks_seen(rows: list[dict]) -> dict[int, int]:
+    """``{client: rank}``: each client's largest ``active_ranks`` over the modules in the first
+    trained round it took part in."""
+    out = {}
+    for r in trained_rows(rows):
+        if "active_ranks" not in r or "clients" not in r:
+            continue
+        for i, c in enumerate(r["clients"]):
+            if c not in out:
+                out[c] = int(max(v[i] for v in r["active_ranks"].values()))
+    return out
+
+
+def top_rank_share(rows: list[dict], hist: np.ndarray) -> tuple[int, list[int], np.ndarray] | None:
+    """``(rank, clients, share [C])``: the clients at the highest rank seen and the share of each
+    class's training examples they hold (None when every client seen has one rank, or a client
+    never took part)."""
+    ranks = client_ranks_seen(rows)
+    if len(ranks) != len(hist) or len(set(ranks.values())) < 2:
+        return None
+    top = max(ranks.values())
+    clients = sorted(c for c, r in ranks.items() if r == top)
+    return top, clients, hist[clients].sum(axis=0) / np.maximum(hist.sum(axis=0), 1)
+
+
+def rank_share_table(sub: dict, partitions: dict) -> list[str]:
+    """Per arm and seed, the share of each class held by the highest-rank clients (what their
+    high rank components are trained on), when the runs kept their partition tables."""
+    rows, names = [], None
+    for (label, value), runs in sub.items():
+        for seed, rr in sorted(runs.items()):
+            part = partitions.get((label, value, seed))
+            got = None if part is None else top_rank_share(rr, part[1])
+            if got is not None:
+                names = part[0]
+                top, clients, share = got
+                rows.append([label, str(seed), str(top), " ".join(map(str, clients))] + [f"{x:.2f}" for x in share])
+    if not rows:
+        return []
+    return ["Share of each class's training examples held by the highest-rank clients (rank and clients from "
+            "the first round each client took part in):", "",
+            _md_table(["arm", "seed", "rank", "clients"] + list(names), rows), ""]
 
 
 def device_plans(rows: list[dict]) -> dict[str, tuple[int, ...]]:
@@ -623,7 +716,8 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]):
 
 # ----------------------------------------------------------------------------- page
 
-def value_block(name: str, module, groups: dict, field: str | None, value, plots: Path) -> list[str]:
+def value_block(name: str, module, groups: dict, field: str | None, value, plots: Path,
+                partitions: dict | None = None) -> list[str]:
     """The part of a section for one sweep value (or the whole comparison without a sweep)."""
     sub = {k: g for k, g in groups.items() if k[1] == value}
     out = [] if field is None else [f"### {field} = {value}", ""]
@@ -637,7 +731,7 @@ def value_block(name: str, module, groups: dict, field: str | None, value, plots
     elif getattr(module, "TARGET", None):
         out += [f"Target accuracy: pending (reference arm `{module.TARGET['reference']}` has no finished run).", ""]
     out += [arms_table(sub, target), ""]
-    out += diagnostic_tables(sub)
+    out += diagnostic_tables(sub, partitions)
     fname = f"{name}{'' if field is None else f'_{field}{value}'}.png"
     plot_groups(sub, f"{name}{'' if field is None else f' ({field}={value})'}", plots / fname)
     out += [f"![{fname}](results/plots/{fname})", ""]
@@ -657,8 +751,9 @@ def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
     out = [f"## {name}", "", doc.split("\n\n")[0], "",
            f"Runs: {sum(len(v) for v in groups.values())}, measured CPU wall time "
            f"{wall_minutes(results, name, module):.1f} min.", ""]
+    partitions = load_partitions(results, name, module)
     for field, value in sweep_items(module):
-        out += value_block(name, module, groups, field, value, plots)
+        out += value_block(name, module, groups, field, value, plots, partitions)
     if getattr(module, "DIFFERENCES", None):
         out += [f"Differences from the paper: {module.DIFFERENCES}", ""]
     if getattr(module, "FINDINGS", None):

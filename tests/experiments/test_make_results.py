@@ -397,3 +397,49 @@ def test_initial_accuracy_is_the_pre_training_row():
     rows = [{"round": -1, "test_accuracy": 0.31}, {"round": 0, "test_accuracy": 0.5}]
     assert make_results.metric_value(rows, "initial_acc") == 0.31
     assert make_results.metric_value(rows[1:], "initial_acc") is None
+
+
+def test_read_partition_reads_the_drivers_table(tmp_path):
+    from fedlora_jax.data.partition import partition_table
+
+    labels = np.array([0, 1, 1, 2, 0, 0, 3])
+    parts = [np.array([0, 1, 2]), np.array([3]), np.array([4, 5, 6])]
+    (tmp_path / "partition.txt").write_text(partition_table(parts, labels, 4, label_names=["W", "S", "B", "T"]) + "\n")
+    names, hist = make_results.read_partition(tmp_path / "partition.txt")
+    assert names == ["W", "S", "B", "T"]
+    assert hist.tolist() == [[1, 2, 0, 0], [0, 0, 1, 0], [2, 0, 0, 1]]
+    (tmp_path / "bad.txt").write_text("not a table\n")
+    with pytest.raises(ValueError, match="not a partition table"):
+        make_results.read_partition(tmp_path / "bad.txt")
+
+
+def _ranked_rows(ranks, class_acc):
+    """Two trained rounds; clients 0-1 take part in round 0, the rest in round 1."""
+    k = len(ranks)
+    first, second = list(range(2)), list(range(2, k))
+    return [{"round": -1, "test_accuracy": 0.25},
+            {"round": 0, "clients": first, "active_ranks": {"l.0.q": [ranks[c] for c in first],
+                                                           "l.0.v": [ranks[c] - 1 for c in first]}},
+            {"round": 1, "clients": second, "active_ranks": {"l.0.q": [ranks[c] for c in second],
+                                                            "l.0.v": [0 for _ in second]},
+             "test_accuracy": 0.5, "test_class_accuracy": class_acc}]
+
+
+def test_rank_share_and_class_accuracy_tables():
+    hist = np.array([[10, 0], [0, 5], [30, 5], [0, 10]])
+    rows = _ranked_rows([8, 2, 8, 2], [0.9, None])
+    assert make_results.client_ranks_seen(rows) == {0: 8, 1: 2, 2: 8, 3: 2}
+    top, clients, share = make_results.top_rank_share(rows, hist)
+    assert (top, clients) == (8, [0, 2])
+    np.testing.assert_allclose(share, [40 / 40, 5 / 20])
+    assert make_results.top_rank_share(_ranked_rows([4, 4, 4, 4], [0.9, 0.1]), hist) is None   # one rank
+    assert make_results.top_rank_share(rows[:2], hist) is None                                  # clients unseen
+    sub = {("a", None): {0: rows, 1: _ranked_rows([2, 8, 2, 8], [0.7, 0.3])}}
+    parts = {("a", None, 0): (["W", "S"], hist), ("a", None, 1): (["W", "S"], hist)}
+    text = "\n".join(make_results.diagnostic_tables(sub, parts))
+    assert "| a | 0 | 8 | 0 2 | 1.00 | 0.25 |" in text
+    assert "| a | 1 | 8 | 1 3 | 0.00 | 0.75 |" in text
+    # per-class accuracy: mean ± sd over seeds; a class absent from the test set (None) is n/a
+    assert "| arm | seeds | W | S |" in text
+    assert "| a | 2 | 0.800 ± 0.141 | 0.300 ± 0.000 |" in text
+    assert make_results.diagnostic_tables({("a", None): {0: rows[:2]}}) == []
