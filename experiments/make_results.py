@@ -651,6 +651,15 @@ def plan_table(sub: dict) -> list[str]:
             _md_table(["arm", "device", "depth", "ranks per layer"], rows), ""]
 
 
+def ci_text(claim: dict, res: dict) -> str:
+    """``"mean [lo, hi]"`` of a judged claim's paired differences (``(n = 1)``, ``n/a``, ``(censored)``)."""
+    digits = DIGITS.get(parse_metric(claim["metric"])[0], 3)
+    iv = res["interval"]
+    ci = ("n/a" if iv["mean"] is None else f"{_num(iv['mean'], digits)} (n = 1)" if iv["lo"] is None
+          else f"{_num(iv['mean'], digits)} [{_num(iv['lo'], digits + 1)}, {_num(iv['hi'], digits + 1)}]")
+    return f"{ci} (censored)" if any(mark in ("≤", "≥") for _, _, mark in res.get("diffs", ())) else ci
+
+
 def claims_block(claims, results: list[dict]) -> list[str]:
     """The claims table and one bullet per claim."""
     rows, bullets = [], []
@@ -659,10 +668,7 @@ def claims_block(claims, results: list[dict]) -> list[str]:
         per_seed = ", ".join(f"s{s}: {_num(d, digits, mark)}" if d is not None else f"s{s}: n/a ({mark})"
                              for s, d, mark in res["diffs"]) or "–"
         iv = res["interval"]
-        marked = any(mark in ("≤", "≥") for _, _, mark in res["diffs"])
-        ci = ("n/a" if iv["mean"] is None else f"{_num(iv['mean'], digits)} (n = 1)" if iv["lo"] is None
-              else f"{_num(iv['mean'], digits)} [{_num(iv['lo'], digits + 1)}, {_num(iv['hi'], digits + 1)}]")
-        ci = f"{ci} (censored)" if marked else ci
+        ci = ci_text(claim, res)
         ratio = "" if res["ratio"] is None else f"{res['ratio_mark']}{res['ratio']:.2f}x"
         side = "higher" if claim["direction"] > 0 else "lower"
         rows.append([claim["claim"], f"`{claim['arm']}` − `{claim['ref']}`", f"`{claim['metric']}` ({side})",
@@ -764,6 +770,31 @@ def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
+    """One table of every claim's verdict over the comparisons with results (details in each
+    comparison's section)."""
+    rows = []
+    for name in names:
+        if not (results / name).is_dir():
+            continue
+        module, groups = load_comparison(results, name, config_dir)
+        validate_config(module)
+        for field, value in sweep_items(module):
+            tgt = target_accuracy(module, groups, value)
+            for claim in getattr(module, "CLAIMS", ()):
+                res = evaluate_claim(claim, groups, value, None if tgt is None else tgt["target"])
+                setting = "" if field is None else f"{field} = {value}"
+                rows.append([name, setting, claim["claim"], f"`{claim['metric']}`", ci_text(claim, res),
+                             str(res["interval"]["n"]), f"**{res['verdict']}**"])
+    if not rows:
+        return ""
+    return "\n".join(["## Verdicts at a glance", "",
+                      "Every claim of every comparison (arm − ref, paired by seed; the sections below give the "
+                      "per-seed differences, the diagnostics and where the setting differs from the paper).", "",
+                      _md_table(["comparison", "setting", "claim", "metric", "mean difference [95% CI]", "seeds",
+                                 "verdict"], rows), ""])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(HERE / "results"))
@@ -773,7 +804,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     results, configs = Path(args.results), Path(args.configs)
     pre = Path(args.preamble)
-    parts = [pre.read_text() if pre.exists() else "# Results\n", RULES]
+    parts = [pre.read_text() if pre.exists() else "# Results\n", RULES, verdict_overview(results, configs)]
     for name in COMPARISONS:
         if (results / name).is_dir():
             parts.append(section(name, results, configs, results / "plots"))

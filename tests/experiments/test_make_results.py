@@ -443,3 +443,19 @@ def test_rank_share_and_class_accuracy_tables():
     assert "| arm | seeds | W | S |" in text
     assert "| a | 2 | 0.800 ± 0.141 | 0.300 ± 0.000 |" in text
     assert make_results.diagnostic_tables({("a", None): {0: rows[:2]}}) == []
+
+
+def test_verdict_overview_lists_every_claim(tmp_path):
+    configs, results = tmp_path / "configs", tmp_path / "results"
+    configs.mkdir()
+    (configs / "toy.py").write_text(FAKE_CONFIG)
+    for s in range(3):
+        _write_run(results / "toy", f"fast_s{s}", _with_norms(_run([0.7, 0.9, 0.9 + 0.01 * s], up=1e6), 2.0 + s))
+        _write_run(results / "toy", f"slow_s{s}", _with_norms(_run([0.6, 0.7, 0.8 - 0.01 * s], up=2e6), 0.5))
+    text = make_results.verdict_overview(results, configs, names=("toy", "absent"))
+    module = make_results.load_module(configs / "toy.py")
+    lines = [ln for ln in text.splitlines() if ln.startswith("| toy |")]
+    assert len(lines) == len(module.CLAIMS)
+    assert any("fast ends higher" in ln and "| 3 | **holds** |" in ln for ln in lines)
+    assert any("late is not done" in ln and "**pending**" in ln for ln in lines)
+    assert make_results.verdict_overview(results, configs, names=("absent",)) == ""
