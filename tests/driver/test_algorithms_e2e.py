@@ -254,6 +254,16 @@ def test_head_only_trains_the_head_and_sends_no_factor(tiny_model, tmp_path):
         assert r["global_slot_norm"] == [0.0] * cfg.r_max          # the adapters never move from B = 0
     head_bytes = 4 * (32 * 2 + 2)                                     # tiny BERT: hidden 32, 2 labels, float32
     assert rows[0]["client_bytes_up"] == [head_bytes] * 3
+    # static_cut (default): no backward pass through the encoder; the same numbers as the full backward
+    assert {c for r in rows for c in r["grad_cut"]} == {2}                   # tiny BERT: 2 layers, none active
+    full = dataclasses.replace(cfg, algo={"static_cut": False})
+    run_experiment(full, tmp_path / "ho_full", quiet=True, cache_dir=tmp_path / "cache")
+    rows_full = [r for r in _rows(tmp_path / "ho_full") if r["round"] >= 0]
+    for key in ("train_loss", "test_accuracy", "test_loss"):
+        np.testing.assert_allclose([r.get(key, np.nan) for r in rows], [r.get(key, np.nan) for r in rows_full],
+                                   rtol=2e-5)
+    with pytest.raises(TypeError, match="static_cut"):
+        run_experiment(dataclasses.replace(cfg, algo={"static_cut": 1}), tmp_path / "ho_bad", quiet=True)
     fedit = run_experiment(dataclasses.replace(tiny_config(tiny_model, "fedit", client_ranks=()), rounds=1),
                            tmp_path / "fi", quiet=True, cache_dir=tmp_path / "cache")
     del fedit
