@@ -602,7 +602,7 @@ def top_rank_share(rows: list[dict], hist: np.ndarray) -> tuple[int, list[int], 
 def rank_share_table(sub: dict, partitions: dict) -> list[str]:
     """Per arm and seed, the share of each class held by the highest-rank clients (what their
     high rank components are trained on), when the runs kept their partition tables."""
-    rows, names = [], None
+    cells, names = {}, None   # (seed, rank, clients, shares) -> arms with that row
     for (label, value), runs in sub.items():
         for seed, rr in sorted(runs.items()):
             part = partitions.get((label, value, seed))
@@ -610,12 +610,15 @@ def rank_share_table(sub: dict, partitions: dict) -> list[str]:
             if got is not None:
                 names = part[0]
                 top, clients, share = got
-                rows.append([label, str(seed), str(top), " ".join(map(str, clients))] + [f"{x:.2f}" for x in share])
-    if not rows:
+                key = (seed, str(top), " ".join(map(str, clients)), tuple(f"{x:.2f}" for x in share))
+                cells.setdefault(key, []).append(label)
+    if not cells:
         return []
+    rows = [[", ".join(arms), str(seed), top, clients, *share]
+            for (seed, top, clients, share), arms in sorted(cells.items(), key=lambda kv: kv[0][0])]
     return ["Share of each class's training examples held by the highest-rank clients (rank and clients from "
             "the first round each client took part in):", "",
-            _md_table(["arm", "seed", "rank", "clients"] + list(names), rows), ""]
+            _md_table(["arms", "seed", "rank", "clients"] + list(names), rows), ""]
 
 
 def device_plans(rows: list[dict]) -> dict[str, tuple[int, ...]]:

@@ -6,10 +6,11 @@ Why: in ``hafl.py`` the ranks follow the client index (clients 7-9 get rank 8). 
 rank-1 adaptive aggregation a rank-1 component is averaged over the clients that updated it
 only, so components 5-8 are trained by the three rank-8 clients alone, while zero padding
 averages them with zeros over all ten (and so dilutes them). In seed 2 the three rank-8
-clients hold 29 of the 1,032 Sports articles (3%); in seeds 0 and 1 they hold 37% and 54% of
-their least-held class. The hypothesis, stated before these runs: the high components then
-encode "not Sports", the global model loses Sports accuracy under HAFL, and the deficit to zero
-padding disappears when the rank-8 clients' labels are balanced.
+clients hold 29 of the 1,032 Sci/Tech training articles (3%); in seeds 0 and 1 they hold at
+least 25% and 35% of every class (the table "Share of each class's training examples held by
+the highest-rank clients" on the results page). The hypothesis, stated before these runs: the
+high components then encode "not Sci/Tech", the global model loses Sci/Tech accuracy under
+HAFL, and the deficit to zero padding disappears when the rank-8 clients' labels are balanced.
 
 Arms (paired by seed; the same data in every arm of a seed):
   hafl_freeze              as in hafl.py (ranks by client index); rerun to log per-class accuracy

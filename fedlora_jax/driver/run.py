@@ -42,7 +42,7 @@ from fedlora_jax._atomic import atomic_write_bytes
 from fedlora_jax.aggregation import round_bytes
 from fedlora_jax.algorithms import AlgoContext, RoundReport, build_algorithm
 from fedlora_jax.driver import checkpoint as ckpt
-from fedlora_jax.driver.config import ExperimentConfig
+from fedlora_jax.driver.config import NATURAL_DATASETS, ExperimentConfig
 from fedlora_jax.driver.lock import RunLock
 from fedlora_jax.driver.tasks import (
     causal_lm_task,
@@ -172,6 +172,18 @@ def _partition_clients(cfg: ExperimentConfig, labels: np.ndarray) -> tuple[list,
         parts += [idx[p] for p in sub]
         group += [g] * n
     return parts, np.asarray(group)
+
+
+def classification_partition_table(cfg: ExperimentConfig) -> str:
+    """The ``partition.txt`` table a labelled-task run of ``cfg`` writes (its clients' label
+    histograms), from the data and the partitioning alone (no model, no tokenizer)."""
+    if cfg.task == "causal_lm" or cfg.dataset in NATURAL_DATASETS:
+        raise ValueError(f"classification_partition_table: task {cfg.task!r} on {cfg.dataset!r} has no labels")
+    train_ds, _ = _load_classification(cfg)
+    labels = np.asarray(train_ds.labels)
+    parts, _ = _partition_clients(cfg, labels)
+    names = list(train_ds.label_names)
+    return data_lib.partition_table(parts, labels, len(names), label_names=names)
 
 
 def ranks_by_label_entropy(ranks: np.ndarray, label_hist: np.ndarray) -> np.ndarray:

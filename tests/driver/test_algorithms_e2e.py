@@ -111,6 +111,9 @@ def test_byun_lee_quality_groups_ranks_and_first_round_diagnostic(tiny_model, tm
     assert diag["client"] == 0 and diag["rank"] == 4
     assert 0 <= diag["local_accuracy"] <= 1 and 0 <= diag["after_aggregation_accuracy"] <= 1
     assert "first_round_diagnostic" not in rows[1]
+    from fedlora_jax.driver.run import classification_partition_table
+
+    assert classification_partition_table(cfg) + "\n" == (tmp_path / "bl" / "partition.txt").read_text()
 
 
 def test_client_groups_partition_balance():
@@ -177,6 +180,10 @@ def test_rank_order_label_entropy_through_the_driver(tiny_model, tmp_path):
 
     assert got == ranks_by_label_entropy(np.array([1, 1, 2, 4]), hist).tolist()
     assert got != [1, 1, 2, 4]                     # this split's most balanced client is not client 3
+    # the table is reproducible from the config alone (experiments/write_partitions.py)
+    from fedlora_jax.driver.run import classification_partition_table
+
+    assert classification_partition_table(cfg) + "\n" == (tmp_path / "re" / "partition.txt").read_text()
 
 
 def test_fedara_static_cut_same_numbers_one_compile_per_cut(tiny_model, tmp_path):

@@ -439,6 +439,11 @@ def test_rank_share_and_class_accuracy_tables():
     text = "\n".join(make_results.diagnostic_tables(sub, parts))
     assert "| a | 0 | 8 | 0 2 | 1.00 | 0.25 |" in text
     assert "| a | 1 | 8 | 1 3 | 0.00 | 0.75 |" in text
+    # arms with the same ranks share one row
+    two = {**sub, ("b", None): {0: rows}}
+    parts2 = {**parts, ("b", None, 0): (["W", "S"], hist)}
+    text2 = "\n".join(make_results.diagnostic_tables(two, parts2))
+    assert "| a, b | 0 | 8 | 0 2 | 1.00 | 0.25 |" in text2 and "| a | 1 | 8 | 1 3 |" in text2
     # per-class accuracy: mean ± sd over seeds; a class absent from the test set (None) is n/a
     assert "| arm | seeds | W | S |" in text
     assert "| a | 2 | 0.800 ± 0.141 | 0.300 ± 0.000 |" in text
