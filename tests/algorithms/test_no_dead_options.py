@@ -79,6 +79,7 @@ ALTERNATIVES = {
     ("fedara", "mask_interval"): (2, "state"),
     ("fedara", "r_min"): (2, "state"),
     ("fedara", "static_cut"): (True, "program"),
+    ("head_only", "static_cut"): (False, "program"),
     ("fedara", AGG + "averaging"): ("zero_pad", "refused"),  # one shared mask: renorm == zero_pad
     ("fedara", AGG + "score_beta"): (0.0, "state"),  # the algorithm's default is 0.5
     # AdaLoRA-in-FL
@@ -105,8 +106,10 @@ ALTERNATIVES = {
 #: FedARA ``static_cut`` makes the driver compile one round per lowest active layer with the
 #: backward pass below it removed statically (``static_grad_cut``, tested in
 #: ``tests/federated/test_round.py``); the harness builds one round, so here only the flag
-#: the driver reads is checked. FlexLoRA ``method`` picks the SVD path (dense vs QR core).
-PROGRAM_ONLY = {("fedara", "static_cut"), ("flexlora", AGG + "method")}
+#: the driver reads is checked (head_only's, default on: the same numbers as the full backward,
+#: tested through the driver in ``tests/driver/test_algorithms_e2e.py``). FlexLoRA ``method``
+#: picks the SVD path (dense vs QR core).
+PROGRAM_ONLY = {("fedara", "static_cut"), ("head_only", "static_cut"), ("flexlora", AGG + "method")}
 
 #: Options accepted and ignored (bugs found by this test): ``(algorithm, option) -> reason``.
 DEAD: dict = {}  # was: fedara/adalora aggregator ``averaging`` (now refused by the algorithms)
@@ -317,11 +320,11 @@ def _check_comm(algorithm, option, value):
 
 
 def _check_program(algorithm, option, value):
-    if (algorithm, option) == ("fedara", "static_cut"):
+    if option == "static_cut":
         a0 = build_algorithm(algorithm, ar.context())
         a1 = build_algorithm(algorithm, ar.context(), static_cut=value)
-        assert a0.static_cut is False and a1.static_cut is True
-        assert a1.options["static_cut"] is True
+        assert a0.static_cut is not value and a1.static_cut is value
+        assert a1.options["static_cut"] is value
         return
     _, agg = _split(option, value)
     a0, a1 = _aggregator(algorithm, {}), _aggregator(algorithm, agg)
