@@ -88,7 +88,8 @@ FINDINGS = (
     "5.7 s. The paper's time and energy savings need whole low layers pruned. Accuracy: FedARA, fixed r12, "
     "fixed r4 and AdaLoRA end within 0.01 of each other (last-3 0.827 / 0.823 / 0.826 / 0.830), every accuracy "
     "claim inconclusive; fixed rank 4 reaches the target with 10.04 MB, a third of FedARA's 28.26, so on this "
-    "task the final budget alone would do. The head-only control ends at 0.817 last-3 (the adapters add +0.010 [-0.0708, +0.0906]).")
+    "task the final budget alone would do. The head-only control ends at 0.817 last-3 (the adapters add "
+    "+0.010 [-0.0708, +0.0906]).")
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:

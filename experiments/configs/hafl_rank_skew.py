@@ -55,6 +55,20 @@ CLAIMS = (
 DIFFERENCES = _hafl.DIFFERENCES
 
 
+#: make_results: the reading of the finished runs (2026-12-01: seed 2 only, so a diagnostic, not a verdict).
+FINDINGS = (
+    "Seed 2 (alpha 0.5), the seed where HAFL lost. Both predictions made before the runs came out. (1) The "
+    "rerun of hafl.py's arms reproduces them exactly (final 0.716 and 0.821), and HAFL-freeze's loss is one "
+    "class: Sci/Tech accuracy 0.273 against zero padding's 0.676, with the other three classes within 0.05 "
+    "(Business 0.732 / 0.785, Sports 0.920 / 0.923, World 0.914 / 0.881). Sci/Tech is the class its rank-8 "
+    "clients 7-9 hold 3% of. (2) With the same ranks reassigned by label entropy (rank 8 on clients 0, 1 and 5, "
+    "who hold at least 21% of every class), HAFL-freeze ends at 0.804 (last-3 0.816 against 0.734) and its "
+    "Sci/Tech accuracy rises to 0.561: the gap to zero padding's 0.822 last-3 falls from -0.088 to -0.006. "
+    "So on this setting HAFL's rank-1 adaptive aggregation is only as good as the label coverage of the clients "
+    "that own the high components, while zero padding's dilution protects it from them. Seeds 0 and 1 of the "
+    "balanced arms, and zero padding with the balanced ranks, are what the verdicts above still need.")
+
+
 def get_config(variant: str = "full"):
     cfg = _hafl.get_config(variant)
     return dataclasses.replace(cfg, name="hafl_rank_skew", dirichlet_alpha=0.5)
