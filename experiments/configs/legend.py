@@ -66,20 +66,21 @@ DIFFERENCES = ("MiniLM-L6 (6 layers) instead of the paper's deeper models; AG Ne
                "full-config times is an ASSUMPTION (fedlora_jax/algorithms/legend.py::deadline_between).")
 
 
-#: make_results: the reading of the finished runs (2026-12-01: seeds 0 and 1; seed 2 pending).
+#: make_results: the reading of the finished runs (2026-12-01: 3 seeds; head-only seed 2 pending).
 FINDINGS = (
-    "With two seeds no claim can hold yet (n = 2 gives a t interval of about 12 sd), but the signs are "
-    "consistent. The plan ramps: AGX Orin 8 on all 6 layers, Orin Nano 5/6/8/8/8/8 from the bottom, Raspberry Pi "
-    "and phone depth 1 at rank 1 on the top layer. To the target, LEGEND takes 1.80x less simulated time "
-    "(16.2 against 29.1 s; seeds -7.9 and -17.9 s) and sends 1.98x less (7.31 against 14.45 MB), inside the "
-    "paper's 1.5-2.8x and ~42% less; over the run it sends 2.0x less (23.82 against 48.17 MB). It gives up "
-    "accuracy for it: last-3 0.845 against uniform LoRA's 0.865 (-0.018 and -0.023 in the two seeds). The same "
-    "payload on the bottom layers ends level (0.839, +0.006 inconclusive) but takes 3.26x longer to the target "
-    "and 1.7x more simulated time over the run (99.3 against 57.6 s): an adapter at the bottom needs the backward "
-    "pass through every layer above it, one at the top only through its own, which is where the placement's "
-    "saving comes from in the cost model. The head-only control (last-3 0.836) reaches the same target in 12.6 "
-    "simulated s, sooner than LEGEND: the target (0.95 x uniform's last-3) is within the head's reach, so "
-    "time-to-target here mostly measures how fast the head trains, and the adapters add +0.008 over it.")
+    "One claim is decided, against the paper: LEGEND loses accuracy to uniform LoRA in every seed (last-3 "
+    "0.850 against 0.868; -0.018, interval [-0.0310, -0.0045]: does not hold, reversed). The plan ramps: AGX "
+    "Orin 8 on all 6 layers, Orin Nano 5/6/8/8/8/8 from the bottom, Raspberry Pi and phone depth 1 at rank 1 "
+    "on the top layer. To the target LEGEND is faster in seeds 0 and 1 (-7.9 and -17.9 simulated s, -4.96 and "
+    "-9.32 MB) and slower in seed 2 (+9.0 s, +0.65 MB), so the means (1.26x less time, 1.55x less uplink; the "
+    "paper: 1.5-2.8x and ~42% less) are inconclusive; over the run it sends 2.1x less (23.02 against 48.17 MB) "
+    "and takes 1.8x less simulated time (59.5 against 106.8 s). The same payload on the bottom layers ends "
+    "level (+0.005, inconclusive) but takes 2.50x longer to the target (inconclusive) and 1.7x more simulated "
+    "time over the run (102.6 against 59.5 s): an adapter at the bottom needs the backward pass through every "
+    "layer above it, one at the top only through its own, which is where the placement's saving comes from in "
+    "the cost model. The head-only control (last-3 0.836, 2 seeds) reaches the target in 12.6 simulated s, "
+    "sooner than LEGEND: the target (0.95 x uniform's last-3) is within the head's reach, so time-to-target "
+    "here mostly measures how fast the head trains.")
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:
