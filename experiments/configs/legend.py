@@ -66,7 +66,7 @@ DIFFERENCES = ("MiniLM-L6 (6 layers) instead of the paper's deeper models; AG Ne
                "full-config times is an ASSUMPTION (fedlora_jax/algorithms/legend.py::deadline_between).")
 
 
-#: make_results: the reading of the finished runs (2026-12-01: 3 seeds; head-only seed 2 pending).
+#: make_results: the reading of the finished runs (2026-12-01: all 12 runs).
 FINDINGS = (
     "One claim is decided, against the paper: LEGEND loses accuracy to uniform LoRA in every seed (last-3 "
     "0.850 against 0.868; -0.018, interval [-0.0310, -0.0045]: does not hold, reversed). The plan ramps: AGX "
@@ -78,9 +78,9 @@ FINDINGS = (
     "level (+0.005, inconclusive) but takes 2.50x longer to the target (inconclusive) and 1.7x more simulated "
     "time over the run (102.6 against 59.5 s): an adapter at the bottom needs the backward pass through every "
     "layer above it, one at the top only through its own, which is where the placement's saving comes from in "
-    "the cost model. The head-only control (last-3 0.836, 2 seeds) reaches the target in 12.6 simulated s, "
-    "sooner than LEGEND: the target (0.95 x uniform's last-3) is within the head's reach, so time-to-target "
-    "here mostly measures how fast the head trains.")
+    "the cost model. The head-only control (last-3 0.839; the adapters add +0.012 [-0.0019, +0.0250]) reaches "
+    "the target in 19.2 simulated s, sooner than LEGEND's 21.3: the target (0.95 x uniform's last-3) is within "
+    "the head's reach, so time-to-target here mostly measures how fast the head trains.")
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:
