@@ -27,6 +27,7 @@ from fedlora_jax.data.loading import (
 from fedlora_jax.data.partition import (
     dirichlet_partition,
     iid_partition,
+    label_histograms,
     partition_summary,
     partition_table,
     power_law_sizes,
@@ -90,6 +91,7 @@ __all__ = [
     "parse_play",
     "parse_stats",
     "partition_summary",
+    "label_histograms",
     "partition_table",
     "population_table",
     "power_law_sizes",

@@ -247,19 +247,27 @@ def quantity_skew_partition(
     return _finish(np.split(perm, np.cumsum(sizes)[:-1]))
 
 
-def partition_summary(
+def label_histograms(
     parts: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray, num_classes: int
-) -> list[dict]:
-    """Per client: ``{"client", "size", "label_hist" (list of num_classes ints)}``."""
+) -> np.ndarray:
+    """``[K, num_classes]`` int64: each client's count of every label."""
     labels = _labels_1d(labels)
     num_classes = _check_int("num_classes", num_classes, 1)
-    out = []
+    out = np.zeros((len(parts), num_classes), np.int64)
     for c, part in enumerate(parts):
         hist = np.bincount(labels[np.asarray(part, np.int64)], minlength=num_classes)
         if hist.size > num_classes:
             raise ValueError(f"client {c} has label {hist.size - 1} >= num_classes={num_classes}")
-        out.append({"client": c, "size": int(len(part)), "label_hist": hist.tolist()})
+        out[c] = hist
     return out
+
+
+def partition_summary(
+    parts: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray, num_classes: int
+) -> list[dict]:
+    """Per client: ``{"client", "size", "label_hist" (list of num_classes ints)}``."""
+    hists = label_histograms(parts, labels, num_classes)
+    return [{"client": c, "size": int(len(part)), "label_hist": hists[c].tolist()} for c, part in enumerate(parts)]
 
 
 def partition_table(

@@ -427,8 +427,8 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                              f"{t.module!r} ({t.in_features} x {t.out_features})")
     graphdef, base, head0 = split_for_round(model)
     keys = tuple(sorted(targets))
-    label_hist = None if cfg.rank_order == "given" or data.part_labels is None else np.stack(
-        [np.bincount(data.part_labels[p], minlength=len(data.label_names)) for p in parts])
+    label_hist = None if cfg.rank_order == "given" or data.part_labels is None else data_lib.label_histograms(
+        parts, data.part_labels, len(data.label_names))
     ranks = _client_ranks(cfg, group_of_client, label_hist)
     missing = sorted(set(cfg.eval_distributed_ranks) - set(ranks.tolist()))
     if missing:
@@ -714,7 +714,7 @@ def make_evaluator(setup: Setup):
         evaluate = make_choice_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
     else:
         evaluate = make_evaluate(setup.graphdef, scale=cfg.scale, num_classes=n_cls)
-    label_hist = np.stack([np.bincount(setup.part_labels[p], minlength=n_cls) for p in setup.parts])
+    label_hist = data_lib.label_histograms(setup.parts, setup.part_labels, n_cls)
 
     def evaluate_state(st) -> dict:
         acc, loss, per_class = evaluate_global(setup, st, evaluate, test_batches)
