@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from run_comparison import load_module, run_name, sweep_items  # noqa: E402
+
+from fedlora_jax._atomic import atomic_write_bytes  # noqa: E402
 
 COMPARISONS = ("byun_lee", "hafl", "hafl_rank_skew", "hafl_llm", "fedara", "legend")
 MB = 1e6
@@ -798,6 +801,25 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
                                  "verdict"], rows), ""])
 
 
+def write_page(results: Path, configs: Path, readme: Path, preamble: Path, names=COMPARISONS) -> str:
+    """Render the page (preamble, rules, overview, one section per comparison with results), write
+    it atomically to ``readme`` and delete the PNGs in ``results/plots`` the page no longer shows
+    (a plot of a removed arm or sweep value would otherwise sit there as if current). Returns it."""
+    parts = [preamble.read_text() if preamble.exists() else "# Results\n", RULES,
+             verdict_overview(results, configs, names)]
+    for name in names:
+        if (results / name).is_dir():
+            parts.append(section(name, results, configs, results / "plots"))
+    page = "\n".join(parts)
+    shown = set(re.findall(r"\(results/plots/([^)\s]+\.png)\)", page))
+    for png in sorted((results / "plots").glob("*.png")):
+        if png.name not in shown:
+            png.unlink()
+            print(f"removed stale plot {png}")
+    atomic_write_bytes(readme, page.encode())
+    return page
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(HERE / "results"))
@@ -805,13 +827,7 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=str(HERE / "README.md"))
     p.add_argument("--preamble", default=str(HERE / "results_preamble.md"))
     args = p.parse_args(argv)
-    results, configs = Path(args.results), Path(args.configs)
-    pre = Path(args.preamble)
-    parts = [pre.read_text() if pre.exists() else "# Results\n", RULES, verdict_overview(results, configs)]
-    for name in COMPARISONS:
-        if (results / name).is_dir():
-            parts.append(section(name, results, configs, results / "plots"))
-    Path(args.readme).write_text("\n".join(parts))
+    write_page(Path(args.results), Path(args.configs), Path(args.readme), Path(args.preamble))
     print(f"wrote {args.readme}")
     return 0
 

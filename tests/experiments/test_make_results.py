@@ -464,3 +464,22 @@ def test_verdict_overview_lists_every_claim(tmp_path):
     assert any("fast ends higher" in ln and "| 3 | **holds** |" in ln for ln in lines)
     assert any("late is not done" in ln and "**pending**" in ln for ln in lines)
     assert make_results.verdict_overview(results, configs, names=("absent",)) == ""
+
+
+def test_write_page_writes_the_sections_and_removes_stale_plots(tmp_path):
+    configs, results = tmp_path / "configs", tmp_path / "results"
+    configs.mkdir()
+    (configs / "toy.py").write_text(FAKE_CONFIG)
+    for s in range(2):
+        _write_run(results / "toy", f"fast_s{s}", _run([0.7, 0.9]))
+        _write_run(results / "toy", f"slow_s{s}", _run([0.6, 0.7]))
+    (results / "plots").mkdir()
+    (results / "plots" / "toy_dirichlet_alpha1.0.png").write_bytes(b"old")   # a sweep value no longer run
+    (results / "plots" / "notes.txt").write_text("kept")                      # only PNGs are the page's
+    preamble, readme = tmp_path / "pre.md", tmp_path / "README.md"
+    preamble.write_text("# Toy results\n")
+    page = make_results.write_page(results, configs, readme, preamble, names=("toy", "absent"))
+    assert readme.read_text() == page and page.startswith("# Toy results\n")
+    assert "## Verdicts at a glance" in page and "## toy" in page and "## absent" not in page
+    assert sorted(p.name for p in (results / "plots").iterdir()) == ["notes.txt", "toy.png"]
+    assert not list(tmp_path.glob(".README.md.*"))                             # no temp file left behind
