@@ -19,8 +19,10 @@ Runbook:
             (5 arms x 3 seeds = 15 runs, resumable; results in experiments/results/byun_lee/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator)
-  runtime:  measured wall time per run is in each run's summary.json (``wall_s``) and the
-            total on the results page.
+  runtime:  measured (2026-11/12, jax 0.10.2): 15 runs, 113.5 min of wall time in all, over the
+            budget of about an hour; part of it with two comparisons sharing the 2 cores.
+            About 88 min on quiet cores (the sum over arms of each arm's fastest run). Each run's
+            wall time is in its summary.json (``wall_s``), the total on the results page.
 
 Setup: real MiniLM-L6 encoder (all-MiniLM-L6-v2), 10,000 AG News training articles (4 classes,
 max 40 tokens) over 40 clients in two data-quality groups (``client_groups``):

@@ -22,8 +22,10 @@ Runbook:
             then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); device times and energy are SIMULATED by
             fedlora_jax.devices' cost model, not measured on Jetsons.
-  runtime:  measured wall time per run is in each run's summary.json (``wall_s``) and the
-            total on the results page.
+  runtime:  measured (2026-11/12, jax 0.10.2): 15 runs, 138.5 min of wall time in all, over the
+            budget of about an hour; part of it with two comparisons sharing the 2 cores.
+            About 109 min on quiet cores (the sum over arms of each arm's fastest run). Each run's
+            wall time is in its summary.json (``wall_s``), the total on the results page.
 
 Setup: real MiniLM-L6 encoder (all-MiniLM-L6-v2), 6,000 AG News training articles (4 classes,
 max 40 tokens) over 20 clients with Dirichlet(0.5) label skew; LoRA on query/key/value/attn_out
