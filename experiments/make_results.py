@@ -59,7 +59,7 @@ from run_comparison import load_module, run_name, sweep_items  # noqa: E402
 
 from fedlora_jax._atomic import atomic_write_bytes  # noqa: E402
 
-COMPARISONS = ("byun_lee", "hafl", "hafl_rank_skew", "hafl_llm", "fedara", "legend")
+COMPARISONS = ("byun_lee", "hafl", "hafl_rank_skew", "hafl_llm", "fedara", "fedara_prune", "legend")
 MB = 1e6
 TO_TARGET = ("rounds_to_target", "mb_to_target", "sim_s_to_target")
 TOTALS = ("total_mb", "total_sim_s", "total_energy_kj")
@@ -550,12 +550,43 @@ def diagnostic_tables(sub: dict, partitions: dict | None = None) -> list[str]:
         out += ["Accuracy of the model a client of each rank receives (drop = global final accuracy minus it):", "",
                 _md_table(["arm"] + [f"rank {r}" for r in ranks], rows), ""]
     out += plan_table(sub)
-    budgets = {label: [metric_value(r, "global_budget") for r in runs.values()] for (label, _), runs in sub.items()}
-    if any(b is not None for bs in budgets.values() for b in bs):
-        rows = [[label, fmt(mean_std(bs), 1)] for label, bs in budgets.items() if any(b is not None for b in bs)]
-        out += ["Final global rank budget (sum of `global_ranks`):", "",
-                _md_table(["arm", "global budget"], rows), ""]
-    return out
+    return out + allocation_table(sub)
+
+
+def layer_of(module_key: str) -> int:
+    """The layer index in a module key such as ``layer.3.query`` or ``model.layers.3.self_attn.q_proj``."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_key)
+    if m is None:
+        raise ValueError(f"module key {module_key!r} has no layer index")
+    return int(m.group(1))
+
+
+def allocation_table(sub: dict) -> list[str]:
+    """Per arm whose runs logged a non-empty ``global_ranks`` (the server's allocation), at the
+    last trained round (mean over seeds): active triplets per layer from the bottom up, the
+    total budget, the modules pruned whole (rank 0), the lowest layer any client trains
+    (``grad_cut``: no backward pass below it) and the slowest sampled client's simulated round
+    time. This is what the time and energy of a pruning method come from."""
+    rows = []
+    for (label, _), runs in sub.items():
+        lasts = [next((r for r in reversed(trained_rows(rr)) if "global_ranks" in r), None) for rr in runs.values()]
+        lasts = [r for r in lasts if r is not None and sum(r["global_ranks"].values()) > 0]
+        if not lasts:
+            continue
+        layers = sorted({layer_of(k) for k in lasts[0]["global_ranks"]})
+        per_layer = [[sum(v for k, v in r["global_ranks"].items() if layer_of(k) == i) for i in layers] for r in lasts]
+        rows.append([label, str(len(lasts)), " ".join(f"{x:.1f}" for x in np.mean(per_layer, axis=0)),
+                     fmt(mean_std([sum(r["global_ranks"].values()) for r in lasts]), 1),
+                     fmt(mean_std([sum(v == 0 for v in r["global_ranks"].values()) for r in lasts]), 1),
+                     fmt(mean_std([min(r["grad_cut"]) for r in lasts if "grad_cut" in r]), 1),
+                     fmt(mean_std([max(r["client_sim_time_s"]) for r in lasts if "client_sim_time_s" in r]), 2)])
+    if not rows:
+        return []
+    return ["Final allocation (last round; mean ± sd over seeds): active triplets per layer from the bottom up, "
+            "their sum, the modules pruned whole, the lowest layer any client trains (no backward pass below it) "
+            "and the slowest sampled client's simulated round time:", "",
+            _md_table(["arm", "seeds", "triplets per layer", "global budget", "pruned modules",
+                       "lowest trained layer", "slowest client s"], rows), ""]
 
 
 def class_accuracy_table(sub: dict, names: list[str] | None = None) -> list[str]:
@@ -633,7 +664,7 @@ def device_plans(rows: list[dict]) -> dict[str, tuple[int, ...]]:
         return {}
     layers: dict[int, list[list[float]]] = {}
     for key, per_client in first["active_ranks"].items():
-        layers.setdefault(int(key.split(".")[1]), []).append(per_client)
+        layers.setdefault(layer_of(key), []).append(per_client)
     plans = {}
     for c, device in enumerate(first["client_device"]):
         if device not in plans:

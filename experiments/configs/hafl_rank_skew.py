@@ -20,9 +20,9 @@ Arms (paired by seed; the same data in every arm of a seed):
 
 Runbook:
   command:  python experiments/run_comparison.py --config experiments/configs/hafl_rank_skew.py
-            --seeds 2 0 1   (seed 2 first: the seed that failed; resumable)
-            The seed-0/1 runs of the two unbalanced arms duplicate hafl.py's and may be skipped
-            with --only hafl_freeze_balanced zero_padding_balanced.
+            --seeds 2 0 1   (seed 2 first: the seed that failed; resumable; 4 arms x 3 seeds)
+            The unbalanced arms rerun hafl.py's (seed 2 reproduced it exactly); they are run
+            in every seed so that each claim here is paired within this comparison.
   hardware: CPU, 2 cores (no accelerator); about 3 min per run on quiet cores.
 """
 

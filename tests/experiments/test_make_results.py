@@ -483,3 +483,24 @@ def test_write_page_writes_the_sections_and_removes_stale_plots(tmp_path):
     assert "## Verdicts at a glance" in page and "## toy" in page and "## absent" not in page
     assert sorted(p.name for p in (results / "plots").iterdir()) == ["notes.txt", "toy.png"]
     assert not list(tmp_path.glob(".README.md.*"))                             # no temp file left behind
+
+
+def test_allocation_table_by_hand():
+    def run(ranks, cut, slowest):
+        return [{"round": -1, "test_accuracy": 0.3},
+                {"round": 0, "global_ranks": {k: 8 for k in ranks}, "grad_cut": [0, 0]},
+                {"round": 1, "global_ranks": ranks, "grad_cut": [cut, cut + 1], "client_sim_time_s": [slowest, 0.1],
+                 "test_accuracy": 0.5}]
+    a = run({"layer.0.query": 0, "layer.0.value": 0, "layer.1.query": 3, "layer.1.value": 4}, 1, 5.0)
+    b = run({"layer.0.query": 0, "layer.0.value": 2, "layer.1.query": 3, "layer.1.value": 4}, 0, 6.0)
+    fixed = [{"round": -1, "test_accuracy": 0.3}, {"round": 0, "test_accuracy": 0.5}]
+    empty = run({"layer.0.query": 0, "layer.1.query": 0}, 2, 0.1)          # head-only: nothing allocated
+    text = "\n".join(make_results.allocation_table({("fedara", None): {0: a, 1: b}, ("fixed", None): {0: fixed},
+                                                    ("head", None): {0: empty}}))
+    # per layer: (0 + 2) / 2 = 1.0 and 7; budget (7 + 9) / 2 = 8; pruned (2 + 1) / 2; lowest layer (1 + 0) / 2
+    assert "| fedara | 2 | 1.0 7.0 | 8.0 ± 1.4 | 1.5 ± 0.7 | 0.5 ± 0.7 | 5.50 ± 0.71 |" in text
+    assert "| fixed |" not in text and "| head |" not in text
+    assert make_results.allocation_table({("fixed", None): {0: fixed}}) == []
+    assert make_results.layer_of("model.layers.12.self_attn.q_proj") == 12
+    with pytest.raises(ValueError, match="no layer index"):
+        make_results.layer_of("classifier")
