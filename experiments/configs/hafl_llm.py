@@ -63,9 +63,9 @@ FINDINGS = (
     " they hold 5% of World, it is still ahead (+0.017, World 0.261 against 0.164); so on the LLM the skew "
     "hurts only when a class is all but absent, and three seeds cannot separate the arms. The rank-2 cut: "
     "HAFL-freeze loses nothing by construction (every client receives the whole adapter), zero padding loses "
-    "0.005 / 0.013 / 0.026, more than on the encoder (0.001), in the claimed direction in every seed but with"
-    " an interval that still includes zero (-0.015 [-0.0410, +0.0117]). Both arms send the same 60.83 MB; "
-    "HAFL-freeze uses 0.195 against 0.183 simulated kJ, as every client runs the whole rank-8 adapter.")
+    "0.005 / 0.013 / 0.026, more than on the encoder (about 0), in the claimed direction in every seed but "
+    "with an interval that still includes zero (-0.015 [-0.0410, +0.0117]). Both arms send the same 60.83 MB;"
+    " HAFL-freeze uses 0.195 against 0.183 simulated kJ, as every client runs the whole rank-8 adapter.")
 
 def get_config(variant: str = "full") -> ExperimentConfig:
     cfg = ExperimentConfig(
