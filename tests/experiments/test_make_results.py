@@ -248,10 +248,10 @@ COMPARISON_CONFIGS = [CONFIG_DIR / f"{n}.py" for n in make_results.COMPARISONS]
 @pytest.mark.parametrize("path", COMPARISON_CONFIGS, ids=lambda p: p.stem)
 def test_real_config_claims_name_known_arms_and_metrics(path):
     module = make_results.load_module(path)
-    if not getattr(module, "CLAIMS", ()):
-        pytest.skip(f"{path.stem} defines no CLAIMS yet")
     make_results.validate_config(module)
-    for claim in module.CLAIMS:
+    if not getattr(module, "CLAIMS", ()):   # a diagnostic (fedara_prune): read against another comparison
+        assert getattr(module, "TARGET", None) is None and module.__doc__.startswith("Diagnostic")
+    for claim in getattr(module, "CLAIMS", ()):
         assert claim["arm"] in module.METHODS and claim["ref"] in module.METHODS
         make_results.parse_metric(claim["metric"])
 
