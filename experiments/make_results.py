@@ -621,12 +621,19 @@ def client_ranks_seen(rows: list[dict]) -> dict[int, int]:
     return out
 
 
+def ranks_differ_within_a_round(rows: list[dict]) -> bool:
+    """Whether some trained round gave its clients different ranks (heterogeneous clients), as
+    opposed to one rank for everyone that only changes between rounds (FedARA's schedule)."""
+    return any(len({max(v[i] for v in r["active_ranks"].values()) for i in range(len(r["clients"]))}) > 1
+               for r in trained_rows(rows) if "active_ranks" in r and "clients" in r)
+
+
 def top_rank_share(rows: list[dict], hist: np.ndarray) -> tuple[int, list[int], np.ndarray] | None:
     """``(rank, clients, share [C])``: the clients at the highest rank seen and the share of each
     class's training examples they hold (None when every client seen has one rank, or a client
     never took part)."""
     ranks = client_ranks_seen(rows)
-    if len(ranks) != len(hist) or len(set(ranks.values())) < 2:
+    if len(ranks) != len(hist) or len(set(ranks.values())) < 2 or not ranks_differ_within_a_round(rows):
         return None
     top = max(ranks.values())
     clients = sorted(c for c, r in ranks.items() if r == top)

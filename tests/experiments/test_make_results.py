@@ -504,3 +504,15 @@ def test_allocation_table_by_hand():
     assert make_results.layer_of("model.layers.12.self_attn.q_proj") == 12
     with pytest.raises(ValueError, match="no layer index"):
         make_results.layer_of("classifier")
+
+
+def test_rank_share_needs_ranks_that_differ_within_a_round():
+    hist = np.array([[10, 0], [0, 5], [30, 5], [0, 10]])
+    # everyone at 8 in round 0, everyone at 2 in round 1 (a schedule, not heterogeneous clients)
+    rows = [{"round": -1, "test_accuracy": 0.25},
+            {"round": 0, "clients": [0, 1], "active_ranks": {"l.0.q": [8, 8]}},
+            {"round": 1, "clients": [2, 3], "active_ranks": {"l.0.q": [2, 2]}, "test_accuracy": 0.5}]
+    assert make_results.client_ranks_seen(rows) == {0: 8, 1: 8, 2: 2, 3: 2}
+    assert not make_results.ranks_differ_within_a_round(rows)
+    assert make_results.top_rank_share(rows, hist) is None
+    assert make_results.ranks_differ_within_a_round(_ranked_rows([8, 2, 8, 2], [0.9, None]))
