@@ -630,8 +630,8 @@ def ranks_differ_within_a_round(rows: list[dict]) -> bool:
 
 def top_rank_share(rows: list[dict], hist: np.ndarray) -> tuple[int, list[int], np.ndarray] | None:
     """``(rank, clients, share [C])``: the clients at the highest rank seen and the share of each
-    class's training examples they hold (None when every client seen has one rank, or a client
-    never took part)."""
+    class's training examples they hold (None when every client seen has one rank, no round gave
+    its clients different ranks, or a client never took part)."""
     ranks = client_ranks_seen(rows)
     if len(ranks) != len(hist) or len(set(ranks.values())) < 2 or not ranks_differ_within_a_round(rows):
         return None
