@@ -58,22 +58,22 @@ DIFFERENCES = _hafl.DIFFERENCES
 #: make_results: the reading of the finished runs (2026-12-01: all 12 runs).
 FINDINGS = (
     "All 12 runs (3 seeds, alpha 0.5); the hypothesis was written in the docstring before the runs, and seed "
-    "2 was run first. (1) The unbalanced arms reproduce hafl.py's exactly in every seed (seed 2: final 0.716 "
-    "and 0.821). (2) HAFL-freeze's seed-2 loss is one class: Sci/Tech accuracy 0.273 against zero padding's "
-    "0.676, the other three within 0.05 (Business 0.732 / 0.785, Sports 0.920 / 0.923, World 0.914 / 0.881); "
-    "Sci/Tech is the class its rank-8 clients 7-9 hold 3% of. (3) With the same ranks reassigned by label "
-    "entropy, the per-seed last-3 gap HAFL-freeze - zero padding goes from -0.011 / +0.002 / -0.088 (seeds 0 "
-    "/ 1 / 2) to +0.009 / -0.004 / -0.007. The seed-2 deficit is gone (HAFL-freeze's last-3 0.734 -> 0.816, "
-    "Sci/Tech 0.273 -> 0.561) and the spread of HAFL-freeze's final accuracy over seeds falls from 0.079 to "
-    "0.036 (sd). In seeds 0 and 1, whose rank-8 clients already held at least 25% of every class, the "
-    "reassignment changes HAFL-freeze by +0.020 and -0.005. So the diagnosis holds: here HAFL's rank-1 "
-    "adaptive aggregation is only as good as the label coverage of the clients that own the high components, "
-    "while zero padding's dilution (last slot-4-7 norm 0.014 against HAFL's 10.8) shields the global model "
-    "from them; zero padding itself barely moves with the reassignment (last-3 0.839 -> 0.840). With balanced"
-    " ranks HAFL-freeze is level with zero padding (-0.001 [-0.0216, +0.0200]), not above it: the paper's "
-    "accuracy gain does not appear in this setting even without the skew. 'HAFL gains from balanced high-rank"
-    " clients' is inconclusive over the 3 seeds (+0.032 [-0.0801, +0.1450]) because the gain is in the one "
-    "seed that had the skew.")
+    "2 was run first. (1) The unbalanced arms reproduce hafl.py's accuracy curves exactly in every seed (seed"
+    " 2: final 0.716 and 0.821). (2) HAFL-freeze's seed-2 loss is one class: Sci/Tech accuracy 0.273 against "
+    "zero padding's 0.676, the other three within 0.05 (Business 0.732 / 0.785, Sports 0.920 / 0.923, World "
+    "0.914 / 0.881); Sci/Tech is the class its rank-8 clients 7-9 hold 3% of. (3) With the same ranks "
+    "reassigned by label entropy, the per-seed last-3 gap HAFL-freeze - zero padding goes from -0.011 / "
+    "+0.002 / -0.088 (seeds 0 / 1 / 2) to +0.009 / -0.004 / -0.007. The seed-2 deficit is gone (HAFL-freeze's"
+    " last-3 0.734 -> 0.816, Sci/Tech 0.273 -> 0.561) and the spread of HAFL-freeze's final accuracy over "
+    "seeds falls from 0.079 to 0.036 (sd). In seeds 0 and 1, whose rank-8 clients already held at least 25% "
+    "of every class, the reassignment changes HAFL-freeze by +0.020 and -0.005. So the diagnosis holds: here "
+    "HAFL's rank-1 adaptive aggregation is only as good as the label coverage of the clients that own the "
+    "high components, while zero padding's dilution (last slot-4-7 norm 0.014 against HAFL's 10.8) shields "
+    "the global model from them; zero padding itself barely moves with the reassignment (last-3 0.839 -> "
+    "0.840). With balanced ranks HAFL-freeze is level with zero padding (-0.001 [-0.0216, +0.0200]), not "
+    "above it: the paper's accuracy gain does not appear in this setting even without the skew. 'HAFL gains "
+    "from balanced high-rank clients' is inconclusive over the 3 seeds (+0.032 [-0.0801, +0.1450]) because "
+    "the gain is in the one seed that had the skew.")
 
 
 def get_config(variant: str = "full"):
