@@ -206,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable), e.g. -o rounds=3 -o algo.target_rank=2")
     t.add_argument("--out", help="run directory (default runs/<name>)")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    t.add_argument("--quiet", action="store_true")
-    t.add_argument("--no-plots", action="store_true")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (refused, exit 2, where there is none)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines and no summary (errors still print)")
+    t.add_argument("--no-plots", action="store_true", help="do not write the PNG plots into <out>/plots")
     t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     t.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="run as N JAX processes whose mesh's clients axis spans them; alone: N local processes "

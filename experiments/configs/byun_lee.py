@@ -15,7 +15,7 @@ Arms (paired by seed: every arm of a seed samples the same clients and holds the
   head_only          no adapter: only the classifier head is federated (the adapters' share)
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/byun_lee.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/byun_lee.py
             (5 arms x 3 seeds = 15 runs, resumable; results in experiments/results/byun_lee/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator)

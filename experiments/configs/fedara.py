@@ -17,7 +17,7 @@ Arms (paired by seed: the same data and the same sampled clients in every arm):
   head_only       no adapter: only the classifier head is federated (the adapters' share)
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/fedara.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/fedara.py
             (5 arms x 3 seeds = 15 runs, resumable; results in experiments/results/fedara/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); device times and energy are SIMULATED by

@@ -16,7 +16,7 @@ Arms:
   fedara_t1   FedARA as in fedara.py, target_rank 1 (cubic schedule 12 -> 1 per module)
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/fedara_prune.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/fedara_prune.py
             (1 arm x 3 seeds; seed 0 first; resumable; the same seeds and sampled clients
             as fedara.py, so its arms are the references)
   hardware: CPU, 2 cores (no accelerator); device times and energy SIMULATED as in fedara.py.

@@ -16,7 +16,7 @@ every round):
   head_only      no adapter: only the classifier head is federated (the adapters' share)
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/hafl.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/hafl.py
             (4 arms x 3 seeds x 2 alphas = 24 runs, resumable; results in
             experiments/results/hafl/; then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator)

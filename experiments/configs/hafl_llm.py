@@ -13,7 +13,7 @@ Arms (paired by seed):
   zero_padding  HetLoRA: prefix ranks, zero padding with sparsity (norm) weighting
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/hafl_llm.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/hafl_llm.py
             (2 arms x 3 seeds = 6 runs, resumable; results in experiments/results/hafl_llm/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); SmolLM2-135M in float32.

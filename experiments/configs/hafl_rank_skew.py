@@ -19,7 +19,7 @@ Arms (paired by seed; the same data in every arm of a seed):
   zero_padding_balanced    zero padding, ranks by label entropy
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/hafl_rank_skew.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/hafl_rank_skew.py
             --seeds 2 0 1   (seed 2 first: the seed that failed; resumable; 4 arms x 3 seeds)
             The unbalanced arms rerun hafl.py's (seed 2 reproduced it exactly); they are run
             in every seed so that each claim here is paired within this comparison.

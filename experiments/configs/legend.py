@@ -17,7 +17,7 @@ The plan (depth and ranks per device type) is printed on the results page from t
 round's masks.
 
 Runbook:
-  command:  python experiments/run_comparison.py --config experiments/configs/legend.py
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/legend.py
             (4 arms x 3 seeds = 12 runs, resumable; results in experiments/results/legend/;
             then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); device times are SIMULATED by the cost model.

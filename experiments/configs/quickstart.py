@@ -1,7 +1,7 @@
 """Quickstart: real MiniLM-L6 (installed from PyPI) fine-tuned federatedly on SST-2, on CPU.
 
 Runbook:
-  command:  fedlora train --config experiments/configs/quickstart.py --out runs/quickstart
+  command:  .venv/bin/fedlora train --config experiments/configs/quickstart.py --out runs/quickstart
   hardware: any CPU (measured on 2 cores, see README)
   runtime:  2 min 40 s on a quiet 2-core CPU machine (measured 2026-11-25), 1 compilation
   expected: test accuracy 0.482 (untrained head) -> 0.780 after 8 rounds (measured, identical

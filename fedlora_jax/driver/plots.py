@@ -25,6 +25,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -34,22 +35,32 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     evals = [r for r in rows if r["round"] >= 0 and "test_accuracy" in r]
     written = []
 
-    def series(xkey):
-        xs = [0.0 if init is not None else None] if init is not None else []
+    def series(xkey, scale):
+        """(x, accuracy) with the before-training point first: x = -1 on the round axis, 0 otherwise."""
+        xs = [-1.0 if xkey == "round" else 0.0] if init is not None else []
         ys = [init["test_accuracy"]] if init is not None else []
         for r in evals:
-            xs.append(r["round"] + 1 if xkey == "round" else r[xkey])
+            xs.append(r[xkey] / scale)
             ys.append(r["test_accuracy"])
         return xs, ys
 
-    for xkey, label, fname in (("round", "round", "accuracy_vs_round.png"),
-                               ("cum_bytes_up", "cumulative uplink bytes", "accuracy_vs_bytes.png"),
-                               ("cum_sim_time_s", "simulated time (s)", "accuracy_vs_simtime.png")):
-        xs, ys = series(xkey)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+    # Rounds are numbered as in metrics.jsonl: 0 .. rounds-1; -1 is the evaluation before training.
+    for xkey, scale, label, title, fname in (
+            ("round", 1, "round (as in metrics.jsonl; -1 = before training)",
+             "Test accuracy of the global model after each round", "accuracy_vs_round.png"),
+            ("cum_bytes_up", 1e6, "cumulative uplink, all clients (MB)",
+             "Test accuracy vs uplink traffic", "accuracy_vs_bytes.png"),
+            ("cum_sim_time_s", 1, "cumulative simulated round time (s, slowest client per round)",
+             "Test accuracy vs simulated time", "accuracy_vs_simtime.png")):
+        xs, ys = series(xkey, scale)
+        fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(xs, ys, marker="o")
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+        if xkey == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=100)
@@ -60,13 +71,17 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if trained:
         keys = sorted(trained[0]["active_ranks"])
         grid = np.array([[float(np.mean(r["active_ranks"][k])) for k in keys] for r in trained]).T
-        fig, ax = plt.subplots(figsize=(6, max(2.5, 0.25 * len(keys))))
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        fig, ax = plt.subplots(figsize=(7, max(3.0, 0.3 * len(keys) + 1.2)))
+        rounds = [r["round"] for r in trained]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0,
+                       vmax=max(1.0, float(grid.max())),
+                       extent=(rounds[0] - 0.5, rounds[-1] + 0.5, len(keys) - 0.5, -0.5))
         ax.set_yticks(range(len(keys)))
-        ax.set_yticklabels(keys, fontsize=6)
-        ax.set_xlabel("round")
-        ax.set_title("mean active rank per module")
-        fig.colorbar(im, ax=ax)
+        ax.set_yticklabels(keys, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round (as in metrics.jsonl)")
+        ax.set_title("Active LoRA rank per module: mean over each round's sampled clients", fontsize=10)
+        fig.colorbar(im, ax=ax, label="active rank (mean over sampled clients)")
         fig.tight_layout()
         fig.savefig(out / "rank_map.png", dpi=100)
         plt.close(fig)

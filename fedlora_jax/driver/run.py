@@ -459,8 +459,10 @@ def build_setup(cfg: ExperimentConfig, *, quiet: bool = False, cache_dir: Path |
                              "has no cached generation path")
         samples = _sample_prompts(data.samples_from, cfg.generate_samples) + (data.samples_from,)
     n_test = int(np.sum(data.test_batches["example_mask"]))
+    targets_s = (f"{len(data.label_names)} labels" if cfg.task != "causal_lm"
+                 else f"next-token targets over a {model.config.vocab_size}-token vocabulary")
     _log(f"setup: task {cfg.task}, {n_train} train / {n_test} test examples, "
-         f"{len(data.label_names) if cfg.task != 'causal_lm' else 0} labels, {len(keys)} adapted modules, "
+         f"{targets_s}, {len(keys)} adapted modules, "
          f"{time.time() - t0:.1f}s", quiet=quiet)
     return Setup(cfg, model, graphdef, base, head0, targets, train, data.test_batches, parts,
                  list(data.label_names), algo, ctx, shape, dev_lib.stack_profiles(profiles),
@@ -785,6 +787,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     everything, the others only read it (the checkpoint, on resume).
     """
     out = Path(out_dir)
+    if resume and ckpt.latest_round(out / "checkpoints") is None:
+        raise FileNotFoundError(f"nothing to resume at {out}: it holds no checkpoint (start a new run without "
+                                "--resume)")
     if not mp.is_primary():  # several processes: process 0 locks and writes, the others only read
         return _run_locked(cfg, out, resume=resume, quiet=True, stop_after=stop_after, cache_dir=cache_dir)
     with RunLock(out) as lock:
@@ -831,7 +836,7 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
 
     if start == 0:
         ev0 = {k: v for k, v in evaluate_state(state).items() if not k.startswith("client_")}
-        _log(f"round   0 (before training): {_headline(ev0)}", quiet=quiet)
+        _log(f"before training: {_headline(ev0)}", quiet=quiet)
         _append_jsonl(metrics_path, {"round": -1, **ev0})
     t_run = time.time()
     rounds_done = 0
@@ -930,7 +935,19 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
     final = summary.get("final_test_accuracy", summary.get("final_test_perplexity"))
     if not quiet and final is not None and rounds_done and r == cfg.rounds - 1:
         _log(_summary_text(summary), quiet=quiet)
+        if summary.get("samples"):
+            _log(_samples_text(summary["samples"], out / "samples.jsonl"), quiet=quiet)
     return summary
+
+
+def _samples_text(samples: list[dict], path: Path, *, show: int = 3, width: int = 160) -> str:
+    """The first ``show`` generated samples, each text cut to ``width`` characters, for the console."""
+    cut = lambda t: " ".join(t.split()) if len(t) <= width else " ".join(t.split())[: width - 3] + "..."
+    lines = [f"== generated samples ({min(show, len(samples))} of {len(samples)}; all in {path}) =="]
+    for x in samples[:show]:
+        lines += [f"  prompt     {cut(x['prompt'])}", f"  generated  {cut(x['generated'])}",
+                  f"  reference  {cut(x['reference'])}", ""]
+    return "\n".join(lines)
 
 
 def _sync_processes(ckpt_dir: Path) -> None:
@@ -997,7 +1014,9 @@ def _progress(r, cfg, line, t_run, done, *, quiet):
     acc_s = f" test acc {acc:.4f}" if acc is not None else ""
     ppl = line.get("test_perplexity")
     acc_s += f" test ppl {ppl:.3f} tok acc {line['test_token_accuracy']:.4f}" if ppl is not None else ""
-    print(f"[{'#' * filled}{'.' * (bar_n - filled)}] round {r + 1:3d}/{cfg.rounds} loss {line['train_loss']:.4f}"
+    # Rounds are numbered as in metrics.jsonl and the checkpoints: 0 .. rounds-1 ("[done/total]" counts them).
+    print(f"[{'#' * filled}{'.' * (bar_n - filled)}] round {r:3d} [{r + 1}/{cfg.rounds}] "
+          f"loss {line['train_loss']:.4f}"
           f"{acc_s} up {line['cum_bytes_up'] / 1e6:.2f} MB sim {line['cum_sim_time_s']:.1f}s "
           f"wall {line['wall_s']:.1f}s eta {eta:.0f}s", file=sys.stderr, flush=True)
 

@@ -446,14 +446,16 @@ def import_peft_head(adapter_dir: str | os.PathLike, head=None):
 
     Args:
       adapter_dir: the adapter directory.
-      head: ``None``, or the head to load into: the encoder's head state
-        (``split_for_round(model)[2]``) or a pure dict ``{"classifier": {...}}`` (optionally under
-        ``"head"``); not modified. Its ``[D, K]`` must match and its dtypes are kept.
+      head: ``None``, or the head to load into: the head module itself (``model.head``, updated
+        in place), the encoder's head state (``split_for_round(model)[2]``) or a pure dict
+        ``{"classifier": {...}}`` (optionally under ``"head"``); states and dicts are not modified.
+        Its ``[D, K]`` must match and its dtypes are kept.
 
     Returns:
-      ``head=None``: ``{"classifier": {"kernel": [D, K], "bias": [K]}}`` (float32). Otherwise a
-      new object of ``head``'s kind with the classifier replaced (an ``nnx.State`` for
-      ``functional_forward`` / ``nnx.merge(graphdef, base_state, head_state)``).
+      ``head=None``: ``{"classifier": {"kernel": [D, K], "bias": [K]}}`` (float32). A module: the
+      same module, its classifier replaced. Otherwise a new object of ``head``'s kind with the
+      classifier replaced (an ``nnx.State`` for ``functional_forward`` /
+      ``nnx.merge(graphdef, base_state, head_state)``).
 
     Raises:
       ValueError: no saved classifier; other ``modules_to_save`` tensors (our head is one linear
@@ -488,6 +490,12 @@ def import_peft_head(adapter_dir: str | os.PathLike, head=None):
     kernel = np.ascontiguousarray(w.T)
     if head is None:
         return {"classifier": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    if isinstance(head, nnx.Module):
+        nnx.update(head, import_peft_head(adapter_dir, nnx.state(head)))
+        return head
+    if not isinstance(head, (nnx.State, dict)):
+        raise TypeError(f"head must be None, the head module (model.head), its nnx.State or a dict holding "
+                        f"'classifier', got {type(head).__name__}")
     is_state = isinstance(head, nnx.State)
     pure = nnx.to_pure_dict(head) if is_state else jax.tree.map(lambda x: x, dict(head))
     node = pure["head"] if "classifier" not in pure and "head" in pure else pure

@@ -5,6 +5,7 @@ random Llama (char tokenizer with a chat template)."""
 import json
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -257,13 +258,24 @@ def _fake_shakespeare(monkeypatch):
     return population, calls
 
 
-def test_shakespeare_natural_clients_per_client_perplexity(tiny_dir, tmp_path, monkeypatch):
+def test_shakespeare_natural_clients_per_client_perplexity(tiny_dir, tmp_path, monkeypatch, capsys):
     population, calls = _fake_shakespeare(monkeypatch)
     cfg = _lm_config(tiny_dir, "x", dataset="shakespeare", partition="natural", num_clients=4, clients_per_round=2,
                      max_length=48, rounds=1, lm_loss="all", generate_samples=5, natural_min_lines=3,
                      algorithm="hetlora")
-    summary = run_experiment(cfg, tmp_path / "sh", quiet=True, cache_dir=tmp_path / "cache")
+    summary = run_experiment(cfg, tmp_path / "sh", quiet=False, cache_dir=tmp_path / "cache")
     assert calls == {"min_lines": 3, "max_clients": 4}
+    # the console: the setup line names what a causal LM predicts (not "0 labels"); a few samples
+    # are printed at the end, each part on one line, and the file that holds all of them is named
+    err = capsys.readouterr().err
+    vocab = json.loads((Path(tiny_dir) / "config.json").read_text())["vocab_size"]
+    assert f"next-token targets over a {vocab}-token vocabulary" in err and " labels" not in err
+    assert "round   0 [1/1]" in err and "before training: test perplexity" in err
+    assert f"== generated samples (3 of 5; all in {tmp_path / 'sh' / 'samples.jsonl'}) ==" in err
+    shown = err.split("== generated samples")[1]
+    first = summary["samples"][0]
+    assert f"  prompt     {' '.join(first['prompt'].split())[:157]}" in shown
+    assert shown.count("  generated  ") == 3 and shown.count("  reference  ") == 3
     # the 14 test texts are in client order (2, 3, 4, 5 per client): the sample prompts are spread
     # over them (rows 0, 3, 6, 10, 13), so every client gets one, each with its own text's second
     # half as the reference

@@ -146,3 +146,17 @@ def test_devices_command(capsys):
 def test_unknown_override_key_is_a_clear_cli_error(capsys):
     assert main(["train", "--config", QUICK, "--variant", "smoke", "-o", "roundz=3"]) == 2
     assert "did you mean 'rounds'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys, kind):
+    out = tmp_path / kind
+    if kind == "empty":
+        out.mkdir()
+    rc = main(["train", "--config", QUICK, "--variant", "smoke", "--out", str(out), "--resume", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"error: nothing to resume at {out}: it holds no checkpoint (start a new run without --resume)\n"
+    assert (kind == "empty") == out.exists()   # nothing was created or written
+    if kind == "empty":
+        assert not any(out.iterdir())

@@ -258,6 +258,14 @@ def test_head_export_import(tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
     in_dict = import_peft_head(d, {"head": trained})
     assert set(in_dict) == {"head"} and in_dict["head"]["classifier"]["bias"].shape == (3,)
+    # The head module itself, as a user passes it (model.head): updated in place and returned.
+    from flax import nnx
+    assert import_peft_head(d, model.head) is model.head
+    for part in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(nnx.to_pure_dict(nnx.state(model.head))["classifier"][part]),
+                                      np.asarray(trained["classifier"][part]))
+    with pytest.raises(TypeError, match=r"head must be None, the head module \(model.head\)"):
+        import_peft_head(d, [model.head])
     five = load_golden_model("bert", num_labels=5)
     with pytest.raises(ValueError, match=r"saved classifier is \[D=32, K=3\].*num_labels=3"):
         import_peft_head(d, split_for_round(five)[2])
