@@ -16,6 +16,10 @@ Config contract (besides ``METHODS`` / ``SEEDS`` / ``SWEEP`` of ``run_comparison
 * ``CLAIMS = ({"claim": str, "arm": label, "ref": label, "metric": name, "direction": +1 | -1}, ...)``:
   the paper claims ``metric(arm)`` is higher (+1) / lower (-1) than ``metric(ref)``; evaluated
   separately for each sweep value.
+* ``MARGINS = {metric: {"delta": d, "reason": str}, ...}`` (required with CLAIMS): the
+  equivalence margin of every metric a claim uses, in the metric's units, with the reason for
+  its size, declared in the config before the runs it judges (:func:`validate_config` refuses a
+  claim whose metric has none).
 * ``DIFFERENCES`` (optional): how our setting differs from the paper's, printed beside the verdicts.
 * ``FINDINGS`` (optional): the reading of the finished runs (why a claim holds or fails, from the
   diagnostics on the page), printed after them; written by hand once the runs are in.
@@ -28,13 +32,24 @@ Verdict rules (:func:`judge_claim`), per claim and sweep value:
   We report n, every ``d_s``, their mean, sample sd (ddof=1) and the two-sided 95% t interval
   ``mean +- t(0.975, n-1) * sd / sqrt(n)``.
 * "holds" when the whole interval lies on the claimed side of 0, "does not hold (reversed)"
-  when it lies wholly on the other side, "inconclusive" otherwise or with fewer than 2 pairs.
+  when it lies wholly on the other side.
+* Otherwise (:func:`margin_verdict`), "equivalent" (within the metric's declared margin delta) when the
+  two-sided 90% interval ``mean +- t(0.95, n-1) * sd / sqrt(n)`` lies inside ``(-delta, +delta)``:
+  the two one-sided tests at level 0.05. Otherwise "underpowered", with the paired seeds needed
+  ``n* = min {n >= 2 : t(0.95, n-1) * sd / sqrt(n) <= delta}`` (:func:`seeds_needed`: the n at
+  which the 90% interval's half-width at the observed sd shrinks to delta), and beside it the
+  same count for the margin the observed mean leaves, ``delta - |mean|`` (the seeds at which the
+  verdict would be "equivalent" if mean and sd stayed as observed; none when ``|mean| >= delta``);
+  no count is given when there are fewer than 2 pairs or the observed sd is 0. The order is deliberate: a difference
+  the 95% interval decides is reported as holds / reversed even when it is also smaller than
+  delta (a note says so).
 * To-target metrics (a run may never reach the target), with "better" = the side the claim
   says is cheaper: if the better side never reached the target in some seed, the claim cannot
-  hold: "does not hold" if the other side reached it in that seed, else "inconclusive". If only
+  hold: "does not hold" if the other side reached it in that seed, else "underpowered". If only
   the other side never reached it, its whole-run value (rounds run + 1, total MB, total sim s)
   is a bound substituted for it; the difference is marked (``≤`` / ``≥``) and biased against
-  the claim, so it can still establish "holds" but never a reversal (then "inconclusive").
+  the claim, so it can still establish "holds" but never a reversal nor equivalence (then
+  "underpowered"). A seed where neither side reached the target rules out equivalence too.
 * A metric a run does not log (e.g. no ``global_slot_norm``) drops that pair, and the verdict
   text names the seeds.
 * Cost metrics also show the ratio of means ``mean(ref) / mean(arm)`` over the pairs.
@@ -72,20 +87,44 @@ METRIC_NAMES = (*SCALAR_METRICS, "slot_norm:<lo>:<hi>", "distributed_acc:<rank>"
 DIGITS = {"rounds_to_target": 1, "mb_to_target": 2, "sim_s_to_target": 1, "total_mb": 2, "total_sim_s": 1,
           "global_budget": 1}
 SLOT_BIN = 4
+#: Every verdict :func:`judge_claim` gives, in the order the overview counts them.
+VERDICTS = ("holds", "does not hold (reversed)", "does not hold", "equivalent", "underpowered", "pending")
 CI_LEVEL = 0.95
+#: Level of the two-sided interval of the equivalence test: inside (-delta, +delta) = both
+#: one-sided tests (TOST) at 1 - (1 + TOST_LEVEL) / 2 = 0.05.
+TOST_LEVEL = 0.90
 RULES = """## How the verdicts are computed
 
 Each claim compares one metric of two arms, paired by seed (every arm of a seed samples the same
 clients and holds the same data): `d_s = metric(arm, s) - metric(ref, s)` for the seeds that
-finished in both. The table gives every `d_s`, their mean and the two-sided 95% t interval
-`mean ± t(0.975, n-1) · sd / sqrt(n)` (sd with ddof=1). **holds**: the whole interval is on the
-claimed side of 0; **does not hold (reversed)**: wholly on the other side; **inconclusive**:
-otherwise, or fewer than 2 paired seeds. To-target metrics: if the arm the claim says is cheaper
-never reached the target in a seed, the claim cannot hold (**does not hold** if the other arm
-reached it in that seed, **inconclusive** otherwise); if only the other arm never reached it, its
-whole-run value (rounds run + 1, total MB, total simulated s) is substituted as a bound, the
-difference is marked `≤` / `≥`, and this bound can support "holds" but never a reversal. Cost
-metrics also show the ratio of means (ref / arm, "2.4x less communication").
+finished in both, n of them. The table gives every `d_s`, their mean, the two-sided 95% t
+interval `mean ± t(0.975, n-1) · sd / sqrt(n)` and the two-sided 90% interval
+`mean ± t(0.95, n-1) · sd / sqrt(n)` (sd with ddof=1). Every claim ends in one of these verdicts,
+decided in this order:
+
+1. **holds**: the whole 95% interval is on the claimed side of 0; **does not hold (reversed)**:
+   wholly on the other side. A decided difference that is also smaller than the margin says so
+   in a note.
+2. **equivalent within ±δ**: otherwise, when the whole 90% interval lies inside (-δ, +δ), where
+   δ is the metric's equivalence margin, declared with its reason in the comparison's config
+   (`MARGINS`; listed under each section's claims). These are the two one-sided tests at level
+   0.05: no difference larger than δ either way.
+3. **underpowered**: otherwise (or with fewer than 2 paired seeds), printed with the paired seeds
+   needed: the smallest n ≥ 2 with `t(0.95, n-1) · sd / sqrt(n) ≤ δ` at the observed sd, i.e.
+   the n at which the 90% interval's half-width shrinks to δ (t quantiles from scipy, as for the
+   intervals). It is the count at which a mean difference of 0 would show equivalence; beside it,
+   "k at the observed mean" is the same count for the margin the observed mean m leaves
+   (`t(0.95, k-1) · sd / sqrt(k) ≤ δ - |m|`: the seeds at which the claim would end equivalent
+   if m and sd stayed as observed), or "mean outside ±δ" when |m| ≥ δ (more seeds would then more
+   likely end in holds / reversed). With fewer than 2 pairs or an observed sd of 0 there is no
+   spread to size from, and the page says so instead of a number.
+
+To-target metrics: if the arm the claim says is cheaper never reached the target in a seed, the
+claim cannot hold (**does not hold** if the other arm reached it in that seed, **underpowered**
+otherwise); if only the other arm never reached it, its whole-run value (rounds run + 1, total MB,
+total simulated s) is substituted as a bound, the difference is marked `≤` / `≥`, and this bound
+can support "holds" but never a reversal or equivalence. Cost metrics also show the ratio of means
+(ref / arm, "2.4x less communication").
 """
 
 
@@ -252,7 +291,8 @@ def paired_interval(diffs, level: float = CI_LEVEL) -> dict:
 
 
 def interval_verdict(interval: dict, direction: int) -> str:
-    """"holds" / "does not hold (reversed)" / "inconclusive" from the interval's position."""
+    """"holds" / "does not hold (reversed)" / "inconclusive" from the 95% interval's position
+    (the first stage; :func:`margin_verdict` resolves "inconclusive")."""
     if interval["n"] < 2:
         return "inconclusive"
     if direction * interval["lo"] > 0 and direction * interval["hi"] > 0:
@@ -262,6 +302,69 @@ def interval_verdict(interval: dict, direction: int) -> str:
     return "inconclusive"
 
 
+def seeds_needed(sd: float | None, delta: float, level: float = TOST_LEVEL) -> int | None:
+    """Smallest n >= 2 with ``t(0.5 + level / 2, n - 1) * sd / sqrt(n) <= delta``: the paired seeds
+    at which the two-sided ``level`` interval's half-width, at the observed sd, shrinks to the
+    margin (None when sd is None, i.e. fewer than 2 pairs, or 0: no spread to size from).
+
+    It is the count at which a mean difference of 0 would be shown equivalent; with the observed
+    mean m != 0 equivalence needs a half-width of delta - |m|, so more seeds.
+    """
+    if not delta > 0:
+        raise ValueError(f"delta must be > 0, got {delta!r}")
+    if sd is None or sd == 0:
+        return None
+    q = 0.5 + level / 2
+
+    def half(n):
+        return float(stats.t.ppf(q, n - 1)) * sd / math.sqrt(n)
+
+    # t(q, n-1) > z(q), so no n below (z sd / delta)^2 qualifies: start there and walk up.
+    n = max(2, math.ceil((float(stats.norm.ppf(q)) * sd / delta) ** 2))
+    while half(n) > delta:
+        n += 1
+    return n
+
+
+def margin_verdict(verdict: str, diffs, delta: float, *, equivalence_possible: bool = True) -> dict:
+    """Second stage of a verdict: a first-stage "inconclusive" becomes "equivalent" when the 90%
+    interval of ``diffs`` lies inside ``(-delta, +delta)`` (and ``equivalence_possible``: no
+    censored pair), else "underpowered"; any other verdict is kept. Returns ``{"verdict",
+    "tost" (the 90% :func:`paired_interval`), "delta", "seeds_needed" (:func:`seeds_needed` at
+    the observed sd), "seeds_needed_at_mean" (the same for the margin left by the observed mean,
+    ``delta - |mean|``; None when the mean is outside ``±delta``), "notes"}``."""
+    tost = paired_interval(diffs, TOST_LEVEL)
+    n, sd, mean = tost["n"], tost["sd"], tost["mean"]
+    need = seeds_needed(sd, delta)
+    at_mean = None if mean is None or abs(mean) >= delta else seeds_needed(sd, delta - abs(mean))
+    inside = n >= 2 and -delta < tost["lo"] and tost["hi"] < delta
+    notes = []
+    if verdict == "inconclusive":
+        verdict = "equivalent" if inside and equivalence_possible else "underpowered"
+    if verdict == "underpowered":
+        if n < 2:
+            notes.append("fewer than 2 paired seeds: no spread to size the seeds needed from")
+        elif sd == 0:
+            notes.append("the observed sd is 0: no spread to size the seeds needed from")
+        else:
+            notes.append(f"{need} paired seeds would give a 90% interval of ±{_g(delta)} at the observed sd "
+                         f"{_g(sd)} ({n} now)")
+            if at_mean is not None:
+                notes.append(f"with the observed mean {_g(mean)} the interval would lie inside ±{_g(delta)} at "
+                             f"{'over 1000' if at_mean > 1000 else at_mean} paired seeds")
+            else:
+                notes.append(f"the mean difference {_g(mean)} is outside ±{_g(delta)}: more seeds would more "
+                             "likely decide a direction than show equivalence")
+    elif verdict in ("holds", "does not hold (reversed)") and inside and equivalence_possible:
+        notes.append(f"the 90% interval is also inside ±{_g(delta)}: a difference smaller than the margin")
+    return {"verdict": verdict, "tost": tost, "delta": delta, "seeds_needed": need,
+            "seeds_needed_at_mean": at_mean, "notes": notes}
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
 def claim_pairs(arm_runs: dict, ref_runs: dict, metric: str, target: float | None) -> list[dict]:
     """Per seed finished in both arms: ``{"seed", "arm", "ref"}`` metric values (None = undefined)."""
     seeds = sorted(set(arm_runs) & set(ref_runs))
@@ -269,20 +372,25 @@ def claim_pairs(arm_runs: dict, ref_runs: dict, metric: str, target: float | Non
              "ref": metric_value(ref_runs[s], metric, target)} for s in seeds]
 
 
-def judge_claim(pairs: list[dict], direction: int, metric: str, *, arm_runs: dict | None = None,
+def judge_claim(pairs: list[dict], direction: int, metric: str, *, delta: float, arm_runs: dict | None = None,
                 ref_runs: dict | None = None) -> dict:
     """Verdict of one claim from its per-seed pairs (rules in the module docstring).
 
-    ``arm_runs`` / ``ref_runs`` (seed -> rows) are needed only for to-target metrics, for the
-    whole-run bound of a censored run. Returns ``{"verdict", "notes", "interval", "diffs",
-    "ratio", "ratio_mark"}``; ``diffs`` is ``[(seed, d, mark)]`` with mark "", "≤" or "≥"
-    (the true difference is at most / at least d), or d None when the pair is unusable.
+    ``delta`` is the metric's equivalence margin (``MARGINS`` of the config). ``arm_runs`` /
+    ``ref_runs`` (seed -> rows) are needed only for to-target metrics, for the whole-run bound of
+    a censored run. Returns ``{"verdict", "notes", "interval", "tost", "delta", "seeds_needed",
+    "seeds_needed_at_mean", "diffs", "ratio", "ratio_mark"}``: verdict one of :data:`VERDICTS`
+    ("does not hold" only for to-target metrics, "pending" when there is no pair); ``interval``
+    the 95% and ``tost`` the 90% :func:`paired_interval`; the seed counts as in
+    :func:`margin_verdict`; ``diffs`` is ``[(seed, d, mark)]`` with mark "", "≤" or "≥" (the true
+    difference is at most / at least d), or d None when the pair is unusable.
     """
     if direction not in (1, -1):
         raise ValueError(f"direction must be +1 or -1, got {direction!r}")
     if not pairs:
         return {"verdict": "pending", "notes": ["no seed finished in both arms"], "interval": paired_interval([]),
-                "diffs": [], "ratio": None, "ratio_mark": ""}
+                "tost": paired_interval([], TOST_LEVEL), "delta": delta, "seeds_needed": None,
+                "seeds_needed_at_mean": None, "diffs": [], "ratio": None, "ratio_mark": ""}
     censorable = parse_metric(metric)[0] in TO_TARGET
     better, worse = ("arm", "ref") if direction < 0 else ("ref", "arm")
     used, diffs, notes = [], [], []
@@ -326,41 +434,67 @@ def judge_claim(pairs: list[dict], direction: int, metric: str, *, arm_runs: dic
             notes.append("a censored bound cannot establish a reversal")
     if undefined:
         notes.append(f"metric not logged in seed(s) {_seeds(undefined)} (pair dropped)")
-    if interval["n"] < 2 and verdict == "inconclusive":
-        notes.append("fewer than 2 paired seeds")
+    second = margin_verdict(verdict, [a - r for a, r in used], delta,
+                            equivalence_possible=not (bounded or better_missed[False]))
+    if (bounded or better_missed[False]) and second["verdict"] == "underpowered":
+        notes.append("a censored or unreached seed rules out equivalence")
+    verdict = second["verdict"]
+    notes += second["notes"]
     ratio, ratio_mark = None, ""
     if parse_metric(metric)[0] in COST_METRICS and used:
         arm_mean, ref_mean = np.mean([a for a, _ in used]), np.mean([r for _, r in used])
         ratio = float(ref_mean / arm_mean) if arm_mean != 0 else None
         ratio_mark = ("≥" if worse == "ref" else "≤") if bounded else ""
-    return {"verdict": verdict, "notes": notes, "interval": interval, "diffs": diffs, "ratio": ratio,
-            "ratio_mark": ratio_mark}
+    return {"verdict": verdict, "notes": notes, "interval": interval, "tost": second["tost"], "delta": delta,
+            "seeds_needed": second["seeds_needed"], "seeds_needed_at_mean": second["seeds_needed_at_mean"],
+            "diffs": diffs, "ratio": ratio, "ratio_mark": ratio_mark}
 
 
 def _seeds(seeds) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def evaluate_claim(claim: dict, groups: dict, value, target: float | None) -> dict:
-    """:func:`judge_claim` of one config claim at one sweep value ("pending" when an arm has not
-    finished or the target is not yet derivable)."""
+def evaluate_claim(claim: dict, groups: dict, value, target: float | None, margins: dict) -> dict:
+    """:func:`judge_claim` of one config claim at one sweep value with the config's ``MARGINS``
+    ("pending" when an arm has not finished or the target is not yet derivable)."""
     arm_runs, ref_runs = groups.get((claim["arm"], value), {}), groups.get((claim["ref"], value), {})
+    delta = margins[claim["metric"]]["delta"]
     if parse_metric(claim["metric"])[0] in TO_TARGET and target is None:
-        return judge_claim([], claim["direction"], claim["metric"]) | {
+        return judge_claim([], claim["direction"], claim["metric"], delta=delta) | {
             "notes": ["no target accuracy yet (the reference arm has no finished run)"]}
     pairs = claim_pairs(arm_runs, ref_runs, claim["metric"], target)
-    return judge_claim(pairs, claim["direction"], claim["metric"], arm_runs=arm_runs, ref_runs=ref_runs)
+    return judge_claim(pairs, claim["direction"], claim["metric"], delta=delta, arm_runs=arm_runs,
+                       ref_runs=ref_runs)
 
 
 def validate_config(module) -> None:
-    """ValueError when TARGET or a CLAIMS entry is malformed: unknown keys, arms not in METHODS,
-    unknown metric, bad direction, or a to-target metric without TARGET."""
+    """ValueError when TARGET, MARGINS or a CLAIMS entry is malformed: unknown keys, arms not in
+    METHODS, unknown metric, bad direction, a to-target metric without TARGET, or a claimed metric
+    without a margin (MARGINS entry with delta > 0 and a reason)."""
     target = getattr(module, "TARGET", None)
     if target is not None:
         if set(target) != {"fraction", "reference"} or target["reference"] not in module.METHODS:
             raise ValueError(f"TARGET must be {{'fraction', 'reference': a METHODS label}}, got {target!r}")
         if not 0 < target["fraction"] <= 1:
             raise ValueError(f"TARGET fraction must be in (0, 1], got {target['fraction']!r}")
+    margins = getattr(module, "MARGINS", None)
+    if getattr(module, "CLAIMS", ()) and not isinstance(margins, dict):
+        raise ValueError("a config with CLAIMS must declare MARGINS = {metric: {'delta': d, 'reason': str}} "
+                         f"(the equivalence margin of every claimed metric), got {margins!r}")
+    for metric, margin in (margins or {}).items():
+        try:
+            parse_metric(metric)
+        except ValueError as e:
+            raise ValueError(f"MARGINS: {e}") from None
+        if not isinstance(margin, dict) or set(margin) != {"delta", "reason"}:
+            raise ValueError(f"MARGINS[{metric!r}] must be {{'delta': d, 'reason': str}}, got {margin!r}")
+        delta = margin["delta"]
+        if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < math.inf:
+            raise ValueError(f"MARGINS[{metric!r}]: delta must be a finite number > 0, got {delta!r}")
+        if not isinstance(margin["reason"], str) or not margin["reason"].strip():
+            raise ValueError(f"MARGINS[{metric!r}]: reason must be a non-empty string saying why delta is "
+                             f"{delta!r}")
+    margins = margins or {}
     for claim in getattr(module, "CLAIMS", ()):
         name = claim.get("claim", claim)
         if set(claim) != {"claim", "arm", "ref", "metric", "direction"}:
@@ -376,6 +510,10 @@ def validate_config(module) -> None:
             raise ValueError(f"claim {name!r}: direction must be +1 or -1, got {claim['direction']!r}")
         if base in TO_TARGET and target is None:
             raise ValueError(f"claim {name!r}: metric {claim['metric']!r} needs TARGET in the config")
+        if claim["metric"] not in margins:
+            raise ValueError(f"claim {name!r}: no equivalence margin for metric {claim['metric']!r}; declare "
+                             f"MARGINS[{claim['metric']!r}] = {{'delta': ..., 'reason': ...}} in the config "
+                             "(in the metric's units, fixed before the runs)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -704,8 +842,29 @@ def ci_text(claim: dict, res: dict) -> str:
     return f"{ci} (censored)" if any(mark in ("≤", "≥") for _, _, mark in res.get("diffs", ())) else ci
 
 
-def claims_block(claims, results: list[dict]) -> list[str]:
-    """The claims table and one bullet per claim."""
+def tost_text(claim: dict, res: dict) -> str:
+    """``"[lo, hi]"`` of a judged claim's 90% interval (``n/a`` with fewer than 2 pairs)."""
+    digits = DIGITS.get(parse_metric(claim["metric"])[0], 3)
+    iv = res["tost"]
+    return "n/a" if iv["lo"] is None else f"[{_num(iv['lo'], digits + 1)}, {_num(iv['hi'], digits + 1)}]"
+
+
+def verdict_text(res: dict) -> str:
+    """The verdict as printed: ``equivalent within ±delta``, ``underpowered (n* seeds needed)``."""
+    if res["verdict"] == "equivalent":
+        return f"equivalent within ±{_g(res['delta'])}"
+    if res["verdict"] == "underpowered":
+        need, at_mean = res["seeds_needed"], res["seeds_needed_at_mean"]
+        if need is None:
+            return "underpowered (seeds needed: n/a)"
+        mean = ("mean outside ±δ" if at_mean is None else "over 1000 at the observed mean" if at_mean > 1000
+                else f"{at_mean} at the observed mean")
+        return f"underpowered ({need} seeds needed; {mean})"
+    return res["verdict"]
+
+
+def claims_block(claims, results: list[dict], margins: dict | None = None) -> list[str]:
+    """The claims table, one bullet per claim and the margins of the metrics they use."""
     rows, bullets = [], []
     for claim, res in zip(claims, results, strict=True):
         digits = DIGITS.get(parse_metric(claim["metric"])[0], 3)
@@ -716,14 +875,21 @@ def claims_block(claims, results: list[dict]) -> list[str]:
         ratio = "" if res["ratio"] is None else f"{res['ratio_mark']}{res['ratio']:.2f}x"
         side = "higher" if claim["direction"] > 0 else "lower"
         rows.append([claim["claim"], f"`{claim['arm']}` − `{claim['ref']}`", f"`{claim['metric']}` ({side})",
-                     per_seed, ci, ratio, f"**{res['verdict']}**"])
+                     per_seed, ci, f"{tost_text(claim, res)} (±{_g(res['delta'])})", ratio,
+                     f"**{verdict_text(res)}**"])
         nums = "" if iv["mean"] is None else f"mean difference {ci} over {iv['n']} paired seed(s)"
+        nums += f", 90% interval {tost_text(claim, res)}" if res["tost"]["lo"] is not None else ""
         nums += f", ref/arm ratio of means {ratio}" if ratio else ""
         text = "; ".join(x for x in [nums, *res["notes"]] if x)
-        bullets.append(f"- **{claim['claim']}** — {res['verdict']}: {text}.")
+        bullets.append(f"- **{claim['claim']}** — {verdict_text(res)}: {text}.")
     table = _md_table(["claim", "arm − ref", "metric (claimed)", "per-seed differences", "mean [95% CI]",
-                       "ratio of means (ref/arm)", "verdict"], rows)
-    return [table, "", *bullets, ""]
+                       "90% CI (margin)", "ratio of means (ref/arm)", "verdict"], rows)
+    used = dict.fromkeys(c["metric"] for c in claims)
+    margin_lines = [f"- `{m}`: ±{_g(margins[m]['delta'])}. {margins[m]['reason']}" for m in used
+                    if margins and m in margins]
+    if margin_lines:
+        margin_lines = ["Equivalence margins (declared in the config):", "", *margin_lines, ""]
+    return [table, "", *bullets, "", *margin_lines]
 
 
 def plot_groups(groups: dict, title: str, path: Path) -> None:
@@ -787,7 +953,8 @@ def value_block(name: str, module, groups: dict, field: str | None, value, plots
     out += [f"![{fname}](results/plots/{fname})", ""]
     claims = tuple(getattr(module, "CLAIMS", ()))
     if claims:
-        out += claims_block(claims, [evaluate_claim(c, groups, value, target) for c in claims])
+        margins = module.MARGINS
+        out += claims_block(claims, [evaluate_claim(c, groups, value, target, margins) for c in claims], margins)
     return out
 
 
@@ -817,7 +984,7 @@ def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
 def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
     """One table of every claim's verdict over the comparisons with results (details in each
     comparison's section)."""
-    rows = []
+    rows, counts = [], {}
     for name in names:
         if not (results / name).is_dir():
             continue
@@ -826,17 +993,22 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
         for field, value in sweep_items(module):
             tgt = target_accuracy(module, groups, value)
             for claim in getattr(module, "CLAIMS", ()):
-                res = evaluate_claim(claim, groups, value, None if tgt is None else tgt["target"])
+                res = evaluate_claim(claim, groups, value, None if tgt is None else tgt["target"], module.MARGINS)
                 setting = "" if field is None else f"{field} = {value}"
                 rows.append([name, setting, claim["claim"], f"`{claim['metric']}`", ci_text(claim, res),
-                             str(res["interval"]["n"]), f"**{res['verdict']}**"])
+                             tost_text(claim, res), f"±{_g(res['delta'])}", str(res["interval"]["n"]),
+                             f"**{verdict_text(res)}**"])
+                counts[res["verdict"]] = counts.get(res["verdict"], 0) + 1
     if not rows:
         return ""
+    tally = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts)
     return "\n".join(["## Verdicts at a glance", "",
                       "Every claim of every comparison (arm − ref, paired by seed; the sections below give the "
-                      "per-seed differences, the diagnostics and where the setting differs from the paper).", "",
-                      _md_table(["comparison", "setting", "claim", "metric", "mean difference [95% CI]", "seeds",
-                                 "verdict"], rows), ""])
+                      "per-seed differences, the diagnostics, the reason for each margin and where the setting "
+                      "differs from the paper).", "",
+                      f"{len(rows)} claims: {tally}.", "",
+                      _md_table(["comparison", "setting", "claim", "metric", "mean difference [95% CI]", "90% CI",
+                                 "margin", "seeds", "verdict"], rows), ""])
 
 
 def write_page(results: Path, configs: Path, readme: Path, preamble: Path, names=COMPARISONS) -> str:

@@ -72,6 +72,20 @@ CLAIMS = (
     {"claim": "the adapters add to the head alone",
      "arm": "replication", "ref": "head_only", "metric": "last3_acc", "direction": +1},
 )
+#: make_results: the equivalence margin of each claimed metric, in its units, with the reason printed on
+#: the page. Declared 2026-12-06 (issue 32), after the runs now on the page; fixed before any further run.
+ACCURACY_MARGIN = {"delta": 0.01, "reason": "one point of accuracy: one arm's accuracy on the 1,000 test articles "
+                   "has a binomial standard error of 0.011-0.016 (at accuracies 0.85-0.5), so a smaller "
+                   "difference is below what one evaluation resolves"}
+MARGINS = {
+    "rounds_to_target": {"delta": 2.0, "reason": "one evaluation interval (eval_every = 2), the metric's "
+                                                  "resolution: 10% of the 20 rounds"},
+    "auc": ACCURACY_MARGIN,
+    "last3_acc": ACCURACY_MARGIN,
+    "slot_norm:4:16": {"delta": 1.0, "reason": "summed norm of slots 4-15: about a ninth of what they hold at the "
+                       "first evaluation under replication padding (8.7), 2.5% of their final norm there (40.6)"},
+    "diagnostic_drop": ACCURACY_MARGIN,
+}
 #: make_results: where this setting differs from the paper's, printed beside the verdicts.
 DIFFERENCES = ("MiniLM-L6 (22 M parameters) instead of the paper's larger encoders; AG News only (no "
                "DBpedia); 40 clients, 20 rounds and ranks 16/4 instead of 20/5; 2 CPU cores.")

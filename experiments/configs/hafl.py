@@ -63,6 +63,18 @@ CLAIMS = (
     {"claim": "the adapters add to the head alone",
      "arm": "hafl_freeze", "ref": "head_only", "metric": "last3_acc", "direction": +1},
 )
+#: make_results: the equivalence margin of each claimed metric, in its units, with the reason printed on
+#: the page. Declared 2026-12-06 (issue 32), after the runs now on the page; fixed before any further run.
+ACCURACY_MARGIN = {"delta": 0.01, "reason": "one point of accuracy: one arm's accuracy on the 1,000 test articles "
+                   "has a binomial standard error of 0.011-0.016 (at accuracies 0.85-0.5), so a smaller "
+                   "difference is below what one evaluation resolves"}
+MARGINS = {
+    "last3_acc": ACCURACY_MARGIN,
+    "auc": ACCURACY_MARGIN,
+    "rounds_to_target": {"delta": 2.0, "reason": "one evaluation interval (eval_every = 2), the metric's "
+                                                  "resolution: 17% of the 12 rounds"},
+    "distribution_drop:2": ACCURACY_MARGIN,
+}
 #: make_results: where this setting differs from the paper's, printed beside the verdicts.
 DIFFERENCES = ("HAFL fine-tunes LLMs (LLaMA-class) on 20 Newsgroups / Banking77; here the MiniLM-L6 encoder "
                "on AG News with 10 clients, 12 rounds and ranks 2/4/8, on 2 CPU cores. The paper's body was "

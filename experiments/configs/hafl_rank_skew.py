@@ -52,6 +52,7 @@ CLAIMS = (
     {"claim": "HAFL (freeze) gains from balanced high-rank clients",
      "arm": "hafl_freeze_balanced", "ref": "hafl_freeze", "metric": "last3_acc", "direction": +1},
 )
+MARGINS = _hafl.MARGINS
 DIFFERENCES = _hafl.DIFFERENCES
 
 

@@ -12,6 +12,7 @@ from helpers.modules import import_file
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "experiments" / "configs"
 T975_2 = 4.302652729911275  # t_{0.975} with 2 degrees of freedom (tables)
+T95_2 = 2.919985580355516  # t_{0.95}, 2 degrees of freedom (tables; the 90% interval)
 
 
 make_results = import_file(ROOT / "experiments" / "make_results.py", "make_results_under_test")
@@ -131,8 +132,9 @@ def _pairs(diffs, ref=10.0):
     return [{"seed": s, "arm": ref + d, "ref": ref} for s, d in enumerate(diffs)]
 
 
-def test_verdict_holds_reversed_inconclusive_and_too_few():
-    judge = make_results.judge_claim
+def test_verdict_holds_reversed_underpowered_and_too_few():
+    def judge(pairs, direction, metric):
+        return make_results.judge_claim(pairs, direction, metric, delta=0.1)
     # mean 1, sd 0.2: half width 4.303 * 0.2 / sqrt(3) = 0.497 -> [0.503, 1.497]
     res = judge(_pairs([1.0, 1.2, 0.8]), +1, "last3_acc")
     assert res["verdict"] == "holds"
@@ -140,10 +142,12 @@ def test_verdict_holds_reversed_inconclusive_and_too_few():
     assert [d for _, d, _ in res["diffs"]] == [pytest.approx(1.0), pytest.approx(1.2), pytest.approx(0.8)]
     assert res["ratio"] is None  # not a cost metric
     assert judge(_pairs([1.0, 1.2, 0.8]), -1, "last3_acc")["verdict"] == "does not hold (reversed)"
-    # [1, 2, 3]: interval [-0.48, 4.48] straddles 0
-    assert judge(_pairs([1.0, 2.0, 3.0]), +1, "last3_acc")["verdict"] == "inconclusive"
+    # [1, 2, 3]: interval [-0.48, 4.48] straddles 0, 90% [0.31, 3.69] is far outside ±0.1
+    assert judge(_pairs([1.0, 2.0, 3.0]), +1, "last3_acc")["verdict"] == "underpowered"
     one = judge(_pairs([5.0]), +1, "last3_acc")
-    assert one["verdict"] == "inconclusive" and "fewer than 2 paired seeds" in one["notes"]
+    assert one["verdict"] == "underpowered" and one["seeds_needed"] is None
+    assert any(n.startswith("fewer than 2 paired seeds") for n in one["notes"])
+    assert make_results.verdict_text(one) == "underpowered (seeds needed: n/a)"
     assert judge([], +1, "last3_acc")["verdict"] == "pending"
     with pytest.raises(ValueError, match="direction"):
         judge(_pairs([1.0, 2.0]), 0, "last3_acc")
@@ -151,18 +155,110 @@ def test_verdict_holds_reversed_inconclusive_and_too_few():
 
 def test_ratio_of_means_for_cost_metrics():
     pairs = [{"seed": 0, "arm": 2.0, "ref": 5.0}, {"seed": 1, "arm": 2.0, "ref": 4.0}, {"seed": 2, "arm": 2.0, "ref": 3.0}]
-    res = make_results.judge_claim(pairs, -1, "total_mb")
+    res = make_results.judge_claim(pairs, -1, "total_mb", delta=0.5)
     assert res["ratio"] == pytest.approx(4.0 / 2.0) and res["ratio_mark"] == ""
     # d = -3, -2, -1: every seed favours the arm, but mean -2, sd 1, half width 2.48 -> [-4.48, 0.48]
-    assert res["verdict"] == "inconclusive"
+    assert res["verdict"] == "underpowered"
 
 
 def test_undefined_metric_drops_the_pair():
     pairs = [{"seed": 0, "arm": 1.0, "ref": 0.0}, {"seed": 1, "arm": None, "ref": 0.0},
              {"seed": 2, "arm": 1.1, "ref": 0.0}, {"seed": 3, "arm": 0.9, "ref": 0.0}]
-    res = make_results.judge_claim(pairs, +1, "slot_norm:0:4")
+    res = make_results.judge_claim(pairs, +1, "slot_norm:0:4", delta=0.1)
     assert res["interval"]["n"] == 3 and res["verdict"] == "holds"
     assert any("seed(s) 1" in n for n in res["notes"])
+
+
+# ----------------------------------------------------------------------------- equivalence margin
+
+T95_3, T95_4 = 2.353363434801823, 2.131846786326649  # t_{0.95} with 3 / 4 degrees of freedom (tables)
+
+
+def test_equivalent_when_the_90_interval_is_inside_the_margin():
+    # d = -0.002, 0, 0.002: mean 0, sd 0.002; 95% half 4.303 * 0.002 / sqrt(3) = 0.00497 straddles 0;
+    # 90% half 2.920 * 0.002 / sqrt(3) = 0.00337 -> [-0.00337, 0.00337] inside (-0.01, 0.01)
+    res = make_results.judge_claim(_pairs([-0.002, 0.0, 0.002]), +1, "last3_acc", delta=0.01)
+    assert res["verdict"] == "equivalent"
+    assert res["tost"]["hi"] == pytest.approx(T95_2 * 0.002 / math.sqrt(3))
+    assert res["interval"]["hi"] == pytest.approx(T975_2 * 0.002 / math.sqrt(3))
+    assert make_results.verdict_text(res) == "equivalent within ±0.01"
+    # the same differences against a margin the 90% interval crosses: underpowered
+    assert make_results.judge_claim(_pairs([-0.002, 0.0, 0.002]), +1, "last3_acc", delta=0.003)["verdict"] == \
+        "underpowered"
+
+
+def test_interval_crossing_the_margin_is_underpowered_with_the_seeds_needed():
+    # d = -0.01, 0, 0.01: mean 0, sd 0.01; 90% half 2.920 * 0.01 / sqrt(3) = 0.0169 > 0.01.
+    # n* = min n with t(0.95, n-1) * 0.01 / sqrt(n) <= 0.01, i.e. t(0.95, n-1) <= sqrt(n):
+    # n = 3: 2.920 > 1.732; n = 4: 2.353 > 2; n = 5: 2.132 <= 2.236 -> 5
+    assert T95_3 > math.sqrt(4) and T95_4 <= math.sqrt(5)
+    res = make_results.judge_claim(_pairs([-0.01, 0.0, 0.01]), +1, "last3_acc", delta=0.01)
+    assert res["verdict"] == "underpowered"
+    assert (res["seeds_needed"], res["seeds_needed_at_mean"]) == (5, 5)
+    assert make_results.verdict_text(res) == "underpowered (5 seeds needed; 5 at the observed mean)"
+    assert any(n.startswith("5 paired seeds would give a 90% interval of ±0.01") for n in res["notes"])
+    # d = 0, 0.005, 0.01: mean 0.005, sd 0.005, 90% [-0.0034, 0.0134] crosses +0.01. The half-width alone
+    # is within 0.01 already at n = 3 (2.920 * 0.005 / sqrt(3) = 0.0084), but the mean leaves 0.005:
+    # t(0.95, n-1) / sqrt(n) <= 1 first at n = 5 (n = 4: 2.353 / 2 = 1.18; n = 5: 2.132 / 2.236 = 0.95)
+    res = make_results.judge_claim(_pairs([0.0, 0.005, 0.01]), +1, "last3_acc", delta=0.01)
+    assert res["verdict"] == "underpowered"
+    assert (res["seeds_needed"], res["seeds_needed_at_mean"]) == (3, 5)
+    # a mean outside the margin: no count for equivalence, and the page says why
+    res = make_results.judge_claim(_pairs([0.0, 0.02, 0.04]), +1, "last3_acc", delta=0.01)
+    assert res["verdict"] == "underpowered" and res["seeds_needed_at_mean"] is None
+    assert make_results.verdict_text(res).endswith("; mean outside ±δ)")
+
+
+def test_seeds_needed_by_hand():
+    assert make_results.seeds_needed(0.01, 0.01) == 5
+    assert make_results.seeds_needed(0.005, 0.01) == 3
+    assert make_results.seeds_needed(1e-9, 0.01) == 2  # never fewer than 2 pairs
+    # large ratio: near (z(0.95) * sd / delta)^2 = (1.645 * 10)^2 = 270.6, t adds a few
+    n = make_results.seeds_needed(0.1, 0.01)
+    t = make_results.stats.t.ppf
+    assert t(0.95, n - 1) * 0.1 / math.sqrt(n) <= 0.01 < t(0.95, n - 2) * 0.1 / math.sqrt(n - 1)
+    assert make_results.seeds_needed(0.0, 0.01) is None and make_results.seeds_needed(None, 0.01) is None
+    with pytest.raises(ValueError, match="delta"):
+        make_results.seeds_needed(0.01, 0.0)
+
+
+def test_zero_sd():
+    # identical arms: interval [0, 0], inside any margin
+    res = make_results.judge_claim(_pairs([0.0, 0.0, 0.0]), +1, "last3_acc", delta=0.01)
+    assert res["verdict"] == "equivalent" and res["seeds_needed"] is None
+    # a constant nonzero difference decides the direction
+    assert make_results.judge_claim(_pairs([0.02] * 3), +1, "last3_acc", delta=0.01)["verdict"] == "holds"
+    # sd 0 but equivalence ruled out (neither arm reached the target in seed 0): no count to print
+    pairs = [{"seed": 0, "arm": None, "ref": None}, {"seed": 1, "arm": 4.0, "ref": 4.0},
+             {"seed": 2, "arm": 4.0, "ref": 4.0}]
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", delta=2.0)
+    assert res["verdict"] == "underpowered" and res["seeds_needed"] is None
+    assert "the observed sd is 0: no spread to size the seeds needed from" in res["notes"]
+    assert "a censored or unreached seed rules out equivalence" in res["notes"]
+    assert make_results.verdict_text(res) == "underpowered (seeds needed: n/a)"
+
+
+def test_holds_and_reversed_take_precedence_over_equivalent():
+    # d = 0.004, 0.005, 0.006: mean 0.005, sd 0.001; 95% half 0.00248 -> [0.0025, 0.0075] excludes 0,
+    # and the 90% interval [0.0033, 0.0067] is inside ±0.01 as well: holds, with a note
+    res = make_results.judge_claim(_pairs([0.004, 0.005, 0.006]), +1, "last3_acc", delta=0.01)
+    assert res["verdict"] == "holds"
+    assert -0.01 < res["tost"]["lo"] and res["tost"]["hi"] < 0.01
+    assert any("also inside ±0.01" in n for n in res["notes"])
+    assert make_results.judge_claim(_pairs([0.004, 0.005, 0.006]), -1, "last3_acc", delta=0.01)["verdict"] == \
+        "does not hold (reversed)"
+
+
+def test_censored_bound_rules_out_equivalence():
+    # the ref never reaches the target in seed 0: its whole-run bound (4 rounds + 1 = 5) is used, d <= 0
+    arm = {s: _run([0.5, 0.5, 0.5, 0.9]) for s in range(3)}
+    ref = {0: _run([0.5, 0.5, 0.5, 0.5]), 1: _run([0.5, 0.5, 0.5, 0.9]), 2: _run([0.5, 0.5, 0.5, 0.9])}
+    pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", delta=2.0, arm_runs=arm, ref_runs=ref)
+    assert res["diffs"] == [(0, -1.0, "≤"), (1, 0.0, ""), (2, 0.0, "")]
+    # 90% interval: mean -1/3, sd 0.577, half 0.973 -> inside ±2, but the bound is one-sided
+    assert -2.0 < res["tost"]["lo"] and res["tost"]["hi"] < 2.0
+    assert res["verdict"] == "underpowered"
 
 
 # ----------------------------------------------------------------------------- censoring
@@ -173,18 +269,18 @@ def test_censoring_arm_never_reached_cannot_hold():
     ref = {0: _run([0.5, 0.9, 0.9]), 1: _run([0.5, 0.5, 0.9]), 2: _run([0.5, 0.5, 0.9])}
     pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
     assert [(p["arm"], p["ref"]) for p in pairs] == [(None, 2.0), (1.0, 3.0), (1.0, 3.0)]
-    res = make_results.judge_claim(pairs, -1, "rounds_to_target", arm_runs=arm, ref_runs=ref)
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", delta=2.0, arm_runs=arm, ref_runs=ref)
     assert res["verdict"] == "does not hold"  # arm missed in seed 0, where the ref reached it
     assert "seed(s) 0" in res["notes"][0]
     # neither reached in seed 0: cannot hold, and nothing to say against it either
     ref[0] = _run([0.5, 0.5, 0.5])
     pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
-    res = make_results.judge_claim(pairs, -1, "rounds_to_target", arm_runs=arm, ref_runs=ref)
-    assert res["verdict"] == "inconclusive" and any("neither" in n for n in res["notes"])
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", delta=2.0, arm_runs=arm, ref_runs=ref)
+    assert res["verdict"] == "underpowered" and any("neither" in n for n in res["notes"])
     # direction +1: the claimed-cheaper side is the ref
     res = make_results.judge_claim(make_results.claim_pairs(ref, arm, "rounds_to_target", 0.8), +1,
-                                   "rounds_to_target", arm_runs=ref, ref_runs=arm)
-    assert res["verdict"] == "inconclusive"
+                                   "rounds_to_target", delta=2.0, arm_runs=ref, ref_runs=arm)
+    assert res["verdict"] == "underpowered"
 
 
 def test_censoring_ref_never_reached_substitutes_the_whole_run_bound():
@@ -192,15 +288,15 @@ def test_censoring_ref_never_reached_substitutes_the_whole_run_bound():
     ref = {0: _run([0.5, 0.5, 0.5, 0.5], up=3e6), 1: _run([0.5, 0.5, 0.5, 0.9], up=3e6),
            2: _run([0.5, 0.5, 0.9, 0.9], up=3e6)}
     pairs = make_results.claim_pairs(arm, ref, "rounds_to_target", 0.8)
-    res = make_results.judge_claim(pairs, -1, "rounds_to_target", arm_runs=arm, ref_runs=ref)
+    res = make_results.judge_claim(pairs, -1, "rounds_to_target", delta=2.0, arm_runs=arm, ref_runs=ref)
     # seed 0: ref bound = 4 rounds run + 1 = 5 -> d <= 2 - 5 = -3; seeds 1, 2: 2 - 4 = -2, 2 - 3 = -1
     assert res["diffs"] == [(0, -3.0, "≤"), (1, -2.0, ""), (2, -1.0, "")]
     assert res["interval"]["mean"] == pytest.approx(-2.0)
-    assert res["verdict"] == "inconclusive"  # [-4.48, 0.48]
+    assert res["verdict"] == "underpowered"  # [-4.48, 0.48]
     assert res["ratio"] == pytest.approx(4.0 / 2.0) and res["ratio_mark"] == "≥"
     assert any("whole-run value" in n for n in res["notes"])
     mb = make_results.judge_claim(make_results.claim_pairs(arm, ref, "mb_to_target", 0.8), -1, "mb_to_target",
-                                  arm_runs=arm, ref_runs=ref)
+                                  delta=1.0, arm_runs=arm, ref_runs=ref)
     # seed 0: ref total 12 MB -> d <= 2 - 12 = -10; seed 1: 2 - 12 = -10; seed 2: 2 - 9 = -7
     assert [d for _, d, _ in mb["diffs"]] == [pytest.approx(-10.0), pytest.approx(-10.0), pytest.approx(-7.0)]
     assert mb["verdict"] == "holds"  # mean -9, sd sqrt(3): [-13.3, -4.7]
@@ -211,9 +307,9 @@ def test_censored_bound_never_establishes_a_reversal():
     arm = {s: _run([0.5, 0.5, 0.9], up=5e6 + s * 1e5) for s in range(3)}
     ref = {s: _run([0.5, 0.5, 0.5], up=1e6) for s in range(3)}
     pairs = make_results.claim_pairs(arm, ref, "mb_to_target", 0.8)
-    res = make_results.judge_claim(pairs, -1, "mb_to_target", arm_runs=arm, ref_runs=ref)
+    res = make_results.judge_claim(pairs, -1, "mb_to_target", delta=1.0, arm_runs=arm, ref_runs=ref)
     assert res["interval"]["lo"] > 0
-    assert res["verdict"] == "inconclusive" and "a censored bound cannot establish a reversal" in res["notes"]
+    assert res["verdict"] == "underpowered" and "a censored bound cannot establish a reversal" in res["notes"]
 
 
 # ----------------------------------------------------------------------------- curves, groups
@@ -254,11 +350,13 @@ def test_real_config_claims_name_known_arms_and_metrics(path):
     for claim in getattr(module, "CLAIMS", ()):
         assert claim["arm"] in module.METHODS and claim["ref"] in module.METHODS
         make_results.parse_metric(claim["metric"])
+        assert module.MARGINS[claim["metric"]]["delta"] > 0 and module.MARGINS[claim["metric"]]["reason"]
 
 
 class _Module:
     METHODS = {"a": {}, "b": {}}
     TARGET = {"fraction": 0.9, "reference": "b"}
+    MARGINS = {m: {"delta": 0.01, "reason": "one point"} for m in ("last3_acc", "auc", "mb_to_target")}
 
 
 def _claim(**kw):
@@ -277,8 +375,31 @@ def test_malformed_claims_refused(claim, match):
         make_results.validate_config(module)
 
 
+@pytest.mark.parametrize("margins, match", [
+    (None, "must declare MARGINS"),
+    ({"auc": {"delta": 0.01, "reason": "x"}}, "a beats b.*no equivalence margin for metric 'last3_acc'"),
+    ({"last3_acc": {"delta": 0.0, "reason": "x"}}, "delta must be a finite number > 0"),
+    ({"last3_acc": {"delta": -0.01, "reason": "x"}}, "delta must be a finite number > 0"),
+    ({"last3_acc": {"delta": math.inf, "reason": "x"}}, "delta must be a finite number > 0"),
+    ({"last3_acc": {"delta": "0.01", "reason": "x"}}, "delta must be a finite number > 0"),
+    ({"last3_acc": {"delta": True, "reason": "x"}}, "delta must be a finite number > 0"),
+    ({"last3_acc": {"delta": 0.01, "reason": " "}}, "reason must be a non-empty string"),
+    ({"last3_acc": {"delta": 0.01}}, "must be {'delta': d, 'reason': str}"),
+    ({"last3_acc": 0.01}, "must be {'delta': d, 'reason': str}"),
+    ({"last3_acc": {"delta": 0.01, "reason": "x"}, "accuracy": {"delta": 0.01, "reason": "x"}},
+     "MARGINS: unknown metric 'accuracy'"),
+])
+def test_claim_without_a_valid_margin_refused(margins, match):
+    module = type("M", (_Module,), {"CLAIMS": (_claim(),), "MARGINS": margins})
+    with pytest.raises(ValueError, match=match):
+        make_results.validate_config(module)
+    # a diagnostic without claims needs no margins
+    make_results.validate_config(type("D", (), {"METHODS": {"a": {}}}))
+
+
 def test_to_target_claim_needs_target():
-    module = type("M", (), {"METHODS": {"a": {}, "b": {}}, "CLAIMS": (_claim(metric="mb_to_target"),)})
+    module = type("M", (), {"METHODS": {"a": {}, "b": {}}, "CLAIMS": (_claim(metric="mb_to_target"),),
+                            "MARGINS": _Module.MARGINS})
     with pytest.raises(ValueError, match="needs TARGET"):
         make_results.validate_config(module)
 
@@ -302,6 +423,9 @@ CLAIMS = (
     {"claim": "fast dilutes less", "arm": "fast", "ref": "slow", "metric": "slot_norm:4:8", "direction": +1},
     {"claim": "late is not done", "arm": "late", "ref": "slow", "metric": "auc", "direction": +1},
 )
+MARGINS = {m: {"delta": d, "reason": f"toy margin of {m}"}
+           for m, d in (("last3_acc", 0.01), ("rounds_to_target", 2.0), ("mb_to_target", 0.5),
+                        ("slot_norm:4:8", 0.1), ("auc", 0.01))}
 DIFFERENCES = "a toy setting"
 
 
@@ -356,7 +480,10 @@ def test_section_rendered_from_run_directories(tmp_path):
     assert "s0: -1.0, s1: -1.0, s2: -1.0" in page
     assert "ref/arm ratio of means 4.00x" in page  # mb_to_target: 4 MB / 1 MB
     assert "- **fast dilutes less** — holds:" in page
-    assert "- **late is not done** — inconclusive:" in page and "fewer than 2 paired seeds" in page
+    assert "- **late is not done** — underpowered (seeds needed: n/a):" in page
+    assert "fewer than 2 paired seeds" in page
+    assert "Equivalence margins (declared in the config):" in page
+    assert "- `rounds_to_target`: ±2. toy margin of rounds_to_target" in page
     assert "Global slot norm" in page and "slots 4-7" in page
     assert "Differences from the paper: a toy setting" in page
     assert "Note: `slow` and `twin` produced byte-identical metrics" in page
