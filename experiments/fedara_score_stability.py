@@ -4,7 +4,7 @@ FedARA allocates ranks from the server's aggregated importance scores. With a fe
 per round those scores are noisy (``shared/research/fidelity_audit.md`` A8), so the library
 smooths them across rounds (aggregator option ``score_beta``, FedARA's default 0.5) and keeps
 the budget at ``b0`` for a warm-up of ``t_init_frac * T`` rounds. This script measures, through
-the library's own compiled round (``fedlora_jax.driver.run``), the Spearman rank correlation of
+the library's own compiled round (``fedlora_jax.driver.setup``), the Spearman rank correlation of
 the allocator's input (``agg_state.scores`` over all triplets) between consecutive rounds, with
 allocation switched off (``target_rank = r_max``) so that only the scores are compared.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedlora_jax.driver import run as driver_run
+from fedlora_jax.driver import setup as driver_run
 from fedlora_jax.driver.config import ExperimentConfig
 from fedlora_jax.federated import round_key
 
@@ -63,9 +63,9 @@ def measure(rounds: int, beta: float) -> list[dict]:
     rows, prev = [], None
     for r in range(rounds):
         ids = driver_run.sample_clients(cfg, r)
-        batch, steps, examples = driver_run._batches_for(setup, ids, r)
+        batch, steps, examples = driver_run.batches_for(setup, ids, r)
         plan = setup.algo.plan(state, ids, r)
-        spec = driver_run._spec(setup, plan, ids, steps, examples.astype(np.float32))
+        spec = driver_run.client_spec(setup, plan, ids, steps, examples.astype(np.float32))
         state, _ = rf(state, batch, spec, round_key(cfg.seed, r), setup.base)
         cur = flat_scores(state)
         top = int(0.25 * cur.size)

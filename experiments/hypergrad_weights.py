@@ -46,7 +46,7 @@ from fedlora_jax import aggregation as ag
 from fedlora_jax import data as data_lib
 from fedlora_jax._atomic import atomic_write_bytes, atomic_write_json
 from fedlora_jax.driver.config import ExperimentConfig
-from fedlora_jax.driver.run import build_setup
+from fedlora_jax.driver.setup import build_setup
 from fedlora_jax.driver.tasks import make_evaluate
 from fedlora_jax.federated import (
     ServerHyper,

@@ -5,7 +5,7 @@ Usage::
 
     python experiments/write_partitions.py [--results experiments/results] [comparison ...]
 
-The table comes from ``driver.run.classification_partition_table`` (the same data loading and
+The table comes from ``driver.setup.classification_partition_table`` (the same data loading and
 partitioning as the run; tested equal to the file the driver writes). Runs of a task without
 labels, and runs that already have the file, are left alone. Files are written atomically.
 """
@@ -33,7 +33,7 @@ def missing_runs(results: Path, names) -> list[Path]:
 def main(argv=None) -> int:
     from fedlora_jax._atomic import atomic_write_bytes
     from fedlora_jax.driver.config import from_dict
-    from fedlora_jax.driver.run import classification_partition_table
+    from fedlora_jax.driver.setup import classification_partition_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(HERE / "results"))

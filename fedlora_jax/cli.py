@@ -131,6 +131,7 @@ def _cmd_train(args) -> int:
             print(f"process {index}: injected failure ({FAIL_PROCESS_ENV})", file=sys.stderr, flush=True)
             os._exit(17)
     from fedlora_jax.driver.config import load_config
+    from fedlora_jax.driver.modes import get_task_mode
     from fedlora_jax.driver.plots import plot_run
     from fedlora_jax.driver.run import run_experiment
 
@@ -139,8 +140,10 @@ def _cmd_train(args) -> int:
     run_experiment(cfg, out, resume=args.resume, quiet=args.quiet, stop_after=args.stop_after)
     if not primary:
         return 0
-    if not args.no_plots and cfg.task == "causal_lm":
-        print("plots: skipped (the plots show accuracy; a causal-LM run logs perplexity)", file=sys.stderr)
+    mode = get_task_mode(cfg.task)
+    if not args.no_plots and not mode.plots:
+        print(f"plots: skipped (the plots show accuracy; a {cfg.task!r} run's headline is "
+              f"{mode.headline_metric})", file=sys.stderr)
     elif not args.no_plots:
         for p in plot_run(out):
             print(f"wrote {p}", file=sys.stderr)

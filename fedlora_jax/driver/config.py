@@ -25,8 +25,13 @@ from fedlora_jax.algorithms.registry import ALIASES, BUILDERS, canonical_name
 ALGORITHMS = tuple(BUILDERS)
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
 RANK_ORDERS = ("given", "label_entropy")
-#: What is trained: an encoder classifier, a causal LM, or classification as generation on an LM.
+#: The built-in tasks (an encoder classifier, a causal LM, classification as generation on an LM);
+#: the registry (``fedlora_jax.driver.modes``) holds them and any a user registers.
 TASKS = ("classification", "causal_lm", "cls_generation")
+#: optax optimizers ``optimizer`` may name: each is called as ``optax.<name>(learning_rate=lr,
+#: **optimizer_options)`` (plus ``weight_decay`` where it takes one).
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor", "rmsprop", "adagrad", "lamb", "nadamw", "radam",
+              "yogi", "adabelief", "novograd")
 LM_LOSSES = ("all", "response")
 #: Datasets that come with their clients (``partition="natural"``).
 NATURAL_DATASETS = ("shakespeare",)
@@ -35,7 +40,8 @@ NATURAL_DATASETS = ("shakespeare",)
 #: Engine switches that give bit-identical numbers (tested): never part of the fingerprint.
 _ENGINE_FIELDS = ("cut_variants", "client_state")
 _LATE_FIELDS = ("task", "lm_loss", "chat_template", "generate_samples", "generate_max_new_tokens",
-                "generate_temperature", "natural_min_lines", "natural_test_per_client", "eval_distributed_ranks")
+                "generate_temperature", "natural_min_lines", "natural_test_per_client", "eval_distributed_ranks",
+                "optimizer", "optimizer_options", "label_smoothing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,13 @@ class ExperimentConfig:
         nominal speed (``devices.true_speed_factor``); 0 = every device runs at its nominal
         speed. The measured times feed deadlines and LEGEND's capacity estimates.
     Optimisation / run:
+      optimizer: the clients' inner optimizer, an optax name in ``OPTIMIZERS`` (default
+        ``"adamw"``), built by :func:`make_optimizer` as ``optax.<name>(learning_rate=lr,
+        weight_decay=weight_decay, **optimizer_options)``; optimizer_options: its other keyword
+        options (checked against its signature; plain numbers, strings, booleans or None).
+        ``weight_decay > 0`` with an optimizer that takes none is refused.
+      label_smoothing: classification's cross-entropy against labels smoothed by this much
+        (``optax.smooth_labels``; 0 = none; token-loss tasks refuse it).
       lr, weight_decay, seed, chunk_size (an upper bound: the driver lowers it to fit the
       device's memory and, on CPU, to ``federated.cpu_cache_chunk_cap``), eval_every,
       eval_batch_size, checkpoint_every, dtype (compute dtype ``float32 | bfloat16``),
@@ -166,6 +179,9 @@ class ExperimentConfig:
     device_noise: float = 0.0
     lr: float = 5e-4
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    optimizer_options: dict = dataclasses.field(default_factory=dict)
+    label_smoothing: float = 0.0
     seed: int = 0
     chunk_size: int = 8
     eval_every: int = 1
@@ -208,9 +224,15 @@ class ExperimentConfig:
         for k in ("name", "rounds", "eval_every", "checkpoint_every", "eval_batch_size") + _ENGINE_FIELDS:
             d.pop(k)
         for k in _LATE_FIELDS:
-            if d[k] == FIELDS[k].default:
+            if d[k] == _default(k):
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _default(name: str):
+    """A field's default value (calling its ``default_factory`` where it has one)."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _jsonable(v):
@@ -265,7 +287,7 @@ def validate(cfg: ExperimentConfig) -> None:
             _fail("client_ranks", cfg.client_ranks, f"ints in [1, r_max={cfg.r_max}]")
     if cfg.rank_order not in RANK_ORDERS:
         _fail("rank_order", cfg.rank_order, f"one of {RANK_ORDERS}{_suggest(cfg.rank_order, RANK_ORDERS)}")
-    if cfg.rank_order == "label_entropy" and (not cfg.client_ranks or cfg.task == "causal_lm"):
+    if cfg.rank_order == "label_entropy" and not cfg.client_ranks:
         _fail("rank_order", cfg.rank_order, "client_ranks to reorder and a labelled task (not causal_lm)")
     if not cfg.target_modules:
         _fail("target_modules", cfg.target_modules, "at least one module name")
@@ -273,6 +295,10 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("lr", cfg.lr, "a float > 0")
     if cfg.weight_decay < 0:
         _fail("weight_decay", cfg.weight_decay, "a float >= 0")
+    _validate_optimizer(cfg)
+    ls = cfg.label_smoothing
+    if not isinstance(ls, (int, float)) or isinstance(ls, bool) or not 0 <= ls < 1:
+        _fail("label_smoothing", ls, "a float in [0, 1)")
     if not 0 <= cfg.dropout_prob < 1:
         _fail("dropout_prob", cfg.dropout_prob, "a float in [0, 1)")
     if cfg.deadline_s < 0:
@@ -292,8 +318,12 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 def _validate_task(cfg: ExperimentConfig) -> None:
-    if cfg.task not in TASKS:
-        _fail("task", cfg.task, f"one of {TASKS}{_suggest(cfg.task, TASKS)}")
+    from fedlora_jax.driver.modes import task_modes
+
+    modes = task_modes()
+    if cfg.task not in modes:
+        names = tuple(modes)
+        _fail("task", cfg.task, f"one of {names}{_suggest(cfg.task, names)}")
     if cfg.lm_loss not in LM_LOSSES:
         _fail("lm_loss", cfg.lm_loss, f"one of {LM_LOSSES}")
     if not isinstance(cfg.chat_template, bool):
@@ -305,28 +335,54 @@ def _validate_task(cfg: ExperimentConfig) -> None:
     t = cfg.generate_temperature
     if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
         _fail("generate_temperature", t, "a float >= 0 (0 = greedy)")
-    if cfg.task == "classification" and cfg.generate_samples:
-        _fail("generate_samples", cfg.generate_samples, "0 for task='classification' (an encoder does not "
-              "generate); use task='causal_lm' or 'cls_generation'")
-    if cfg.task == "causal_lm":
-        if cfg.partition in ("dirichlet", "shards"):
-            _fail("partition", cfg.partition, "'iid', 'quantity' or 'natural' for task='causal_lm' (label-skew "
-                  "partitions need class labels)")
-        if cfg.diagnose_first_round:
-            _fail("diagnose_first_round", True, "False for task='causal_lm' (the diagnostic reports accuracy)")
-        if cfg.eval_distributed_ranks:
-            _fail("eval_distributed_ranks", cfg.eval_distributed_ranks, "() for task='causal_lm' (it reports accuracy)")
     if cfg.natural_test_per_client and cfg.dataset not in NATURAL_DATASETS:
         _fail("natural_test_per_client", cfg.natural_test_per_client, f"0 unless the dataset comes with clients "
               f"({NATURAL_DATASETS}), got dataset={cfg.dataset!r}")
-    if cfg.partition == "natural":
-        if cfg.dataset not in NATURAL_DATASETS:
-            _fail("partition", cfg.partition, f"a dataset that comes with clients ({NATURAL_DATASETS}), got "
-                  f"dataset={cfg.dataset!r}")
-        if cfg.task != "causal_lm":
-            _fail("partition", cfg.partition, "task='causal_lm' (the natural clients hold texts)")
-    elif cfg.dataset in NATURAL_DATASETS and cfg.task != "causal_lm":
-        _fail("dataset", cfg.dataset, "task='causal_lm' (Shakespeare holds texts, not labels)")
+    if cfg.partition == "natural" and cfg.dataset not in NATURAL_DATASETS:
+        _fail("partition", cfg.partition, f"a dataset that comes with clients ({NATURAL_DATASETS}), got "
+              f"dataset={cfg.dataset!r}")
+    modes[cfg.task].validate(cfg)
+
+
+def _optimizer_parameters(name: str) -> dict:
+    import inspect
+
+    import optax
+
+    return dict(inspect.signature(getattr(optax, name)).parameters)
+
+
+def _validate_optimizer(cfg: ExperimentConfig) -> None:
+    if cfg.optimizer not in OPTIMIZERS:
+        _fail("optimizer", cfg.optimizer, f"one of {OPTIMIZERS}{_suggest(str(cfg.optimizer), OPTIMIZERS)}")
+    if not isinstance(cfg.optimizer_options, dict):
+        _fail("optimizer_options", cfg.optimizer_options, "a dict of keyword options")
+    params = _optimizer_parameters(cfg.optimizer)
+    for key, value in cfg.optimizer_options.items():
+        if key in ("learning_rate", "weight_decay"):
+            _fail("optimizer_options", cfg.optimizer_options, f"no {key!r} (set the config field "
+                  f"{'lr' if key == 'learning_rate' else key!r} instead)")
+        if key not in params:
+            known = sorted(set(params) - {"learning_rate", "weight_decay"})
+            _fail("optimizer_options", cfg.optimizer_options, f"options of optax.{cfg.optimizer} ({known}); "
+                  f"{key!r} is not one{_suggest(str(key), tuple(known))}")
+        if not isinstance(value, (bool, int, float, str, type(None))):
+            _fail("optimizer_options", cfg.optimizer_options, f"plain values (numbers, strings, booleans, None); "
+                  f"{key!r} is a {type(value).__name__}")
+    if cfg.weight_decay and "weight_decay" not in params:
+        _fail("weight_decay", cfg.weight_decay, f"0.0 with optimizer={cfg.optimizer!r} (optax.{cfg.optimizer} "
+              "takes no weight_decay; use 'adamw', 'lion', 'adafactor', ...)")
+
+
+def make_optimizer(cfg: ExperimentConfig):
+    """The clients' inner optimizer: ``optax.<optimizer>(learning_rate=lr, **optimizer_options)``,
+    with ``weight_decay`` where the optimizer takes one (validated by the config)."""
+    import optax
+
+    kwargs = dict(cfg.optimizer_options)
+    if "weight_decay" in _optimizer_parameters(cfg.optimizer):
+        kwargs["weight_decay"] = cfg.weight_decay
+    return getattr(optax, cfg.optimizer)(learning_rate=cfg.lr, **kwargs)
 
 
 def _validate_groups(cfg: ExperimentConfig) -> None:

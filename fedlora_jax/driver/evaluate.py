@@ -17,7 +17,7 @@ def load_run(run_dir: str | Path, *, quiet: bool = True):
 
     Returns ``(setup, state, round_idx)``.
     """
-    from fedlora_jax.driver.run import build_setup, init_state
+    from fedlora_jax.driver.setup import build_setup, init_state
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
@@ -33,10 +33,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
     """Test metrics of the run's latest checkpoint: ``test_accuracy`` and ``test_loss``
     (classification tasks) or ``test_loss`` (token NLL), ``test_perplexity`` and
     ``test_token_accuracy`` (causal LM)."""
-    from fedlora_jax.driver.run import make_evaluator
-
     setup, state, r = load_run(run_dir)
-    metrics = make_evaluator(setup)[1](state)
+    metrics = setup.mode.make_evaluator(setup)[1](state)
     return {"run": str(run_dir), "round": r, **{k: v for k, v in metrics.items() if not k.startswith("client_")}}
 
 
@@ -50,7 +48,7 @@ def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     from safetensors.numpy import save_file
 
-    from fedlora_jax.driver.run import eval_masks
+    from fedlora_jax.driver.evaluation import eval_masks
     from fedlora_jax.models.peft_io import export_peft
 
     setup, state, _ = load_run(run_dir)

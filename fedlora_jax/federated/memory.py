@@ -89,17 +89,16 @@ def _pos_int(name: str, value: Any, minimum: int = 1) -> int:
 
 
 def _model_dims(model_config: Any) -> dict[str, int]:
-    """``L, H, F, heads, V`` and the FFN matrix count from one of our model configs (or any
-    object with ``num_layers, hidden_size, num_heads, intermediate_size, vocab_size``)."""
+    """``L, H, F, heads, V``, the FFN matrix count and causal-LM-or-not from one of our model
+    configs (the last two from its family's record, :mod:`fedlora_jax.models.family`)."""
+    from fedlora_jax.models.family import family_of_config
+
+    fam = family_of_config(model_config)
     need = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")
-    missing = [f for f in need if not hasattr(model_config, f)]
-    if missing:
-        raise TypeError(f"model_config {type(model_config).__name__} lacks {missing}; expected an "
-                        "EncoderConfig, GPT2Config, LlamaConfig or an object with " + ", ".join(need))
     dims = {f: int(getattr(model_config, f)) for f in need}
-    dims["ffn_matrices"] = 3 if hasattr(model_config, "num_kv_heads") else 2
-    dims["causal_lm"] = int(not hasattr(model_config, "num_labels"))
-    dims["num_labels"] = int(getattr(model_config, "num_labels", 0))
+    dims["ffn_matrices"] = fam.ffn_matrices
+    dims["causal_lm"] = int(fam.causal_lm)
+    dims["num_labels"] = 0 if fam.causal_lm else int(model_config.num_labels)
     return dims
 
 

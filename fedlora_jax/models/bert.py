@@ -35,6 +35,7 @@ from flax import nnx
 from fedlora_jax.lora import LoraTree, MaskTree
 from fedlora_jax.models import common, switches
 from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
+from fedlora_jax.models.family import ModelFamily
 
 Array = jax.Array
 
@@ -345,3 +346,15 @@ PREFIXES = {"bert": ("bert.",), "roberta": ("roberta.",)}
 # Buffers and pre-training / other task heads that a checkpoint may hold and we do not use.
 IGNORED = (r".*position_ids$", r"^pooler\..*", r"^cls\..*", r"^lm_head\..*",
            r"^classifier\.(dense|out_proj)\..*", r".*token_type_ids$")
+
+FAMILY = ModelFamily(
+    name="BERT/RoBERTa", model_types=MODEL_TYPES, config_cls=EncoderConfig, model_cls=EncoderClassifier,
+    causal_lm=False, ffn_matrices=2, key_table=hf_key_table, prefixes=lambda cfg: PREFIXES[cfg.model_type],
+    ignored=IGNORED, optional_keys=HEAD_KEYS, peft_target_names=("query", "key", "value", "dense"),
+    peft_modules=((r"encoder\.layer\.(\d+)\.attention\.self\.query", "query"),
+                  (r"encoder\.layer\.(\d+)\.attention\.self\.key", "key"),
+                  (r"encoder\.layer\.(\d+)\.attention\.self\.value", "value"),
+                  (r"encoder\.layer\.(\d+)\.attention\.output\.dense", "attn_out"),
+                  (r"encoder\.layer\.(\d+)\.intermediate\.dense", "ffn_in"),
+                  (r"encoder\.layer\.(\d+)\.output\.dense", "ffn_out"),
+                  (r"pooler\.dense", "pooler")))   # no layer group: the pooler's key needs num_layers

@@ -22,6 +22,7 @@ from flax import nnx
 from fedlora_jax.lora import LoraTree, MaskTree
 from fedlora_jax.models import common, switches
 from fedlora_jax.models.common import AdapterCall, Dense, Embed, LayerNorm, TargetInfo
+from fedlora_jax.models.family import ModelFamily
 
 Array = jax.Array
 
@@ -254,3 +255,11 @@ def hf_key_table(cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]:
 
 PREFIXES = ("transformer.",)
 IGNORED = (r".*\.attn\.bias$", r".*\.attn\.masked_bias$", r"^lm_head\.weight$")
+
+FAMILY = ModelFamily(
+    name="GPT-2", model_types=("gpt2",), config_cls=GPT2Config, model_cls=GPT2LM, causal_lm=True,
+    ffn_matrices=2, key_table=hf_key_table, prefixes=lambda cfg: PREFIXES, ignored=IGNORED,
+    peft_target_names=("c_attn", "c_proj", "c_fc"),
+    peft_modules=((r"h\.(\d+)\.attn\.c_attn", "c_attn"), (r"h\.(\d+)\.attn\.c_proj", "attn_proj"),
+                  (r"h\.(\d+)\.mlp\.c_fc", "mlp_fc"), (r"h\.(\d+)\.mlp\.c_proj", "mlp_proj")),
+    fan_in_fan_out=("c_attn", "attn_proj", "mlp_fc", "mlp_proj"))   # HF's Conv1D stores [in, out]

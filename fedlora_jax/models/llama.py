@@ -25,6 +25,7 @@ from flax import nnx
 from fedlora_jax.lora import LoraTree, MaskTree
 from fedlora_jax.models import common, switches
 from fedlora_jax.models.common import AdapterCall, Dense, Embed, KVCache, RMSNorm, TargetInfo
+from fedlora_jax.models.family import ModelFamily
 
 Array = jax.Array
 
@@ -323,3 +324,11 @@ def hf_key_table(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
 
 PREFIXES = ("model.",)
 IGNORED = (r".*rotary_emb\.inv_freq$", r"^lm_head\.weight$")
+
+_ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+FAMILY = ModelFamily(
+    name="Llama/Qwen2", model_types=MODEL_TYPES, config_cls=LlamaConfig, model_cls=LlamaLM, causal_lm=True,
+    ffn_matrices=3, key_table=hf_key_table, prefixes=lambda cfg: PREFIXES, ignored=IGNORED,
+    peft_target_names=_ATTN + _MLP,
+    peft_modules=tuple((rf"layers\.(\d+)\.self_attn\.{m}", m) for m in _ATTN)
+    + tuple((rf"layers\.(\d+)\.mlp\.{m}", m) for m in _MLP))

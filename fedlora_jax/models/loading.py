@@ -13,6 +13,7 @@ GGUF (llama.cpp) files load too (:mod:`fedlora_jax.models.gguf`): ``from_pretrai
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
 import importlib.util
 import json
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedlora_jax.models import bert, gpt2, llama
+from fedlora_jax.models import bert
+from fedlora_jax.models.family import family_of_config, family_of_model_type
 from fedlora_jax.models.switches import resolve_switches
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -207,39 +209,20 @@ def load_hf_weights(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ architectures
 
-ARCHS = {
-    "bert": bert, "roberta": bert, "gpt2": gpt2, "llama": llama, "qwen2": llama,
-}
-
-
 def config_from_hf(hf: Mapping[str, Any], **overrides):
-    """``(model_module, config)`` for a ``config.json`` dict; ``ValueError`` if unsupported."""
+    """``(model_module, config)`` for a ``config.json`` dict; ``ValueError`` if unsupported.
+    The family comes from its ``model_type`` (:func:`~fedlora_jax.models.family.family_of_model_type`)."""
     mt = hf.get("model_type")
-    if mt not in ARCHS:
-        raise ValueError(f"unsupported model_type {mt!r} (architectures "
-                         f"{hf.get('architectures')}); supported: {sorted(ARCHS)}")
-    mod = ARCHS[mt]
-    if mod is bert:
-        return mod, bert.EncoderConfig.from_hf_config(hf, **overrides)
-    if mod is gpt2:
-        return mod, gpt2.GPT2Config.from_hf_config(hf, **overrides)
-    return mod, llama.LlamaConfig.from_hf_config(hf, **overrides)
+    try:
+        fam = family_of_model_type(mt)
+    except ValueError as err:
+        raise ValueError(f"{err} (architectures {hf.get('architectures')})") from None
+    return importlib.import_module(fam.config_cls.__module__), fam.config_cls.from_hf_config(hf, **overrides)
 
 
 def model_class(cfg):
-    if isinstance(cfg, bert.EncoderConfig):
-        return bert.EncoderClassifier
-    if isinstance(cfg, gpt2.GPT2Config):
-        return gpt2.GPT2LM
-    if isinstance(cfg, llama.LlamaConfig):
-        return llama.LlamaLM
-    raise TypeError(f"unknown config type {type(cfg).__name__}")
-
-
-def _prefixes(cfg) -> tuple[str, ...]:
-    if isinstance(cfg, bert.EncoderConfig):
-        return bert.PREFIXES[cfg.model_type]
-    return gpt2.PREFIXES if isinstance(cfg, gpt2.GPT2Config) else llama.PREFIXES
+    """Our NNX module class for one of our model configs."""
+    return family_of_config(cfg).model_cls
 
 
 def _strip_prefix(name: str, prefixes: tuple[str, ...]) -> str:
@@ -259,13 +242,11 @@ def convert_weights(tensors: Mapping[str, np.ndarray], cfg) -> dict[tuple, np.nd
     Raises:
       ValueError: naming missing keys, unexpected keys and shape mismatches (all at once).
     """
-    mod = ARCHS[cfg.model_type]
-    table = dict(mod.hf_key_table(cfg))
-    optional: dict[str, tuple[tuple, bool]] = {}
-    if mod is bert:
-        optional = dict(bert.HEAD_KEYS)
-    ignored = [re.compile(p) for p in mod.IGNORED]
-    prefixes = _prefixes(cfg)
+    fam = family_of_config(cfg)
+    table = dict(fam.key_table(cfg))
+    optional = dict(fam.optional_keys)
+    ignored = [re.compile(p) for p in fam.ignored]
+    prefixes = fam.prefixes(cfg)
     out: dict[tuple, np.ndarray] = {}
     unexpected, mismatched, seen = [], [], set()
     for raw, arr in tensors.items():
@@ -285,7 +266,7 @@ def convert_weights(tensors: Mapping[str, np.ndarray], cfg) -> dict[tuple, np.nd
             mismatched.append(f"{'/'.join(map(str, path))}: checkpoint {tuple(arr.shape)} "
                               f"(after transpose) vs model {expected[path]}")
     head_paths = [p for p, _ in optional.values()]
-    if mod is bert and any(p in out for p in head_paths):
+    if any(p in out for p in head_paths):
         head_bad = [m for m in mismatched if m.startswith("head/")]
         if head_bad or not all(p in out for p in head_paths):
             warnings.warn("checkpoint classifier does not match num_labels; the head is new "
@@ -380,7 +361,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, num_labels: int | None =
     tensors = load_hf_weights(model_dir)
     overrides: dict[str, Any] = {"dtype": dtype, "param_dtype": param_dtype, "norm_barrier": norm_barrier,
                                  "merged_lora": merged_lora}
-    if hf.get("model_type") in ("bert", "roberta"):
+    if not family_of_model_type(hf.get("model_type")).causal_lm:  # an encoder classifier: its head and pooling
         if num_labels is not None:
             overrides["num_labels"] = num_labels
         if pooling is None:
@@ -397,7 +378,7 @@ def _build(cfg, weights: Mapping[tuple, np.ndarray], key: jax.Array | None = Non
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    if isinstance(cfg, bert.EncoderConfig) and ("head", "classifier", "kernel") not in weights:
+    if not family_of_config(cfg).causal_lm and ("head", "classifier", "kernel") not in weights:
         if key is None:
             raise ValueError("key is required: the encoder's classifier head is new and needs "
                              "a PRNG key (jax.random.key(seed))")

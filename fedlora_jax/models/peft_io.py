@@ -39,37 +39,21 @@ import numpy as np
 from fedlora_jax._atomic import atomic_write_bytes
 from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree, effective_gain
 from fedlora_jax.models.common import TargetInfo
+from fedlora_jax.models.family import families
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS")
-_GPT2_MODULES = ("c_attn", "attn_proj", "mlp_fc", "mlp_proj")
 POOLER = "pooler"
 ALL_LINEAR = "all-linear"
-PEFT_TARGET_NAMES = {
-    "BERT/RoBERTa": ("query", "key", "value", "dense", ALL_LINEAR),
-    "GPT-2": ("c_attn", "c_proj", "c_fc", ALL_LINEAR),
-    "Llama/Qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ALL_LINEAR),
-}
+# The per-family tables come from the families' records (fedlora_jax.models.family).
+PEFT_TARGET_NAMES = {fam.name: (*fam.peft_target_names, ALL_LINEAR) for fam in families()}
 SUPPORTED_TEXT = "; ".join(f"{fam}: {', '.join(names)}" for fam, names in PEFT_TARGET_NAMES.items()) + (
     " (BERT/RoBERTa 'dense' = attention output, intermediate, output and pooler dense)")
-
+# Our modules stored [in, out] in the HF checkpoint (GPT-2's Conv1D): PEFT's fan_in_fan_out.
+_FAN_IN_FAN_OUT = frozenset(m for fam in families() for m in fam.fan_in_fan_out)
 # HF module path (architecture prefix removed) -> our module name; group 1 is the layer.
-_REVERSE = (
-    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\.query$"), "query"),
-    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\.key$"), "key"),
-    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\.value$"), "value"),
-    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.output\.dense$"), "attn_out"),
-    (re.compile(r"^encoder\.layer\.(\d+)\.intermediate\.dense$"), "ffn_in"),
-    (re.compile(r"^encoder\.layer\.(\d+)\.output\.dense$"), "ffn_out"),
-    (re.compile(r"^pooler\.dense$"), POOLER),      # no layer group: the key needs num_layers
-    (re.compile(r"^h\.(\d+)\.attn\.c_attn$"), "c_attn"),
-    (re.compile(r"^h\.(\d+)\.attn\.c_proj$"), "attn_proj"),
-    (re.compile(r"^h\.(\d+)\.mlp\.c_fc$"), "mlp_fc"),
-    (re.compile(r"^h\.(\d+)\.mlp\.c_proj$"), "mlp_proj"),
-) + tuple((re.compile(rf"^layers\.(\d+)\.self_attn\.{m}$"), m)
-          for m in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
-    (re.compile(rf"^layers\.(\d+)\.mlp\.{m}$"), m) for m in ("gate_proj", "up_proj", "down_proj"))
+_REVERSE = tuple((re.compile(f"^{pattern}$"), module) for fam in families() for pattern, module in fam.peft_modules)
 _ARCH_PREFIXES = ("bert.", "roberta.", "transformer.", "model.")
 _TENSOR_RE = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 # A modules_to_save copy: ``base_model.model.<module>[.modules_to_save.<adapter>].<weight|bias>``.
@@ -284,7 +268,7 @@ def export_peft(lora: LoraTree, masks: MaskTree | None, *, scale: float,
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "fan_in_fan_out": any(targets[k].module in _GPT2_MODULES for k in lora),
+        "fan_in_fan_out": any(targets[k].module in _FAN_IN_FAN_OUT for k in lora),
         "target_modules": "^(" + "|".join(re.escape(p) for p in sorted(paths)) + ")$",
         "inference_mode": True,
         "init_lora_weights": True,

@@ -111,13 +111,13 @@ def test_byun_lee_quality_groups_ranks_and_first_round_diagnostic(tiny_model, tm
     assert diag["client"] == 0 and diag["rank"] == 4
     assert 0 <= diag["local_accuracy"] <= 1 and 0 <= diag["after_aggregation_accuracy"] <= 1
     assert "first_round_diagnostic" not in rows[1]
-    from fedlora_jax.driver.run import classification_partition_table
+    from fedlora_jax.driver.setup import classification_partition_table
 
     assert classification_partition_table(cfg) + "\n" == (tmp_path / "bl" / "partition.txt").read_text()
 
 
 def test_client_groups_partition_balance():
-    from fedlora_jax.driver.run import _client_ranks, _partition_clients
+    from fedlora_jax.driver.setup import _client_ranks, _partition_clients
 
     labels = np.repeat(np.arange(4), 500)
     cfg = ExperimentConfig(num_clients=10, clients_per_round=2, partition="dirichlet", r_max=16,
@@ -139,7 +139,7 @@ def test_client_groups_partition_balance():
 
 
 def test_rank_order_label_entropy_puts_high_ranks_on_balanced_clients():
-    from fedlora_jax.driver.run import _client_ranks, ranks_by_label_entropy
+    from fedlora_jax.driver.setup import _client_ranks, ranks_by_label_entropy
 
     hist = np.array([[10, 0, 0], [5, 5, 0], [3, 3, 4], [9, 1, 0], [4, 3, 3]])
     # a loop reference: entropy per client, clients sorted by it (largest first, ties by index)
@@ -176,12 +176,12 @@ def test_rank_order_label_entropy_through_the_driver(tiny_model, tmp_path):
     got = [max(v[c] for v in row["active_ranks"].values()) for c in range(4)]
     table = (tmp_path / "re" / "partition.txt").read_text().splitlines()[2:6]
     hist = np.array([[int(x) for x in line.split()[2:]] for line in table])
-    from fedlora_jax.driver.run import ranks_by_label_entropy
+    from fedlora_jax.driver.setup import ranks_by_label_entropy
 
     assert got == ranks_by_label_entropy(np.array([1, 1, 2, 4]), hist).tolist()
     assert got != [1, 1, 2, 4]                     # this split's most balanced client is not client 3
     # the table is reproducible from the config alone (experiments/write_partitions.py)
-    from fedlora_jax.driver.run import classification_partition_table
+    from fedlora_jax.driver.setup import classification_partition_table
 
     assert classification_partition_table(cfg) + "\n" == (tmp_path / "re" / "partition.txt").read_text()
 
@@ -280,7 +280,7 @@ def test_head_only_trains_the_head_and_sends_no_factor(tiny_model, tmp_path):
 
 
 def test_slot_norm_and_distributed_accuracy(tiny_model, tmp_path):
-    from fedlora_jax.driver import run as run_lib
+    from fedlora_jax.driver import diagnostics as run_lib
     from fedlora_jax.lora import LoraFactors
 
     a, b = np.arange(6.0).reshape(3, 2), np.arange(8.0).reshape(2, 4)

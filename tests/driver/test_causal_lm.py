@@ -215,7 +215,7 @@ def test_config_refuses_bad_lm_settings(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="'partition'"):
         ExperimentConfig(task="causal_lm", partition="natural", dataset="sst2")
     with pytest.raises(ValueError, match="needs an encoder classifier"):
-        from fedlora_jax.driver.run import build_setup
+        from fedlora_jax.driver.setup import build_setup
         build_setup(ExperimentConfig(model=str(tiny_dir), train_limit=20, test_limit=8, num_clients=2,
                                      clients_per_round=2, target_modules=("q_proj",)), cache_dir=tmp_path, quiet=True)
     assert ExperimentConfig().fingerprint() == ExperimentConfig(task="classification").fingerprint()
@@ -331,7 +331,7 @@ def test_cli_train_resume_samples(tiny_dir, lm_data, tmp_path):
 def test_natural_test_per_client_caps_every_client(tiny_dir, tmp_path, monkeypatch):
     """``natural_test_per_client=n`` keeps the first n held-out texts of EVERY client (not the
     first clients' texts, as ``test_limit`` would)."""
-    from fedlora_jax.driver.run import build_setup
+    from fedlora_jax.driver.setup import build_setup
 
     population, _ = _fake_shakespeare(monkeypatch)
     kw = dict(dataset="shakespeare", partition="natural", num_clients=4, clients_per_round=2, max_length=48,
@@ -348,7 +348,7 @@ def test_natural_test_per_client_caps_every_client(tiny_dir, tmp_path, monkeypat
 
 
 def test_sample_rows_spread_over_the_test_set():
-    from fedlora_jax.driver.run import sample_rows
+    from fedlora_jax.driver.evaluation import sample_rows
 
     np.testing.assert_array_equal(sample_rows(14, 4), [0, 4, 9, 13])
     np.testing.assert_array_equal(sample_rows(3, 8), [0, 1, 2])
@@ -416,7 +416,7 @@ def test_shared_prompt_choices_refuses_what_does_not_factor():
 def test_cls_generation_runs_end_to_end_with_the_shared_prompt_evaluator(tiny_dir, tmp_path):
     """SST-2 as generation on the tiny Llama through the driver: the candidates share their
     prompts, so the evaluation runs the cached scorer; the HAFL diagnostics work on it."""
-    from fedlora_jax.driver.run import build_setup
+    from fedlora_jax.driver.setup import build_setup
 
     cfg = _lm_config(tiny_dir, "sst2", task="cls_generation", partition="dirichlet", train_limit=64, test_limit=12,
                      max_length=128, chat_template=False, generate_samples=0, algorithm="hafl",

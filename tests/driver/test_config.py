@@ -66,7 +66,7 @@ def test_load_config_file_errors(tmp_path):
 
 
 def test_truncate_metrics_drops_torn_last_line_and_later_rounds(tmp_path):
-    from fedlora_jax.driver.run import _truncate_metrics
+    from fedlora_jax.driver.metrics_io import truncate_metrics as _truncate_metrics
 
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"round": -1}\n{"round": 0}\n{"round": 1}\n{"round": 2, "test_acc')

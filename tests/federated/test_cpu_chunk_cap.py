@@ -26,7 +26,7 @@ def test_driver_caps_chunk_on_cpu():
     import jax
 
     from fedlora_jax.driver.config import ExperimentConfig
-    from fedlora_jax.driver.run import _fit_chunk_size
+    from fedlora_jax.driver.setup import _fit_chunk_size
     from fedlora_jax.models.bert import EncoderConfig
     from fedlora_jax.models.common import TargetInfo
 

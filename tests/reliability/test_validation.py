@@ -27,6 +27,7 @@ from fedlora_jax import aggregation, data, devices
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.algorithms import build_algorithm
 from fedlora_jax.driver import run as driver_run
+from fedlora_jax.driver import setup as driver_setup
 from fedlora_jax.driver.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from fedlora_jax.models import loading
 from fedlora_jax.models.bert import EncoderClassifier, EncoderConfig
@@ -360,6 +361,6 @@ def test_dataset_columns_in_experiment(tiny_run, monkeypatch):
 
 def test_round_too_big_for_device_memory(tiny_run, monkeypatch):
     tmp, cfg = tiny_run
-    monkeypatch.setattr(driver_run, "device_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(driver_setup, "device_memory_bytes", lambda: 10_000)
     with pytest.raises(ValueError, match="does not fit even with chunk_size=1"):
         run_until_round(cfg, tmp, monkeypatch, "no_memory")
