@@ -77,9 +77,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     everything, the others only read it (the checkpoint, on resume).
     """
     out = Path(out_dir)
-    if resume and ckpt.latest_round(out / "checkpoints") is None:
-        raise FileNotFoundError(f"nothing to resume at {out}: it holds no checkpoint (start a new run without "
-                                "--resume)")
+    if resume and not out.is_dir():  # nothing to lock, and nothing is created
+        _refuse_resume(out)
     if not mp.is_primary():  # several processes: process 0 locks and writes, the others only read
         return _run_locked(cfg, out, resume=resume, quiet=True, stop_after=stop_after, cache_dir=cache_dir)
     with RunLock(out) as lock:
@@ -92,6 +91,8 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
                 cache_dir: Path | None) -> dict:
     """The body of :func:`run_experiment`, run while ``out`` is locked."""
     metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
+    if resume and ckpt.latest_round(ckpt_dir) is None:  # checked under the lock: a running run is refused first
+        _refuse_resume(out)
     if not resume and (ckpt.latest_round(ckpt_dir) is not None or metrics_path.exists()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or use a new "
                               "output directory")
@@ -263,6 +264,11 @@ def _write_run_files(setup, out: Path) -> None:
 
 def _jsonable_option(v):
     return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+
+
+def _refuse_resume(out: Path):
+    raise FileNotFoundError(f"nothing to resume at {out}: it holds no checkpoint (start a new run without "
+                            "--resume)")
 
 
 def _sync_processes(ckpt_dir: Path) -> None:

@@ -93,7 +93,10 @@ def _model_dims(model_config: Any) -> dict[str, int]:
     configs (the last two from its family's record, :mod:`fedlora_jax.models.family`)."""
     from fedlora_jax.models.family import family_of_config
 
-    fam = family_of_config(model_config)
+    try:
+        fam = family_of_config(model_config)
+    except TypeError as err:
+        raise TypeError(f"model_config: {err}") from None
     need = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")
     dims = {f: int(getattr(model_config, f)) for f in need}
     dims["ffn_matrices"] = fam.ffn_matrices
