@@ -787,9 +787,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool =
     everything, the others only read it (the checkpoint, on resume).
     """
     out = Path(out_dir)
-    if resume and ckpt.latest_round(out / "checkpoints") is None:
-        raise FileNotFoundError(f"nothing to resume at {out}: it holds no checkpoint (start a new run without "
-                                "--resume)")
+    if resume and not out.is_dir():  # nothing to lock, and nothing is created
+        _refuse_resume(out)
     if not mp.is_primary():  # several processes: process 0 locks and writes, the others only read
         return _run_locked(cfg, out, resume=resume, quiet=True, stop_after=stop_after, cache_dir=cache_dir)
     with RunLock(out) as lock:
@@ -803,6 +802,8 @@ def _run_locked(cfg: ExperimentConfig, out: Path, *, resume: bool, quiet: bool, 
     """The body of :func:`run_experiment`, run while ``out`` is locked."""
     metrics_path = out / "metrics.jsonl"
     ckpt_dir = out / "checkpoints"
+    if resume and ckpt.latest_round(ckpt_dir) is None:  # checked under the lock: a running run is refused first
+        _refuse_resume(out)
     if not resume and (ckpt.latest_round(ckpt_dir) is not None or metrics_path.exists()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or use a new "
                               "output directory")
@@ -948,6 +949,11 @@ def _samples_text(samples: list[dict], path: Path, *, show: int = 3, width: int 
         lines += [f"  prompt     {cut(x['prompt'])}", f"  generated  {cut(x['generated'])}",
                   f"  reference  {cut(x['reference'])}", ""]
     return "\n".join(lines)
+
+
+def _refuse_resume(out: Path):
+    raise FileNotFoundError(f"nothing to resume at {out}: it holds no checkpoint (start a new run without "
+                            "--resume)")
 
 
 def _sync_processes(ckpt_dir: Path) -> None:
