@@ -195,16 +195,17 @@ class RunLock:
         here = socket.gethostname()
 
         def write_record(fd: int) -> None:  # filelock calls this with the flock held
-            old = os.pread(fd, 1 << 16, 0)
-            if old:
+            old, prev, reason = os.pread(fd, 1 << 16, 0), None, None
+            if old:  # empty: created just now (by us, or by a writer we beat to the flock), or never written
                 prev = _parse(old)
                 reason = stale_reason(prev, age_s=time.time() - os.fstat(fd).st_mtime, hostname=here)
                 if reason is None:
-                    raise _Respected(prev)
-                self.took_over, self.stale_reason = prev or {}, reason
+                    raise _Respected(prev)  # filelock lets go of the flock; the file is left as it was
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
             os.fsync(fd)
+            if reason is not None:
+                self.took_over, self.stale_reason = prev or {}, reason
             self._fd = fd
 
         lock = filelock.FileLock(self.path, mode=0o644, thread_local=False, blocking=False,
