@@ -54,6 +54,21 @@ def _base_source(model_name: str) -> tuple[str, str | None]:
     return str(resolve_model_dir(model_name).resolve()), None
 
 
+def encoder_export_kind(model_config) -> tuple[str, str, str | None]:
+    """``(peft task type, transformers auto class, pooling)`` that reproduce an encoder classifier.
+
+    BERT pooling with its pooler: ``("SEQ_CLS", "AutoModelForSequenceClassification", None)``
+    (``BertForSequenceClassification`` pools the same way). Otherwise the bare encoder,
+    ``("FEATURE_EXTRACTION", "AutoModel", pooling)`` with ``pooling`` ``"mean"`` (over
+    ``attention_mask``), ``"first_token"`` or ``"pooler_output"`` (RoBERTa's pooler: its
+    ``*ForSequenceClassification`` has another head) to apply to the ``AutoModel`` output.
+    """
+    if model_config.pooling == "pooler" and model_config.model_type == "bert":
+        return "SEQ_CLS", "AutoModelForSequenceClassification", None
+    pooling = {"mean": "mean", "cls": "first_token", "pooler": "pooler_output"}[model_config.pooling]
+    return "FEATURE_EXTRACTION", "AutoModel", pooling
+
+
 def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Export the global adapter of a run as a PEFT adapter that reproduces the run in
     ``peft`` + ``transformers`` where a user loads it.
@@ -108,15 +123,11 @@ def export_run_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
                           base_model_name_or_path=base_dir, task_type="CAUSAL_LM")
         info.update(task_type="CAUSAL_LM", auto_class="AutoModelForCausalLM", pooling=None)
     else:
-        mcfg = setup.model.config
-        seq_cls = mcfg.pooling == "pooler" and mcfg.model_type == "bert"
-        task_type = "SEQ_CLS" if seq_cls else "FEATURE_EXTRACTION"
+        task_type, auto_class, pooling = encoder_export_kind(setup.model.config)
         out = export_peft(folded, None, scale=cfg.scale, targets=setup.targets, out_dir=out_dir,
                           base_model_name_or_path=base_dir, task_type=task_type,
-                          head=state.head if seq_cls else None)
-        pooling = {"mean": "mean", "cls": "first_token", "pooler": "pooler_output"}[mcfg.pooling]
-        info.update(task_type=task_type, pooling=None if seq_cls else pooling,
-                    auto_class="AutoModelForSequenceClassification" if seq_cls else "AutoModel", head=HEAD_FILE)
+                          head=state.head if task_type == "SEQ_CLS" else None)
+        info.update(task_type=task_type, pooling=pooling, auto_class=auto_class, head=HEAD_FILE)
         cls = state.head.to_pure_dict() if hasattr(state.head, "to_pure_dict") else state.head
         cls = (cls["head"] if "classifier" not in cls else cls)["classifier"]
         save_file({"classifier.weight": np.ascontiguousarray(np.asarray(cls["kernel"], np.float32).T),
