@@ -32,6 +32,7 @@ Needs ``pip install fedlora_jax[flower]`` (``flwr``). Serialization: numpy array
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,21 +48,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.algorithms.base import Algorithm, RoundOutputs
+from fedlora_jax.algorithms.base import Algorithm
 from fedlora_jax.deploy import payload as pl
-from fedlora_jax.federated.round import (
-    ClientOutput,
-    RoundSettings,
-    Task,
-    _scatter_clients,
-    _screen,
-    _weighted_mean,
-    client_update,
-    effective_base,
-    init_server_state,
-    round_key,
-)
-from fedlora_jax.federated.spec import ClientSpec, ServerState, make_spec
+from fedlora_jax.federated import server as srv
+from fedlora_jax.federated.round import ClientOutput, Task, client_update, init_server_state, round_key
+from fedlora_jax.federated.server import check_hyper, effective_base
+from fedlora_jax.federated.spec import ClientSpec, ServerHyper, ServerState, make_spec
 
 CACHE_KEY = "fedlora-last-adapter"
 
@@ -82,7 +74,15 @@ class Deployment(NamedTuple):
       num_clients: population ``K`` (client ids ``0..K-1`` = Flower partition ids).
       num_layers: ``L``. layer_of_key: ``{key: layer}`` (spec defaults: grad cut, depth).
       seed: experiment seed (round keys).
-      drop_nonfinite: a client whose result has NaN/inf gets weight 0 (as the simulator).
+      drop_nonfinite: a client whose result has NaN/inf gets weight 0 (as the simulator); such
+        a client keeps its previous local adapter.
+      num_examples: ``num_examples(client_id, round) -> int``, the examples the server
+        assigned that client for that round (its partition): the client's aggregation weight,
+        and a reply claiming another number is dropped. ``None``: every client weighs 1 and
+        the claim is not checked.
+      hyper: server hyperparameters as arrays (:class:`~fedlora_jax.federated.ServerHyper`:
+        server learning rate, the aggregator's ``extras["hyper"]``), as ``round_fn(...,
+        hyper=...)`` takes them.
     """
 
     task: Task
@@ -97,6 +97,8 @@ class Deployment(NamedTuple):
     layer_of_key: Mapping[str, int]
     seed: int = 0
     drop_nonfinite: bool = True
+    num_examples: Callable[[int, int], float] | None = None
+    hyper: ServerHyper | None = None
 
 
 class _Folded(NamedTuple):
@@ -126,7 +128,8 @@ class ClientTrainer:
 
     ``trainer(arrays, config, cache) -> (reply_arrays, reply_metrics, new_cache)``:
     ``arrays`` the downlink payload, ``config`` ``{"round", "client-id", "grad-cut"}``,
-    ``cache`` the client's last trained adapter (or ``None``).
+    ``cache`` the client's last trained adapter (or ``None``). A result with NaN/inf (which
+    the server drops) leaves the cache as it was.
     """
 
     def __init__(self, dep: Deployment):
@@ -166,6 +169,9 @@ class ClientTrainer:
             reply.update(pl.pack_slots(out.scores, masks, prefix="scores"))
         metrics = {"client-id": cid, "num-examples": float(out.count), "loss": float(out.loss),
                    "correct": float(out.correct), "steps": float(out.steps_done)}
+        finite = bool(srv.all_finite((out.lora, out.head))) and bool(np.isfinite(out.loss))
+        if dep.drop_nonfinite and not finite:  # the server drops this result: keep the last adapter
+            return reply, metrics, cache
         return reply, metrics, out.lora
 
 
@@ -177,6 +183,42 @@ class _Pending(NamedTuple):
     spec: ClientSpec
     starts: Any
     own: Any
+    examples: np.ndarray       # [C] examples each client was assigned this round (its weight)
+    expected: list             # per client: the reply payload's expected layout (check_payload)
+
+
+REPLY_METRICS = ("client-id", "num-examples", "loss", "correct", "steps")
+
+
+def check_reply(arrays: Mapping[str, Any], metrics: Mapping[str, Any], expected: Mapping[str, np.ndarray],
+                client_id: int, examples: float | None) -> str | None:
+    """Why a client's reply must be dropped, or ``None`` when it can be aggregated.
+
+    The payload must be exactly the expected one (:func:`~fedlora_jax.deploy.payload.check_payload`:
+    size, names, masks within the slots the client was given, shapes, dtypes, finite values);
+    the metrics must name this client, be finite, and claim exactly the ``examples`` the
+    server assigned (the aggregation weight is the server's number, never the client's;
+    ``None``: not checked).
+    """
+    reason = pl.check_payload(arrays, expected)
+    if reason is not None:
+        return reason
+    missing = [m for m in REPLY_METRICS if m not in metrics]
+    if missing:
+        return f"metrics without {missing}"
+    try:
+        vals = {m: float(metrics[m]) for m in REPLY_METRICS}
+    except (TypeError, ValueError):
+        return "metrics that are not numbers"
+    if not all(np.isfinite(v) for v in vals.values()):
+        return "non-finite metrics"
+    if vals["client-id"] != client_id:
+        return f"metrics of client {vals['client-id']:g} in the reply of client {client_id}"
+    if examples is not None and vals["num-examples"] != float(examples):
+        return f"claims {vals['num-examples']:g} examples, the server assigned {float(examples):g}"
+    if not 0 <= vals["correct"] <= vals["num-examples"] or vals["steps"] < 0:
+        return "metrics out of range (correct, steps)"
+    return None
 
 
 class FedLoraServer:
@@ -184,7 +226,13 @@ class FedLoraServer:
 
     ``configure(client_ids) -> {client_id: (arrays, config)}`` then
     ``aggregate({client_id: (arrays, metrics)}) -> metrics``; ``state`` is the
-    :class:`~fedlora_jax.federated.ServerState` (the simulator's).
+    :class:`~fedlora_jax.federated.ServerState` (the simulator's). Both halves are the
+    functions of :mod:`fedlora_jax.federated.server` that the simulator's round calls.
+
+    Every reply is checked (:func:`check_reply`) before it is aggregated; a refused one is
+    left out of the round like a client that did not answer, and reported (``rejected``:
+    ``{client_id: reason}`` of the last round, ``num_rejected`` in the metrics). A client's
+    weight is the number of examples the server assigned it (``Deployment.num_examples``).
     """
 
     def __init__(self, dep: Deployment):
@@ -192,49 +240,65 @@ class FedLoraServer:
         algo = dep.algorithm
         if algo.plan is None:
             raise ValueError(f"algorithm {algo.name!r} has no plan; a deployment needs one to make client masks")
+        check_hyper(dep.hyper, algo.aggregator)
         self.state: ServerState = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
         self._pending: _Pending | None = None
-        distribute = algo.distribute_fn()
-        self._distribute = jax.jit(lambda state, masks, own: jax.vmap(
-            lambda m, o: distribute(state, m, o))(masks, own))
-        self._aggregate = jax.jit(_aggregate_fn(algo, dep.drop_nonfinite))
+        self.rejected: dict[int, str] = {}
+        self._distribute = jax.jit(functools.partial(srv.distribute_clients, algo))
+        self._update = jax.jit(functools.partial(srv.server_round_update, algo, drop_nonfinite=dep.drop_nonfinite))
 
     def configure(self, client_ids) -> dict[int, tuple[dict, dict]]:
         dep, state = self.dep, self.state
         ids = np.sort(np.asarray(client_ids, np.int32))
         r = int(state.round)
         plan = dep.algorithm.plan(state, ids, r)
+        examples = np.asarray([1.0 if dep.num_examples is None else dep.num_examples(int(c), r) for c in ids],
+                              np.float32)
         spec = make_spec(plan.masks, update_masks=plan.update_masks, depth_mask=plan.depth_mask,
                          global_masks=plan.global_masks, num_steps=np.zeros(len(ids), np.int32),
-                         weight=np.ones(len(ids), np.float32), client_id=ids, num_layers=dep.num_layers,
+                         weight=examples, client_id=ids, num_layers=dep.num_layers,
                          layer_of_key=dict(dep.layer_of_key))
-        rule = dep.algorithm.client_state
-        own = jax.tree.map(lambda x: x[ids], state.clients) if rule is not None else ()
+        own = jax.device_get(srv.gather_clients(state.clients, ids)) if dep.algorithm.client_state else ()
         starts = jax.device_get(self._distribute(state, spec.masks, own))
         base_delta = getattr(state.agg_state, "base_delta", None)
         parts = down_parts(dep.algorithm.aggregator, state.lora)
-        out = {}
+        out, expected = {}, []
         for i, cid in enumerate(ids.tolist()):
             start = jax.tree.map(lambda x, i=i: x[i], starts)
             masks = {k: np.asarray(v[i]) for k, v in spec.masks.items()}
+            up_masks = {k: np.asarray(v[i]) for k, v in spec.update_masks.items()}
             arrays = pl.pack_lora(start, masks, parts, prefix="down")
-            arrays.update({f"down/{k}/upmask": np.asarray(v[i] != 0, np.uint8) for k, v in spec.update_masks.items()})
+            arrays.update({f"down/{k}/upmask": np.asarray(v != 0, np.uint8) for k, v in up_masks.items()})
             arrays.update(pl.pack_tree(state.head, prefix="head"))
             if base_delta is not None:
                 arrays.update({f"base_delta/{k}": np.asarray(v) for k, v in base_delta.items()})
             out[cid] = (arrays, {"round": r, "client-id": cid, "grad-cut": int(spec.grad_cut[i])})
-        self._pending = _Pending(ids, spec, starts, own)
+            expected.append(reply_layout(dep, start, masks, up_masks))
+        self._pending = _Pending(ids, spec, starts, own, examples, expected)
         return out
 
     def aggregate(self, replies: Mapping[int, tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]) -> dict:
-        """Aggregate the clients that answered (the others are left out of this round)."""
+        """Aggregate the clients whose replies pass :func:`check_reply` (the others, and those
+        that did not answer, are left out of this round)."""
         if self._pending is None:
             raise RuntimeError("aggregate called before configure")
         dep, p = self.dep, self._pending
         self._pending = None
-        rows = [i for i, cid in enumerate(p.ids.tolist()) if cid in replies]
+        self.rejected = {}
+        rows = []
+        for i, cid in enumerate(p.ids.tolist()):
+            if cid not in replies:
+                continue
+            arrays, metrics = replies[cid]
+            reason = check_reply(arrays, metrics, p.expected[i], cid,
+                                 None if dep.num_examples is None else p.examples[i])
+            if reason is None:
+                rows.append(i)
+            else:
+                self.rejected[cid] = reason
+        report = {"num_clients": len(rows), "num_rejected": len(self.rejected)}
         if not rows:
-            return {"num-clients": 0}
+            return report
         take = lambda tree: jax.tree.map(lambda x: np.asarray(x)[np.asarray(rows)], tree)
         spec, starts, own = take(p.spec), take(p.starts), take(p.own)
         loras, heads, scores, cols = [], [], [], {m: [] for m in ("loss", "correct", "num-examples", "steps")}
@@ -250,15 +314,14 @@ class FedLoraServer:
             for m in cols:
                 cols[m].append(float(metrics[m]))
         stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
-        counts = np.asarray(cols["num-examples"], np.float32)
         outs = ClientOutput(stack(loras), stack(heads), stack(scores) if scores else {},
                             np.asarray(cols["loss"], np.float32), np.asarray(cols["correct"], np.float32),
-                            counts, np.asarray(cols["steps"], np.float32))
-        spec = spec._replace(weight=counts, global_masks=None)
-        self.state, metrics = self._aggregate(self.state, outs, starts, spec, own)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics["num-clients"] = len(rows)
-        return metrics
+                            np.asarray(cols["num-examples"], np.float32), np.asarray(cols["steps"], np.float32))
+        spec = spec._replace(global_masks=None)
+        update = self._update(self.state, outs, starts, spec, own, hyper=dep.hyper)
+        self.state = update.state
+        metrics = jax.device_get({k: update.metrics[k] for k in srv.SCALAR_METRICS})
+        return {**{k: float(v) for k, v in metrics.items()}, **report}
 
     def global_arrays(self) -> dict[str, np.ndarray]:
         """The global adapter (all slots) and head, as a flat dict."""
@@ -268,33 +331,15 @@ class FedLoraServer:
         return out
 
 
-def _aggregate_fn(algo: Algorithm, drop_nonfinite: bool):
-    """The simulator round's server half (screen, aggregate, head, client state, server update)."""
-    settings = RoundSettings(chunk_size=1, drop_nonfinite=drop_nonfinite)
-    aggregator, rule = algo.aggregator, algo.client_state
-
-    def agg(state: ServerState, outs: ClientOutput, starts, specs: ClientSpec, own):
-        client_lora, client_head, weights, _, finite = _screen(outs, starts, state.head, specs.weight, settings)
-        extras = {"scores": outs.scores} if algo.client.track_importance else {}
-        new_lora, new_agg = aggregator.aggregate(state.lora, client_lora, weights, specs.update_masks,
-                                                 state.agg_state, extras=extras or None)
-        new_head = _weighted_mean(client_head, weights, state.head)
-        new_clients = state.clients
-        if rule is not None:
-            new_own = jax.vmap(rule.update)(own, outs._replace(lora=client_lora, head=client_head))
-            new_clients = _scatter_clients(state.clients, specs.client_id, new_own, weights > 0)
-        nxt = state.round + 1
-        new_algo = state.algo
-        if algo.server_update is not None:
-            new_algo = algo.server_update(state.algo, RoundOutputs(nxt, new_lora, new_agg, outs.scores, weights,
-                                                                   specs.masks, specs.update_masks))
-        tot = jnp.maximum(jnp.sum(weights), 1e-30)
-        metrics = {"train-loss": jnp.sum(weights * outs.loss) / tot,
-                   "train-accuracy": jnp.sum(outs.correct) / jnp.maximum(jnp.sum(outs.count), 1.0),
-                   "num-dropped-nonfinite": jnp.sum(~finite)}
-        return ServerState(nxt, new_lora, new_head, new_agg, new_algo, new_clients), metrics
-
-    return agg
+def reply_layout(dep: Deployment, start, masks, update_masks) -> dict[str, np.ndarray]:
+    """A payload of the layout client's reply must have (:meth:`ClientTrainer.__call__` packs it):
+    its start over the update masks it was given, the head, the scores over its forward masks."""
+    out = pl.pack_lora(start, update_masks, up_parts(dep.algorithm.aggregator, start), prefix="up")
+    out.update(pl.pack_tree(dep.head, prefix="head"))
+    if dep.algorithm.client.track_importance:
+        out.update(pl.pack_slots({k: np.zeros(np.shape(m), np.float32) for k, m in masks.items()}, masks,
+                                 prefix="scores"))
+    return out
 
 
 # ----------------------------------------------------------------------------- Flower glue
@@ -357,11 +402,15 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         got = {}
+        client_of_node = {n: c for c, n in self.node_of_client.items()}
         for reply in replies:
-            if reply.has_error():
+            cid = client_of_node.get(reply.metadata.src_node_id)
+            if reply.has_error() or cid is None:
                 continue
-            metrics = dict(reply.content["metrics"])
-            got[int(metrics["client-id"])] = (from_record(reply.content["arrays"]), metrics)
+            try:  # the client is who its node is; what it sends is checked by the server
+                got[cid] = (from_record(reply.content["arrays"]), dict(reply.content["metrics"]))
+            except (KeyError, TypeError, ValueError) as err:
+                got[cid] = ({}, {"error": repr(err)})
         if self.server._pending is None:
             return None, None
         metrics = self.server.aggregate(got)
@@ -440,7 +489,8 @@ def client_app(setup: Callable[[Context], Deployment]) -> ClientApp:
         if CACHE_KEY in context.state:
             cache = pl.unpack_tree(from_record(context.state[CACHE_KEY]), t.dep.lora, prefix="lora")
         reply, metrics, new_cache = t(from_record(msg.content["arrays"]), config, cache)
-        context.state[CACHE_KEY] = to_record(pl.pack_tree(new_cache, prefix="lora"))
+        if new_cache is not None:
+            context.state[CACHE_KEY] = to_record(pl.pack_tree(new_cache, prefix="lora"))
         return Message(RecordDict({"arrays": to_record(reply), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

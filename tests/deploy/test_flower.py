@@ -217,7 +217,7 @@ def test_deployment_engine_round_drops_a_killed_node(tmp_path):
     with np.load(out / "global.npz", allow_pickle=False) as z:
         got = dict(z)
     with np.load(out / "metrics.npz", allow_pickle=False) as z:
-        assert int(z["1/num-clients"]) == 2
+        assert int(z["1/num_clients"]) == 2
     want = _global_arrays(simulate("fedit", [[0, 1]]))
     assert set(got) == set(want)
     for k in want:
