@@ -47,8 +47,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedlora_jax import devices as dev_lib
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.algorithms.base import Algorithm
+from fedlora_jax.algorithms.base import Algorithm, RoundReport
 from fedlora_jax.deploy import payload as pl
 from fedlora_jax.federated import server as srv
 from fedlora_jax.federated.round import ClientOutput, Task, client_update, init_server_state, round_key
@@ -83,6 +84,10 @@ class Deployment(NamedTuple):
       hyper: server hyperparameters as arrays (:class:`~fedlora_jax.federated.ServerHyper`:
         server learning rate, the aggregator's ``extras["hyper"]``), as ``round_fn(...,
         hyper=...)`` takes them.
+      model_shape, batch_size, client_devices: for an algorithm that learns from the
+        devices' reports (``Algorithm.observe``, LEGEND): the cost model's
+        :class:`~fedlora_jax.devices.ModelShape` and batch size (the FLOPs a client did) and
+        each client's device type ``[K]`` int.
     """
 
     task: Task
@@ -99,6 +104,9 @@ class Deployment(NamedTuple):
     drop_nonfinite: bool = True
     num_examples: Callable[[int, int], float] | None = None
     hyper: ServerHyper | None = None
+    model_shape: Any = None
+    batch_size: int = 0
+    client_devices: Any = None
 
 
 class _Folded(NamedTuple):
@@ -142,6 +150,18 @@ class ClientTrainer:
                                  round_idx=round_idx)
 
         self._train = jax.jit(train)
+        self._compiled: dict = {}
+
+    def _run(self, *args):
+        """The jitted training, compiled ahead (once per input signature), and its measured
+        seconds (compilation not included)."""
+        leaves, treedef = jax.tree.flatten(args)
+        sig = (treedef, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else (repr(x),) for x in leaves))
+        if sig not in self._compiled:
+            self._compiled[sig] = self._train.lower(*args).compile()
+        t0 = time.perf_counter()
+        out = jax.device_get(self._compiled[sig](*args))
+        return out, time.perf_counter() - t0
 
     def __call__(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], cache=None):
         dep = self.dep
@@ -161,14 +181,14 @@ class ClientTrainer:
                           grad_cut=np.int32(config["grad-cut"]), num_steps=np.int32(steps),
                           weight=np.float32(1.0), client_id=np.int32(cid), device_id=np.int32(0))
         key = jax.random.fold_in(round_key(dep.seed, r), np.uint32(cid))
-        out = jax.device_get(self._train({"lora": start, "head": head}, dep.base, base_delta, batches, spec, key,
-                                         jnp.int32(r)))
+        out, compute_s = self._run({"lora": start, "head": head}, dep.base, base_delta, batches, spec, key,
+                                   jnp.int32(r))
         reply = pl.pack_lora(out.lora, update_masks, up_parts(dep.algorithm.aggregator, out.lora), prefix="up")
         reply.update(pl.pack_tree(out.head, prefix="head"))
         if dep.algorithm.client.track_importance:
             reply.update(pl.pack_slots(out.scores, masks, prefix="scores"))
         metrics = {"client-id": cid, "num-examples": float(out.count), "loss": float(out.loss),
-                   "correct": float(out.correct), "steps": float(out.steps_done)}
+                   "correct": float(out.correct), "steps": float(out.steps_done), "compute-s": compute_s}
         finite = bool(srv.all_finite((out.lora, out.head))) and bool(np.isfinite(out.loss))
         if dep.drop_nonfinite and not finite:  # the server drops this result: keep the last adapter
             return reply, metrics, cache
@@ -185,9 +205,10 @@ class _Pending(NamedTuple):
     own: Any
     examples: np.ndarray       # [C] examples each client was assigned this round (its weight)
     expected: list             # per client: the reply payload's expected layout (check_payload)
+    bytes_down: np.ndarray     # [C] downlink payload bytes (numbers only, as round_bytes counts)
 
 
-REPLY_METRICS = ("client-id", "num-examples", "loss", "correct", "steps")
+REPLY_METRICS = ("client-id", "num-examples", "loss", "correct", "steps", "compute-s")
 
 
 def check_reply(arrays: Mapping[str, Any], metrics: Mapping[str, Any], expected: Mapping[str, np.ndarray],
@@ -216,8 +237,8 @@ def check_reply(arrays: Mapping[str, Any], metrics: Mapping[str, Any], expected:
         return f"metrics of client {vals['client-id']:g} in the reply of client {client_id}"
     if examples is not None and vals["num-examples"] != float(examples):
         return f"claims {vals['num-examples']:g} examples, the server assigned {float(examples):g}"
-    if not 0 <= vals["correct"] <= vals["num-examples"] or vals["steps"] < 0:
-        return "metrics out of range (correct, steps)"
+    if not 0 <= vals["correct"] <= vals["num-examples"] or vals["steps"] < 0 or vals["compute-s"] < 0:
+        return "metrics out of range (correct, steps, compute-s)"
     return None
 
 
@@ -244,6 +265,12 @@ class FedLoraServer:
         self.state: ServerState = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
         self._pending: _Pending | None = None
         self.rejected: dict[int, str] = {}
+        self.report: RoundReport | None = None
+        self.reports: list[RoundReport] = []  # what observe learnt from, one a round
+        if algo.observe is not None and (dep.model_shape is None or dep.client_devices is None
+                                         or dep.batch_size < 1):
+            raise ValueError(f"algorithm {algo.name!r} learns from the devices' reports (observe): the "
+                             "Deployment needs model_shape, batch_size >= 1 and client_devices")
         self._distribute = jax.jit(functools.partial(srv.distribute_clients, algo))
         self._update = jax.jit(functools.partial(srv.server_round_update, algo, drop_nonfinite=dep.drop_nonfinite))
 
@@ -274,12 +301,19 @@ class FedLoraServer:
                 arrays.update({f"base_delta/{k}": np.asarray(v) for k, v in base_delta.items()})
             out[cid] = (arrays, {"round": r, "client-id": cid, "grad-cut": int(spec.grad_cut[i])})
             expected.append(reply_layout(dep, start, masks, up_masks))
-        self._pending = _Pending(ids, spec, starts, own, examples, expected)
+        bytes_down = np.asarray([pl.payload_bytes(a) for a, _ in out.values()], np.float64)
+        self._pending = _Pending(ids, spec, starts, own, examples, expected, bytes_down)
         return out
 
-    def aggregate(self, replies: Mapping[int, tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]) -> dict:
+    def aggregate(self, replies: Mapping[int, tuple[Mapping[str, np.ndarray], Mapping[str, Any]]],
+                  round_trip_s: Mapping[int, float] | None = None) -> dict:
         """Aggregate the clients whose replies pass :func:`check_reply` (the others, and those
-        that did not answer, are left out of this round)."""
+        that did not answer, are left out of this round).
+
+        ``round_trip_s``: per client, the seconds from sending its instruction to receiving
+        its reply (measured by the strategy); with the client's measured ``compute-s`` it
+        gives the transfer times an algorithm's ``observe`` learns from (LEGEND).
+        """
         if self._pending is None:
             raise RuntimeError("aggregate called before configure")
         dep, p = self.dep, self._pending
@@ -297,7 +331,9 @@ class FedLoraServer:
             else:
                 self.rejected[cid] = reason
         report = {"num_clients": len(rows), "num_rejected": len(self.rejected)}
+        self._observe(p, rows, replies, round_trip_s or {})
         if not rows:
+            self.state = self.state._replace(algo=self._observed(self.state.algo))
             return report
         take = lambda tree: jax.tree.map(lambda x: np.asarray(x)[np.asarray(rows)], tree)
         spec, starts, own = take(p.spec), take(p.starts), take(p.own)
@@ -319,9 +355,45 @@ class FedLoraServer:
                             np.asarray(cols["num-examples"], np.float32), np.asarray(cols["steps"], np.float32))
         spec = spec._replace(global_masks=None)
         update = self._update(self.state, outs, starts, spec, own, hyper=dep.hyper)
-        self.state = update.state
+        self.state = update.state._replace(algo=self._observed(update.state.algo))
         metrics = jax.device_get({k: update.metrics[k] for k in srv.SCALAR_METRICS})
         return {**{k: float(v) for k, v in metrics.items()}, **report}
+
+    def _observe(self, p: _Pending, rows, replies, round_trip_s) -> None:
+        """The :class:`~fedlora_jax.algorithms.RoundReport` of the round (``self.reports``):
+        FLOPs from the cost model over the slots each client trained and the steps it ran, its
+        measured compute seconds, the payload bytes, and transfer seconds ``round trip -
+        compute`` split by bytes (0, so no link update, where no round trip was measured)."""
+        dep = self.dep
+        if dep.algorithm.observe is None:
+            self.report = None
+            return
+        c = len(p.ids)
+        ok = np.zeros(c, bool)
+        ok[np.asarray(rows, np.int64)] = True
+        steps, compute_s, bytes_up, up_s, down_s = (np.zeros(c) for _ in range(5))
+        for i in rows:
+            arrays, metrics = replies[int(p.ids[i])]
+            steps[i], compute_s[i] = float(metrics["steps"]), float(metrics["compute-s"])
+            bytes_up[i] = pl.payload_bytes(arrays)
+            rt = float(round_trip_s.get(int(p.ids[i]), 0.0))
+            if np.isfinite(rt) and rt > compute_s[i]:
+                transfer = rt - compute_s[i]
+                share = bytes_up[i] / max(bytes_up[i] + p.bytes_down[i], 1.0)
+                up_s[i], down_s[i] = transfer * share, transfer * (1.0 - share)
+        ranks = dev_lib.ranks_from_masks({k: np.asarray(v) for k, v in p.spec.update_masks.items()}, dep.model_shape)
+        per_step = dev_lib.client_flops(np.asarray(ranks), np.asarray(p.spec.grad_cut), dep.model_shape,
+                                        batch=dep.batch_size, steps=1)
+        flops = np.asarray(per_step, np.float64) * steps
+        self.report = RoundReport(p.ids, np.asarray(dep.client_devices)[p.ids], ok, flops, compute_s, bytes_up,
+                                  up_s, p.bytes_down, down_s)
+
+    def _observed(self, algo_state):
+        if self.report is None:
+            return algo_state
+        ok = self.report.participated
+        self.reports.append(self.report)
+        return self.dep.algorithm.observe(algo_state, jax.tree.map(lambda x: np.asarray(x)[ok], self.report))
 
     def global_arrays(self) -> dict[str, np.ndarray]:
         """The global adapter (all slots) and head, as a flat dict."""
@@ -367,6 +439,7 @@ class FedLoraStrategy(Strategy):
         self.server = server
         self.clients_per_round = int(clients_per_round)
         self.node_of_client: dict[int, int] = {}
+        self.timer: QuorumGrid | None = None  # the grid that timed the last round's replies
 
     def discover(self, grid: Grid, *, min_nodes: int, timeout: float) -> dict[int, int]:
         """Wait (up to ``timeout`` s) for ``min_nodes`` nodes, ask each for its partition id."""
@@ -401,19 +474,22 @@ class FedLoraStrategy(Strategy):
         return msgs
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        got = {}
+        got, round_trip = {}, {}
         client_of_node = {n: c for c, n in self.node_of_client.items()}
+        timed = getattr(self.timer, "round_trip_s", {})
         for reply in replies:
             cid = client_of_node.get(reply.metadata.src_node_id)
             if reply.has_error() or cid is None:
                 continue
+            if reply.metadata.reply_to_message_id in timed:
+                round_trip[cid] = timed[reply.metadata.reply_to_message_id]
             try:  # the client is who its node is; what it sends is checked by the server
                 got[cid] = (from_record(reply.content["arrays"]), dict(reply.content["metrics"]))
             except (KeyError, TypeError, ValueError) as err:
                 got[cid] = ({}, {"error": repr(err)})
         if self.server._pending is None:
             return None, None
-        metrics = self.server.aggregate(got)
+        metrics = self.server.aggregate(got, round_trip)
         return to_record(self.server.global_arrays()), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> list[Message]:
@@ -429,19 +505,25 @@ class FedLoraStrategy(Strategy):
 
 
 class QuorumGrid:
-    """A ``Grid`` whose ``send_and_receive`` closes a round early: once ``min_replies`` replies
-    are in, it waits at most ``straggler_timeout`` s more for the rest (a dead or slow node is
-    then left out), and never longer than the round ``timeout``. Everything else is the
-    wrapped grid's."""
+    """A ``Grid`` whose ``send_and_receive`` times each reply and may close a round early.
 
-    def __init__(self, grid: Grid, *, min_replies: int, straggler_timeout: float, poll_s: float = 0.5):
+    ``round_trip_s``: ``{instruction message id: seconds from sending it to receiving the
+    reply}`` of the last round (to within ``poll_s``). With ``min_replies`` > 0, once that
+    many replies are in it waits at most ``straggler_timeout`` s more for the rest (a dead or
+    slow node is then left out); never longer than the round ``timeout``. Everything else is
+    the wrapped grid's."""
+
+    def __init__(self, grid: Grid, *, min_replies: int = 0, straggler_timeout: float = 0.0, poll_s: float = 0.1):
         self._grid, self.min_replies, self.straggler_timeout, self.poll_s = grid, min_replies, straggler_timeout, poll_s
+        self.round_trip_s: dict[str, float] = {}
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        sent = time.monotonic()
         pending = set(self._grid.push_messages(messages))
+        self.round_trip_s = {}
         now = time.monotonic()
         end = now + (3600.0 if timeout is None else timeout)
         quorum_end, out = None, []
@@ -450,6 +532,7 @@ class QuorumGrid:
             out.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             now = time.monotonic()
+            self.round_trip_s.update({m.metadata.reply_to_message_id: now - sent for m in got})
             if quorum_end is None and self.min_replies and len(out) >= self.min_replies:
                 quorum_end = now + self.straggler_timeout
             if pending:
@@ -502,7 +585,8 @@ def server_app(setup: Callable[[Context], Deployment]) -> ServerApp:
     Run config keys: ``num-server-rounds`` (1), ``min-nodes`` (1), ``clients-per-round`` (0 =
     every node), ``round-timeout`` (seconds, 600), ``min-replies`` and ``straggler-timeout``
     (0 = off: wait for every node or the round timeout; else close the round
-    ``straggler-timeout`` s after ``min-replies`` replies, see :class:`QuorumGrid`),
+    ``straggler-timeout`` s after ``min-replies`` replies, see :class:`QuorumGrid`, which also
+    times each reply for the algorithm's ``observe``),
     ``output-dir`` (if set: ``global.npz`` with the final global adapter and head, and
     ``metrics.npz`` per round).
     """
@@ -515,9 +599,9 @@ def server_app(setup: Callable[[Context], Deployment]) -> ServerApp:
         strategy = FedLoraStrategy(server, clients_per_round=int(cfg.get("clients-per-round", 0)))
         timeout = float(cfg.get("round-timeout", 600))
         strategy.discover(grid, min_nodes=int(cfg.get("min-nodes", 1)), timeout=timeout)
-        min_replies = int(cfg.get("min-replies", 0))
-        if min_replies:
-            grid = QuorumGrid(grid, min_replies=min_replies, straggler_timeout=float(cfg.get("straggler-timeout", 0)))
+        grid = QuorumGrid(grid, min_replies=int(cfg.get("min-replies", 0)),
+                          straggler_timeout=float(cfg.get("straggler-timeout", 0)))
+        strategy.timer = grid
         result = strategy.start(grid, to_record(server.global_arrays()),
                                 num_rounds=int(cfg.get("num-server-rounds", 1)), timeout=timeout)
         out = str(cfg.get("output-dir", ""))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -34,7 +35,8 @@ from fedlora_jax.aggregation import round_bytes  # noqa: E402
 from fedlora_jax.deploy import payload_bytes  # noqa: E402
 from fedlora_jax.deploy.flower import ClientTrainer, FedLoraServer, up_parts  # noqa: E402
 from fedlora_jax.deploy.payload import FACTORS, factor_parts, pack_lora, pack_tree  # noqa: E402
-from fedlora_jax.federated import init_server_state, make_round, make_spec, round_key  # noqa: E402
+from fedlora_jax.federated import ServerHyper, init_server_state, make_round, make_spec, round_key  # noqa: E402
+from fedlora_jax.federated.server import SCALAR_METRICS  # noqa: E402
 
 TOL_F32 = dict(rtol=2e-5, atol=2e-6)  # one client jitted alone vs vmapped in the round, float32
 SEED, STEPS, LR = 0, 3, 5e-2
@@ -42,8 +44,10 @@ FAST = ("fedsa",)   # client-local factors: the hardest case; the rest run under
 OTHERS = ("adalora", "fedara", "fedex", "ffa", "fedit", "flexlora", "flora", "hafl", "hetlora", "legend", "replication")
 
 
-def simulate(name, rounds_ids):
-    """The simulator: ``make_round`` on the same data, weights = example counts."""
+def simulate(name, rounds_ids, hyper=None, log=None, reports=None):
+    """The simulator: ``make_round`` on the same data, weights = example counts; ``log``: a list
+    that gets each round's metrics; ``reports``: the devices' report of each round, given to
+    the algorithm's ``observe`` (LEGEND learns from them)."""
     dep = flower_tiny.deployment(name, seed=SEED, lr=LR, steps=STEPS)
     algo = dep.algorithm
     state = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
@@ -56,13 +60,19 @@ def simulate(name, rounds_ids):
         spec = make_spec(plan.masks, update_masks=plan.update_masks, depth_mask=plan.depth_mask,
                          global_masks=plan.global_masks, num_steps=[STEPS] * len(ids), weight=counts,
                          client_id=ids, num_layers=tiny.L, layer_of_key=dict(dep.layer_of_key))
-        state, _ = rf(state, data, spec, round_key(SEED, r), dep.base)
+        state, metrics = rf(state, data, spec, round_key(SEED, r), dep.base, hyper)
+        if log is not None:
+            log.append(jax.device_get(metrics))
+        if reports is not None and algo.observe is not None:
+            ok = reports[r].participated
+            state = state._replace(algo=algo.observe(state.algo, jax.tree.map(lambda x, ok=ok: x[ok], reports[r])))
     return state
 
 
-def deploy_in_process(name, rounds_ids, drop=()):
-    """The Flower app's two halves without Flower's transport; ``drop``: client ids that never answer."""
-    dep = flower_tiny.deployment(name, seed=SEED, lr=LR, steps=STEPS)
+def deploy_in_process(name, rounds_ids, drop=(), hyper=None, log=None):
+    """The Flower app's two halves without Flower's transport; ``drop``: client ids that never
+    answer; ``log``: a list that gets each round's metrics."""
+    dep = flower_tiny.deployment(name, seed=SEED, lr=LR, steps=STEPS)._replace(hyper=hyper)
     server, trainer, caches, sizes = FedLoraServer(dep), ClientTrainer(dep), {}, []
     for ids in rounds_ids:
         replies = {}
@@ -72,7 +82,9 @@ def deploy_in_process(name, rounds_ids, drop=()):
             reply, metrics, caches[cid] = trainer(arrays, config, caches.get(cid))
             replies[cid] = (reply, metrics)
             sizes.append((payload_bytes(reply), payload_bytes(arrays, skip_masks=True)))
-        server.aggregate(replies)
+        metrics = server.aggregate(replies)
+        if log is not None:
+            log.append(metrics)
     return server, sizes, caches
 
 
@@ -83,7 +95,7 @@ def assert_close(x, y):
 
 def assert_deployment_matches(name, rounds_ids, sim_rounds_ids=None, drop=()):
     server, _, caches = deploy_in_process(name, rounds_ids, drop)
-    sim = simulate(name, rounds_ids if sim_rounds_ids is None else sim_rounds_ids)
+    sim = simulate(name, rounds_ids if sim_rounds_ids is None else sim_rounds_ids, reports=server.reports)
     got = server.state
     assert_close((got.round, got.lora, got.head, got.agg_state, got.algo), (sim.round, sim.lora, sim.head,
                                                                             sim.agg_state, sim.algo))
@@ -109,6 +121,53 @@ def test_client_and_strategy_equal_simulated_round(name):
 @pytest.mark.parametrize("name", OTHERS)
 def test_client_and_strategy_equal_simulated_round_all_methods(name):
     assert_deployment_matches(name, ROUNDS)
+
+
+def test_server_hyper_and_metrics_as_the_simulator():
+    """The deployment's server half is the simulator's: a server learning rate
+    (``ServerHyper``) acts the same, and the round reports the simulator's metric names and
+    values."""
+    hyper = ServerHyper(server_lr=jnp.float32(0.5))
+    got_log, sim_log = [], []
+    server, _, _ = deploy_in_process("hetlora", [[0, 1, 2]], hyper=hyper, log=got_log)
+    sim = simulate("hetlora", [[0, 1, 2]], hyper=hyper, log=sim_log)
+    assert_close((server.state.lora, server.state.head), (sim.lora, sim.head))
+    plain = simulate("hetlora", [[0, 1, 2]])
+    assert not np.allclose(plain.head["w"], sim.head["w"])  # the learning rate did something
+    for name in SCALAR_METRICS:
+        np.testing.assert_allclose(got_log[0][name], sim_log[0][name], **TOL_F32)
+    assert got_log[0]["num_clients"] == 3 and got_log[0]["num_rejected"] == 0
+
+
+def test_legend_observes_the_measured_times():
+    """LEGEND on Flower learns from what the devices measured: each client's compute seconds
+    (timed around its compiled training), and the transfer seconds of its round trip (here
+    0.25 s more than its compute time) split by payload bytes; the capacity estimates move by
+    LEGEND's EMA toward work / measured time."""
+    dep = flower_tiny.deployment("legend", seed=SEED, lr=LR, steps=STEPS)
+    server, trainer = FedLoraServer(dep), ClientTrainer(dep)
+    before = jax.device_get(server.state.algo)
+    ids = [0, 1, 2, 3]
+    replies, round_trip = {}, {}
+    for cid, (arrays, config) in server.configure(ids).items():
+        replies[cid] = trainer(arrays, config)[:2]
+        round_trip[cid] = replies[cid][1]["compute-s"] + 0.25
+    server.aggregate(replies, round_trip)
+    rep = server.reports[0]
+    np.testing.assert_allclose(rep.compute_s, [replies[c][1]["compute-s"] for c in ids])
+    assert np.all(rep.participated) and np.all(rep.compute_s > 0) and np.all(rep.flops > 0)
+    np.testing.assert_allclose(rep.up_s + rep.down_s, 0.25, rtol=1e-9)
+    np.testing.assert_allclose(rep.up_s / rep.down_s, rep.bytes_up / rep.bytes_down, rtol=1e-9)
+    rho, after = dep.algorithm.options["rho"], jax.device_get(server.state.algo)
+    for d in np.unique(rep.device_ids):
+        sel = rep.device_ids == d
+        mean = lambda x, sel=sel: float(np.mean(x[sel]))
+        np.testing.assert_allclose(after.flops_per_s[d], rho * before.flops_per_s[d]
+                                   + (1 - rho) * mean(rep.flops) / mean(rep.compute_s), rtol=1e-5)
+        np.testing.assert_allclose(after.uplink_bps[d], rho * before.uplink_bps[d]
+                                   + (1 - rho) * 8 * mean(rep.bytes_up) / mean(rep.up_s), rtol=1e-5)
+        np.testing.assert_allclose(after.downlink_bps[d], rho * before.downlink_bps[d]
+                                   + (1 - rho) * 8 * mean(rep.bytes_down) / mean(rep.down_s), rtol=1e-5)
 
 
 def test_dropped_client_is_left_out():
