@@ -107,16 +107,45 @@ class Deployment(NamedTuple):
     model_shape: Any = None
     batch_size: int = 0
     client_devices: Any = None
+    scale: float | None = None
 
 
 class _Folded(NamedTuple):
     base_delta: Any
 
 
+class ClientCache(NamedTuple):
+    """What a client keeps between rounds (Flower's ``context.state``).
+
+    Attributes:
+      lora: its last trained adapter (``None`` before it trained): the fill for factors the
+        server does not send (FedSA-LoRA's local ``b``, FFA-LoRA's frozen ``a``).
+      base_delta: ``{key: [N, M]}`` the base update it has folded (FLoRA / FedEx-LoRA), or ``None``.
+      base_round: the rounds whose stacked updates ``base_delta`` holds (FLoRA's stack downlink).
+    """
+
+    lora: Any = None
+    base_delta: Any = None
+    base_round: int = 0
+
+
 def down_parts(aggregator, tree) -> tuple[str, ...]:
-    """Factors sent to a client: those of ``downlink_parts``, or all of them when it names none
-    (FLoRA's ``"stack"``: the deployment sends the fresh factors and the dense base delta)."""
-    return pl.factor_parts(aggregator.downlink_parts, tree) or pl.factor_parts(pl.FACTORS, tree)
+    """Factors sent to a client: those of ``downlink_parts``. None for FLoRA (downlink
+    ``"stack"`` or ``"dense"``): its clients restart from the round-0 adapter they hold."""
+    return pl.factor_parts(aggregator.downlink_parts, tree)
+
+
+def restarts(aggregator, tree) -> bool:
+    """Whether a client rebuilds its start from its round-0 adapter (the downlink names no
+    factor: FLoRA folds every round into the base and restarts the adapter)."""
+    return not down_parts(aggregator, tree)
+
+
+def stacked_downlink(aggregator, agg_state) -> bool:
+    """Whether the base update travels as the clients' stacked factors (``"stack"`` downlink of
+    an aggregator that folds into the base and restarts the adapter: FLoRA), rather than dense."""
+    return ("stack" in aggregator.downlink_parts and getattr(agg_state, "base_delta", None) is not None
+            and not any(p in aggregator.downlink_parts for p in pl.FACTORS))
 
 
 def up_parts(aggregator, tree) -> tuple[str, ...]:
@@ -136,8 +165,13 @@ class ClientTrainer:
 
     ``trainer(arrays, config, cache) -> (reply_arrays, reply_metrics, new_cache)``:
     ``arrays`` the downlink payload, ``config`` ``{"round", "client-id", "grad-cut"}``,
-    ``cache`` the client's last trained adapter (or ``None``). A result with NaN/inf (which
-    the server drops) leaves the cache as it was.
+    ``cache`` the client's :class:`ClientCache` (or ``None``). A result with NaN/inf (which
+    the server drops) leaves the cached adapter as it was.
+
+    The base update (FLoRA / FedEx-LoRA) arrives dense (``base_delta/{key}``, replaces the
+    client's) or, for FLoRA's stack downlink, as the stacked factors of the rounds the client
+    has not folded yet (``stack/{t}/{key}/a`` ``[N, s]``, ``.../b`` ``[s, M]``, scale and
+    weights inside ``a``), added to the ``base_delta`` it keeps.
     """
 
     def __init__(self, dep: Deployment):
@@ -166,14 +200,14 @@ class ClientTrainer:
     def __call__(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], cache=None):
         dep = self.dep
         r, cid = int(config["round"]), int(config["client-id"])
-        fill = dep.lora if cache is None else cache
+        cache = ClientCache() if cache is None else cache
+        aggregator = dep.algorithm.aggregator
+        fill = dep.lora if cache.lora is None or restarts(aggregator, dep.lora) else cache.lora
         start, masks = pl.unpack_lora(arrays, _np_tree(fill), prefix="down")
         start = _np_tree(lora_lib.apply_masks(start, masks))  # what distribute returns: zeros off the mask
         update_masks = {k: (np.asarray(arrays[f"down/{k}/upmask"]) != 0).astype(np.float32) for k in masks}
         head = pl.unpack_tree(arrays, dep.head, prefix="head")
-        base_delta = None
-        if any(k.startswith("base_delta/") for k in arrays):
-            base_delta = {k: np.asarray(arrays[f"base_delta/{k}"]) for k in dep.lora}
+        base_delta, base_round = fold_downlink(arrays, cache, dep.lora, r)
         batches = dep.client_data(cid, r)
         steps = int(jax.tree.leaves(batches)[0].shape[0])
         spec = ClientSpec(masks=masks, update_masks=update_masks,
@@ -190,9 +224,30 @@ class ClientTrainer:
         metrics = {"client-id": cid, "num-examples": float(out.count), "loss": float(out.loss),
                    "correct": float(out.correct), "steps": float(out.steps_done), "compute-s": compute_s}
         finite = bool(srv.all_finite((out.lora, out.head))) and bool(np.isfinite(out.loss))
-        if dep.drop_nonfinite and not finite:  # the server drops this result: keep the last adapter
-            return reply, metrics, cache
-        return reply, metrics, out.lora
+        keep = dep.drop_nonfinite and not finite  # the server drops this result: keep the last adapter
+        return reply, metrics, ClientCache(cache.lora if keep else out.lora, base_delta, base_round)
+
+
+def fold_downlink(arrays: Mapping[str, np.ndarray], cache: ClientCache, lora, round_idx: int):
+    """The client's base update after this downlink: ``(base_delta or None, base_round)``.
+
+    A dense ``base_delta/{key}`` replaces it; stacked factors of rounds ``t >= cache.base_round``
+    are added (``a @ b``, float32), older ones (sent again after a lost reply) skipped."""
+    if any(k.startswith("base_delta/") for k in arrays):
+        return {k: np.asarray(arrays[f"base_delta/{k}"]) for k in lora}, round_idx
+    rounds = sorted({int(k.split("/")[1]) for k in arrays if k.startswith("stack/")})
+    if not rounds:
+        return cache.base_delta, cache.base_round
+    base = cache.base_delta
+    if base is None:
+        base = {k: np.zeros((f.a.shape[-2], f.b.shape[-1]), np.float32) for k, f in lora.items()}
+    base = dict(base)
+    for t in rounds:
+        if t >= cache.base_round:
+            for k in base:
+                a, b = np.asarray(arrays[f"stack/{t}/{k}/a"]), np.asarray(arrays[f"stack/{t}/{k}/b"])
+                base[k] = base[k] + (a.astype(np.float32) @ b.astype(np.float32)).astype(base[k].dtype)
+    return base, max(round_idx, cache.base_round)
 
 
 # ----------------------------------------------------------------------------- server side
@@ -265,6 +320,11 @@ class FedLoraServer:
         self.state: ServerState = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
         self._pending: _Pending | None = None
         self.rejected: dict[int, str] = {}
+        self._stacks: list[dict] = []                         # FLoRA: round t's stacked factors
+        self._synced = np.zeros(dep.num_clients, np.int64)    # rounds each client has folded
+        if stacked_downlink(algo.aggregator, self.state.agg_state) and dep.scale is None:
+            raise ValueError(f"aggregator {algo.aggregator.name!r} sends the stacked factors: the Deployment "
+                             "needs its LoRA scale (scale = lora_alpha / r_max)")
         self.report: RoundReport | None = None
         self.reports: list[RoundReport] = []  # what observe learnt from, one a round
         if algo.observe is not None and (dep.model_shape is None or dep.client_devices is None
@@ -288,6 +348,7 @@ class FedLoraServer:
         own = jax.device_get(srv.gather_clients(state.clients, ids)) if dep.algorithm.client_state else ()
         starts = jax.device_get(self._distribute(state, spec.masks, own))
         base_delta = getattr(state.agg_state, "base_delta", None)
+        stacked = stacked_downlink(dep.algorithm.aggregator, state.agg_state)
         parts = down_parts(dep.algorithm.aggregator, state.lora)
         out, expected = {}, []
         for i, cid in enumerate(ids.tolist()):
@@ -297,7 +358,9 @@ class FedLoraServer:
             arrays = pl.pack_lora(start, masks, parts, prefix="down")
             arrays.update({f"down/{k}/upmask": np.asarray(v != 0, np.uint8) for k, v in up_masks.items()})
             arrays.update(pl.pack_tree(state.head, prefix="head"))
-            if base_delta is not None:
+            if stacked:
+                arrays.update(self._stack_since(int(self._synced[cid]), base_delta))
+            elif base_delta is not None:
                 arrays.update({f"base_delta/{k}": np.asarray(v) for k, v in base_delta.items()})
             out[cid] = (arrays, {"round": r, "client-id": cid, "grad-cut": int(spec.grad_cut[i])})
             expected.append(reply_layout(dep, start, masks, up_masks))
@@ -319,6 +382,9 @@ class FedLoraServer:
         dep, p = self.dep, self._pending
         self._pending = None
         self.rejected = {}
+        for cid in replies:  # it received the downlink, so it folded the base update up to now
+            if cid in p.ids:
+                self._synced[cid] = int(self.state.round)
         rows = []
         for i, cid in enumerate(p.ids.tolist()):
             if cid not in replies:
@@ -355,9 +421,50 @@ class FedLoraServer:
                             np.asarray(cols["num-examples"], np.float32), np.asarray(cols["steps"], np.float32))
         spec = spec._replace(global_masks=None)
         update = self._update(self.state, outs, starts, spec, own, hyper=dep.hyper)
+        if stacked_downlink(dep.algorithm.aggregator, self.state.agg_state):
+            self._stacks.append(self._stack_of(update, spec, self.state.agg_state.base_delta))
         self.state = update.state._replace(algo=self._observed(update.state.algo))
         metrics = jax.device_get({k: update.metrics[k] for k in srv.SCALAR_METRICS})
         return {**{k: float(v) for k, v in metrics.items()}, **report}
+
+    def _stack_of(self, update, spec, old_delta) -> dict[str, np.ndarray]:
+        """FLoRA's downlink of this round: per module the stacked factors of the clients that
+        counted, ``a_j diag(scale p_j m_j e_j)`` ``[N, s]`` and ``b_j`` ``[s, M]`` over their
+        update slots, whose product is exactly the aggregator's base update (checked)."""
+        scr = jax.device_get(update.screened)
+        w = np.asarray(scr.weights, np.float64)
+        p = w / w.sum() if w.sum() > 0 else np.zeros_like(w)
+        t = int(self.state.round)
+        new_delta = jax.device_get(update.state.agg_state.base_delta)
+        out = {}
+        for k, f in scr.lora.items():
+            cols_a, rows_b = [], []
+            for j in np.flatnonzero(p > 0):
+                m = np.asarray(spec.update_masks[k][j]) != 0
+                gain = self.dep.scale * p[j] * (np.ones(m.sum()) if f.e is None else np.asarray(f.e[j])[m])
+                cols_a.append(np.asarray(f.a[j])[:, m] * gain.astype(np.float32))
+                rows_b.append(np.asarray(f.b[j])[m])
+            n, mm = f.a.shape[-2], f.b.shape[-1]
+            a = np.concatenate(cols_a, axis=1) if cols_a else np.zeros((n, 0), np.float32)
+            b = np.concatenate(rows_b, axis=0) if rows_b else np.zeros((0, mm), np.float32)
+            want = np.asarray(new_delta[k], np.float64) - np.asarray(old_delta[k], np.float64)
+            got = a.astype(np.float64) @ b.astype(np.float64)
+            if not np.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0)))):
+                raise RuntimeError(f"module {k!r}: the stacked factors do not give the aggregator's base update "
+                                   "(is Deployment.scale the run's LoRA scale?)")
+            out[f"stack/{t}/{k}/a"], out[f"stack/{t}/{k}/b"] = a.astype(np.float32), b.astype(np.float32)
+        return out
+
+    def _stack_since(self, first: int, base_delta) -> dict[str, np.ndarray]:
+        """The stacked factors of rounds ``first..now-1`` (one round's: what ``round_bytes``
+        counts), or, for a client that missed rounds, the dense base update when that is smaller."""
+        out = {}
+        for t in range(first, len(self._stacks)):
+            out.update(self._stacks[t])
+        if len(self._stacks) - first <= 1:
+            return out
+        dense = {f"base_delta/{k}": np.asarray(v) for k, v in base_delta.items()}
+        return out if pl.payload_bytes(out) <= pl.payload_bytes(dense) else dense
 
     def _observe(self, p: _Pending, rows, replies, round_trip_s) -> None:
         """The :class:`~fedlora_jax.algorithms.RoundReport` of the round (``self.reports``):
@@ -544,9 +651,8 @@ class QuorumGrid:
 def client_app(setup: Callable[[Context], Deployment]) -> ClientApp:
     """A Flower ``ClientApp`` for the deployment ``setup(context)`` builds (once per process).
 
-    The node's ``--node-config`` must hold ``partition-id`` (its client id). Its last trained
-    adapter is kept in ``context.state`` (the fill for factors the server does not send:
-    FedSA-LoRA's local ``b``, FFA-LoRA's frozen ``a``).
+    The node's ``--node-config`` must hold ``partition-id`` (its client id). Its
+    :class:`ClientCache` (last trained adapter, folded base update) is kept in ``context.state``.
     """
     app = ClientApp()
     built: dict = {}
@@ -568,12 +674,19 @@ def client_app(setup: Callable[[Context], Deployment]) -> ClientApp:
         if int(config["client-id"]) != int(context.node_config["partition-id"]):
             raise ValueError(f"message for client {config['client-id']} reached partition "
                              f"{context.node_config['partition-id']}")
-        cache = None
+        cache = ClientCache()
         if CACHE_KEY in context.state:
-            cache = pl.unpack_tree(from_record(context.state[CACHE_KEY]), t.dep.lora, prefix="lora")
-        reply, metrics, new_cache = t(from_record(msg.content["arrays"]), config, cache)
-        if new_cache is not None:
-            context.state[CACHE_KEY] = to_record(pl.pack_tree(new_cache, prefix="lora"))
+            stored = from_record(context.state[CACHE_KEY])
+            lora = pl.unpack_tree(stored, t.dep.lora, prefix="lora") if "lora/0" in stored else None
+            base = {k[len("base_delta/"):]: v for k, v in stored.items() if k.startswith("base_delta/")}
+            cache = ClientCache(lora, base or None, int(stored.get("base_round", np.zeros(())).item()))
+        reply, metrics, new = t(from_record(msg.content["arrays"]), config, cache)
+        stored = {"base_round": np.asarray(new.base_round, np.int64)}
+        if new.lora is not None:
+            stored.update(pl.pack_tree(new.lora, prefix="lora"))
+        if new.base_delta is not None:
+            stored.update({f"base_delta/{k}": np.asarray(v) for k, v in new.base_delta.items()})
+        context.state[CACHE_KEY] = to_record(stored)
         return Message(RecordDict({"arrays": to_record(reply), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
@@ -615,5 +728,6 @@ def server_app(setup: Callable[[Context], Deployment]) -> ServerApp:
     return app
 
 
-__all__ = ["ClientTrainer", "Deployment", "FedLoraServer", "FedLoraStrategy", "QuorumGrid", "client_app", "down_parts",
-           "from_record", "server_app", "to_record", "up_parts"]
+__all__ = ["ClientCache", "ClientTrainer", "Deployment", "FedLoraServer", "FedLoraStrategy", "QuorumGrid",
+           "check_reply", "client_app", "down_parts", "fold_downlink", "from_record", "restarts", "server_app",
+           "stacked_downlink", "to_record", "up_parts"]

@@ -106,7 +106,7 @@ def assert_deployment_matches(name, rounds_ids, sim_rounds_ids=None, drop=()):
         assert_close(got.clients, sim.clients)  # the server holds it all (HAFL's score history)
     else:  # factors that never leave the device (FedSA's b): the client's own copy is the state
         for cid, cache in caches.items():
-            assert_close(cache, jax.tree.map(lambda x, c=cid: x[c], sim.clients))
+            assert_close(cache.lora, jax.tree.map(lambda x, c=cid: x[c], sim.clients))
 
 
 ROUNDS = ([0, 2, 4], [1, 2, 5])  # client 2 twice: its cached adapter is the fill of round 1
@@ -168,6 +168,20 @@ def test_legend_observes_the_measured_times():
                                    + (1 - rho) * 8 * mean(rep.bytes_up) / mean(rep.up_s), rtol=1e-5)
         np.testing.assert_allclose(after.downlink_bps[d], rho * before.downlink_bps[d]
                                    + (1 - rho) * 8 * mean(rep.bytes_down) / mean(rep.down_s), rtol=1e-5)
+
+
+def test_flora_downlink_is_the_counted_stack():
+    """FLoRA's clients receive only the stacked factors of the last round's clients (their
+    product is the base update; the adapter restarts from the round-0 one they hold): in the
+    second round of the same clients the downlink payload is ``round_bytes``' downlink, and
+    two rounds equal the simulator's."""
+    ids = [0, 1, 2]
+    server, sizes, _ = deploy_in_process("flora", [ids, ids])
+    dep = server.dep
+    plan = dep.algorithm.plan(server.state, np.asarray(ids), 1)
+    _, down = round_bytes(dep.algorithm.aggregator, dep.lora, dep.head, plan.update_masks, plan.masks)
+    np.testing.assert_array_equal([s[1] for s in sizes[len(ids):]], down)
+    assert_deployment_matches("flora", [ids, ids])
 
 
 def test_dropped_client_is_left_out():

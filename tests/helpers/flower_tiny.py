@@ -54,7 +54,8 @@ def deployment(name: str, *, seed: int = 0, lr: float = 5e-2, steps: int = 3, op
                       lora=algo_rounds.init_lora(algo.init_scheme, seed), head=tiny.init_head(jax.random.fold_in(key, 2)),
                       base=tiny.init_base(jax.random.fold_in(key, 1)), client_data=data,
                       num_clients=algo_rounds.POPULATION, num_layers=tiny.L, layer_of_key=ctx.layer_of_key, seed=seed,
-                      model_shape=ctx.model_shape, batch_size=BATCH, client_devices=ctx.client_devices)
+                      model_shape=ctx.model_shape, batch_size=BATCH, client_devices=ctx.client_devices,
+                      scale=ctx.scale)
 
 
 def setup(context):
