@@ -4,9 +4,12 @@
 server half (:class:`FedLoraServer`), fed the simulator's seeds, data and specs, give the
 same global adapter, head and aggregator state as ``make_round`` (two rounds, so per-client
 state and the client's own cache are exercised), and the payloads hold only active slots.
-(2) slow: a real Deployment Engine on 127.0.0.1 (insecure): ``flower-superlink``, three
+(2) slow: a real Deployment Engine on 127.0.0.1: ``flower-superlink``, three
 ``flower-supernode`` processes and ``flwr run``; one round equals the simulator's, and a
-supernode killed mid-round is dropped while the round completes with the other two.
+supernode killed mid-round is dropped while the round completes with the other two (insecure);
+with TLS (a CA and server certificate made by the test) and node authentication (EC keys
+made by the test, two registered with ``flwr supernode register``), a round equals the
+simulator's over the two registered nodes and the third, unknown node is refused.
 Every process is started in its own process group and killed in ``finally``; every wait
 is bounded.
 """
@@ -295,3 +298,102 @@ def test_deployment_engine_round_drops_a_killed_node(tmp_path):
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL_F32)
+
+
+def _tls_material(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 signed by it, and three nodes' EC P-384 key pairs
+    (OpenSSH format, as Flower's node authentication reads them)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject, key, issuer, issuer_key, *extensions):
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    pem, none = serialization.Encoding.PEM, serialization.NoEncryption()
+    ca_key, srv_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = cert("fedlora-test-ca", ca_key, "fedlora-test-ca", ca_key, (x509.BasicConstraints(ca=True, path_length=None), True))
+    srv = cert("127.0.0.1", srv_key, "fedlora-test-ca", ca_key,
+               (x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False))
+    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (d / "server.pem").write_bytes(srv.public_bytes(pem))
+    (d / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, none))
+    for i in range(3):
+        k = ec.generate_private_key(ec.SECP384R1())
+        (d / f"node{i}.key").write_bytes(k.private_bytes(pem, serialization.PrivateFormat.OpenSSH, none))
+        (d / f"node{i}.pub").write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                     serialization.PublicFormat.OpenSSH))
+
+
+@pytest.mark.slow
+def test_deployment_engine_tls_and_node_auth(tmp_path):
+    """flower-superlink with TLS and ``--enable-supernode-auth`` on 127.0.0.1; nodes 0 and 1 are
+    registered, node 2's key is not: node 2 is refused, the round runs over TLS with nodes 0
+    and 1 and equals the simulator's round over clients 0 and 1."""
+    link, nodes = _free_port(), [_free_port() for _ in range(3)]
+    home, out, keys = tmp_path / "flwr_home", tmp_path / "out", tmp_path / "keys"
+    home.mkdir()
+    keys.mkdir()
+    _tls_material(keys)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{link}"\nroot-certificates = "{keys / "ca.crt"}"\n')
+    app = flower_tiny.write_app(tmp_path / "app", method="fedit", seed=SEED, lr=LR, steps=STEPS, min_nodes=2,
+                                round_timeout=100.0, output_dir=str(out))
+    env = dict(os.environ, FLWR_HOME=str(home), JAX_PLATFORMS="cpu", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("XLA_FLAGS", None)
+    procs: list[subprocess.Popen] = []
+
+    def start(*cmd, log):
+        f = open(tmp_path / log, "w")
+        procs.append(subprocess.Popen(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                      start_new_session=True))
+        f.close()
+        return procs[-1]
+
+    def node(i):
+        return start(str(BIN / "flower-supernode"), "--root-certificates", str(keys / "ca.crt"),
+                     "--auth-supernode-private-key", str(keys / f"node{i}.key"), "--superlink", f"127.0.0.1:{link}",
+                     "--host", "127.0.0.1", "--port", str(nodes[i]), "--node-config", f"partition-id={i}",
+                     log=f"supernode{i}.log")
+
+    try:
+        start(str(BIN / "flower-superlink"), "--ssl-certfile", str(keys / "server.pem"), "--ssl-keyfile",
+              str(keys / "server.key"), "--ssl-ca-certfile", str(keys / "ca.crt"), "--enable-supernode-auth",
+              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link),
+              "--database", str(home / "state.db"), log="superlink.log")
+        _wait_for(lambda: _listening(link), 60, "superlink listening", procs)
+        for i in (0, 1):
+            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(keys / f"node{i}.pub"), "local"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        unknown = node(2)
+        node(0), node(1)
+        run = start(str(BIN / "flwr"), "run", str(app), "local", "--stream", log="flwr_run.log")
+        _wait_for(lambda: (out / "metrics.npz").exists() or run.poll() is not None, 240, "the round finished")
+        _wait_for(lambda: unknown.poll() is not None, 60, "the unknown node refused")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_group(p)
+    logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
+    assert (out / "metrics.npz").exists(), logs
+    with np.load(out / "metrics.npz", allow_pickle=False) as z:
+        assert int(z["1/num_clients"]) == 2, logs
+    with np.load(out / "global.npz", allow_pickle=False) as z:
+        got = dict(z)
+    want = _global_arrays(simulate("fedit", [[0, 1]]))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL_F32)
+    assert unknown.returncode != 0 and "Failed to activate SuperNode" in logs["supernode2.log"], logs
