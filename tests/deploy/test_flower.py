@@ -248,6 +248,44 @@ def _global_arrays(state):
     return out
 
 
+def _launcher(tmp_path: Path, home: Path, procs: list):
+    """``(env, start)``: the environment of the Flower commands and ``start(*cmd, log=name)``,
+    which runs a command in its own process group (logged to ``tmp_path / name``) and adds
+    it to ``procs``."""
+    env = dict(os.environ, FLWR_HOME=str(home), JAX_PLATFORMS="cpu", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("XLA_FLAGS", None)
+
+    def start(*cmd, log):
+        with open(tmp_path / log, "w") as f:
+            procs.append(subprocess.Popen(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                          start_new_session=True))
+        return procs[-1]
+
+    return env, start
+
+
+def _stop_all(procs: list, tmp_path: Path) -> dict[str, str]:
+    """Kill every process still running (its whole group); the tails of the logs."""
+    for p in procs:
+        if p.poll() is None:
+            _kill_group(p)
+    return {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
+
+
+def _assert_round_over_clients_0_1(out: Path, logs: dict) -> None:
+    """The app's outputs: one round over 2 clients, whose global adapter and head equal the
+    simulator's round over clients 0 and 1."""
+    assert (out / "global.npz").exists() and (out / "metrics.npz").exists(), logs
+    with np.load(out / "metrics.npz", allow_pickle=False) as z:
+        assert int(z["1/num_clients"]) == 2, logs
+    with np.load(out / "global.npz", allow_pickle=False) as z:
+        got = dict(z)
+    want = _global_arrays(simulate("fedit", [[0, 1]]))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL_F32)
+
+
 @pytest.mark.slow
 def test_deployment_engine_round_drops_a_killed_node(tmp_path):
     """flower-superlink + 3 flower-supernode (insecure, 127.0.0.1) + ``flwr run``: node 2 is
@@ -260,16 +298,8 @@ def test_deployment_engine_round_drops_a_killed_node(tmp_path):
                                       f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     app = flower_tiny.write_app(tmp_path / "app", method="fedit", seed=SEED, lr=LR, steps=STEPS, min_nodes=3,
                                 min_replies=2, straggler_timeout=5.0, round_timeout=100.0, output_dir=str(out))
-    env = dict(os.environ, FLWR_HOME=str(home), JAX_PLATFORMS="cpu", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("XLA_FLAGS", None)
     procs: list[subprocess.Popen] = []
-
-    def start(*cmd, log):
-        f = open(tmp_path / log, "w")
-        procs.append(subprocess.Popen(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                      start_new_session=True))
-        f.close()
-        return procs[-1]
+    env, start = _launcher(tmp_path, home, procs)
 
     try:
         start(str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
@@ -285,19 +315,8 @@ def test_deployment_engine_round_drops_a_killed_node(tmp_path):
         _wait_for(lambda: (out / "global.npz").exists() or run.poll() is not None, 120, "the round finished")
         _wait_for(lambda: (out / "metrics.npz").exists(), 10, "metrics written")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                _kill_group(p)
-    logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
-    assert (out / "global.npz").exists(), logs
-    with np.load(out / "global.npz", allow_pickle=False) as z:
-        got = dict(z)
-    with np.load(out / "metrics.npz", allow_pickle=False) as z:
-        assert int(z["1/num_clients"]) == 2
-    want = _global_arrays(simulate("fedit", [[0, 1]]))
-    assert set(got) == set(want)
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL_F32)
+        logs = _stop_all(procs, tmp_path)
+    _assert_round_over_clients_0_1(out, logs)
 
 
 def _tls_material(d: Path) -> None:
@@ -351,16 +370,8 @@ def test_deployment_engine_tls_and_node_auth(tmp_path):
                                       f'address = "127.0.0.1:{link}"\nroot-certificates = "{keys / "ca.crt"}"\n')
     app = flower_tiny.write_app(tmp_path / "app", method="fedit", seed=SEED, lr=LR, steps=STEPS, min_nodes=2,
                                 round_timeout=100.0, output_dir=str(out))
-    env = dict(os.environ, FLWR_HOME=str(home), JAX_PLATFORMS="cpu", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("XLA_FLAGS", None)
     procs: list[subprocess.Popen] = []
-
-    def start(*cmd, log):
-        f = open(tmp_path / log, "w")
-        procs.append(subprocess.Popen(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                      start_new_session=True))
-        f.close()
-        return procs[-1]
+    env, start = _launcher(tmp_path, home, procs)
 
     def node(i):
         return start(str(BIN / "flower-supernode"), "--root-certificates", str(keys / "ca.crt"),
@@ -384,16 +395,6 @@ def test_deployment_engine_tls_and_node_auth(tmp_path):
         _wait_for(lambda: (out / "metrics.npz").exists() or run.poll() is not None, 240, "the round finished")
         _wait_for(lambda: unknown.poll() is not None, 60, "the unknown node refused")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                _kill_group(p)
-    logs = {f.name: f.read_text()[-3000:] for f in tmp_path.glob("*.log")}
-    assert (out / "metrics.npz").exists(), logs
-    with np.load(out / "metrics.npz", allow_pickle=False) as z:
-        assert int(z["1/num_clients"]) == 2, logs
-    with np.load(out / "global.npz", allow_pickle=False) as z:
-        got = dict(z)
-    want = _global_arrays(simulate("fedit", [[0, 1]]))
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL_F32)
+        logs = _stop_all(procs, tmp_path)
+    _assert_round_over_clients_0_1(out, logs)
     assert unknown.returncode != 0 and "Failed to activate SuperNode" in logs["supernode2.log"], logs
