@@ -320,7 +320,7 @@ class FedLoraServer:
         self.state: ServerState = init_server_state(dep.lora, dep.head, algo, num_clients=dep.num_clients)
         self._pending: _Pending | None = None
         self.rejected: dict[int, str] = {}
-        self._stacks: list[dict] = []                         # FLoRA: round t's stacked factors
+        self._stacks: dict[int, dict] = {}                    # FLoRA: round t's stacked factors
         self._synced = np.zeros(dep.num_clients, np.int64)    # rounds each client has folded
         if stacked_downlink(algo.aggregator, self.state.agg_state) and dep.scale is None:
             raise ValueError(f"aggregator {algo.aggregator.name!r} sends the stacked factors: the Deployment "
@@ -422,7 +422,8 @@ class FedLoraServer:
         spec = spec._replace(global_masks=None)
         update = self._update(self.state, outs, starts, spec, own, hyper=dep.hyper)
         if stacked_downlink(dep.algorithm.aggregator, self.state.agg_state):
-            self._stacks.append(self._stack_of(update, spec, self.state.agg_state.base_delta))
+            self._stacks[int(self.state.round)] = self._stack_of(update, spec, self.state.agg_state.base_delta)
+            self._prune_stacks(update.state.agg_state.base_delta)
         self.state = update.state._replace(algo=self._observed(update.state.algo))
         metrics = jax.device_get({k: update.metrics[k] for k in srv.SCALAR_METRICS})
         return {**{k: float(v) for k, v in metrics.items()}, **report}
@@ -457,14 +458,26 @@ class FedLoraServer:
 
     def _stack_since(self, first: int, base_delta) -> dict[str, np.ndarray]:
         """The stacked factors of rounds ``first..now-1`` (one round's: what ``round_bytes``
-        counts), or, for a client that missed rounds, the dense base update when that is smaller."""
-        out = {}
-        for t in range(first, len(self._stacks)):
-            out.update(self._stacks[t])
-        if len(self._stacks) - first <= 1:
-            return out
+        counts), or, for a client that missed rounds, the dense base update when that is smaller
+        (or when those rounds' stacks were let go)."""
+        now = int(self.state.round)
         dense = {f"base_delta/{k}": np.asarray(v) for k, v in base_delta.items()}
-        return out if pl.payload_bytes(out) <= pl.payload_bytes(dense) else dense
+        if any(t not in self._stacks for t in range(first, now)):
+            return dense
+        out = {}
+        for t in range(first, now):
+            out.update(self._stacks[t])
+        return out if now - first <= 1 or pl.payload_bytes(out) <= pl.payload_bytes(dense) else dense
+
+    def _prune_stacks(self, base_delta) -> None:
+        """Let go of the oldest round's stack once the newer ones alone outweigh the dense base
+        update: a client that still needs it would get the dense update anyway."""
+        dense = sum(np.asarray(v).nbytes for v in jax.tree.leaves(base_delta))
+        while len(self._stacks) > 1:
+            oldest = min(self._stacks)
+            if sum(pl.payload_bytes(v) for t, v in self._stacks.items() if t != oldest) < dense:
+                break
+            del self._stacks[oldest]
 
     def _observe(self, p: _Pending, rows, replies, round_trip_s) -> None:
         """The :class:`~fedlora_jax.algorithms.RoundReport` of the round (``self.reports``):

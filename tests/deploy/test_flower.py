@@ -187,6 +187,20 @@ def test_flora_downlink_is_the_counted_stack():
     assert_deployment_matches("flora", [ids, ids])
 
 
+@pytest.mark.parametrize("rounds, gets", [(([0, 3], [0], [0, 3]), "stacks"), (([0, 1, 2], [0, 1], [0, 1, 2]), "dense")])
+def test_flora_client_that_missed_a_round(rounds, gets):
+    """A FLoRA client back after a missed round receives the stacks of both rounds it lacks
+    (ranks 1: smaller than the dense update) or the dense base update (ranks 1, 2, 4: the
+    stacks would be larger); either way three rounds equal the simulator's."""
+    server, _, _ = deploy_in_process("flora", rounds[:2])
+    back = rounds[2][-1]
+    arrays, _ = server.configure(rounds[2])[back]
+    kinds = {k.split("/")[0] + ("/" + k.split("/")[1] if k.startswith("stack/") else "") for k in arrays
+             if k.startswith(("stack/", "base_delta/"))}
+    assert kinds == ({"stack/0", "stack/1"} if gets == "stacks" else {"base_delta"})
+    assert_deployment_matches("flora", list(rounds))
+
+
 def test_dropped_client_is_left_out():
     assert_deployment_matches("hetlora", [[0, 1, 2]], [[0, 1]], drop={2})
 
