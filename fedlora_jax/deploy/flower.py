@@ -368,6 +368,14 @@ class FedLoraServer:
         self._pending = _Pending(ids, spec, starts, own, examples, expected, bytes_down)
         return out
 
+    def expected_reply(self, client_id: int) -> tuple[dict[str, np.ndarray], float | None]:
+        """What the server expects from ``client_id`` in the configured round: a payload of the
+        reply's layout (masks = the update masks it was given) and the examples it was assigned
+        (``None`` without ``Deployment.num_examples``): :func:`check_reply`'s arguments."""
+        if self._pending is None:
+            raise RuntimeError("expected_reply called before configure")
+        return _expected(self._pending, self.dep, self._pending.ids.tolist().index(int(client_id)))
+
     def aggregate(self, replies: Mapping[int, tuple[Mapping[str, np.ndarray], Mapping[str, Any]]],
                   round_trip_s: Mapping[int, float] | None = None) -> dict:
         """Aggregate the clients whose replies pass :func:`check_reply` (the others, and those
@@ -390,8 +398,8 @@ class FedLoraServer:
             if cid not in replies:
                 continue
             arrays, metrics = replies[cid]
-            reason = check_reply(arrays, metrics, p.expected[i], cid,
-                                 None if dep.num_examples is None else p.examples[i])
+            expected, examples = _expected(p, dep, i)
+            reason = check_reply(arrays, metrics, expected, cid, examples)
             if reason is None:
                 rows.append(i)
             else:
@@ -521,6 +529,11 @@ class FedLoraServer:
         out = pl.pack_lora(_np_tree(self.state.lora), full, pl.FACTORS, prefix="global")
         out.update(pl.pack_tree(self.state.head, prefix="head"))
         return out
+
+
+def _expected(p: _Pending, dep: Deployment, i: int) -> tuple[dict[str, np.ndarray], float | None]:
+    """Client ``i`` of the pending round: its reply's expected layout and assigned examples."""
+    return p.expected[i], None if dep.num_examples is None else float(p.examples[i])
 
 
 def reply_layout(dep: Deployment, start, masks, update_masks) -> dict[str, np.ndarray]:

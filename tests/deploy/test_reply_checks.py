@@ -74,15 +74,14 @@ CASES = {"extra key": "wrong keys", "missing key": "wrong keys", "shape": "shape
 
 def test_check_reply_refuses_each_bad_reply():
     server, replies = honest_round()
-    p = server._pending
-    for i, cid in enumerate(p.ids.tolist()):
-        arrays, metrics = replies[cid]
-        assert check_reply(arrays, metrics, p.expected[i], cid, p.examples[i]) is None
+    for cid, (arrays, metrics) in replies.items():
+        expected, examples = server.expected_reply(cid)
+        assert check_reply(arrays, metrics, expected, cid, examples) is None
     cid = 1  # rank 2 of r_max 4: there are slots it was not given
-    i = p.ids.tolist().index(cid)
+    expected, examples = server.expected_reply(cid)
     for how, word in CASES.items():
         arrays, metrics = tamper(*replies[cid], how)
-        reason = check_reply(arrays, metrics, p.expected[i], cid, p.examples[i])
+        reason = check_reply(arrays, metrics, expected, cid, examples)
         assert reason is not None and word in reason, (how, reason)
 
 
@@ -123,8 +122,8 @@ def test_nonfinite_result_keeps_the_clients_local_adapter():
     nan_head = dict(arrays, **{"head/0": np.full_like(arrays["head/0"], np.nan)})
     reply, metrics, new_cache = trainer(nan_head, config, caches[2])
     assert new_cache.lora is caches[2].lora
-    p = server._pending
-    assert "non-finite" in check_reply(reply, metrics, p.expected[0], 2, p.examples[0])
+    expected, examples = server.expected_reply(2)
+    assert "non-finite" in check_reply(reply, metrics, expected, 2, examples)
     _, _, trained = trainer(arrays, config, caches[2])  # a finite result replaces it
     assert not all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(trained.lora),
                                                          jax.tree.leaves(caches[2].lora), strict=True))
