@@ -3,23 +3,26 @@
 The simulator's round (:func:`fedlora_jax.federated.make_round`) vmaps ONE function over the
 clients, :func:`~fedlora_jax.federated.client_update`; here each Flower ClientApp runs that
 same function, jitted, on its own data, and the ServerApp strategy runs the rest of the
-round (plan, distribute, aggregate, per-client state, server update) around the method's
-:class:`~fedlora_jax.aggregation.Aggregator`. Nothing branches on a method's name: what
-travels is read from the aggregator's ``uplink_parts`` / ``downlink_parts``.
+round with the simulator's own server half (:mod:`fedlora_jax.federated.server`: distribute,
+screen, aggregate, per-client state, server update). Nothing branches on a method's name:
+what travels is read from the aggregator's ``uplink_parts`` / ``downlink_parts``.
 
 One round::
 
     server  plan(state, client_ids, round) -> masks; make_spec -> grad_cut
-            start_c = algorithm.distribute(state, masks_c, own_c)
-            downlink: the factors of downlink_parts over the forward masks (all of a, b, e
-                      when downlink_parts names none of them), the head, the base delta (if
-                      the aggregator folds one), the masks, round, client id, grad cut
-    client  start = payload re-padded onto its last adapter (or the round-0 adapter)
-            client_update(task, optimizer, options, start, base_eff, batches, spec, key)
+            starts = distribute_clients(algorithm, state, masks, own)
+            downlink: the factors of downlink_parts over the forward masks, the head, the
+                      base update if the aggregator folds one (dense; FLoRA: the stacked
+                      factors of the rounds the client lacks), the masks, round, client id,
+                      grad cut
+    client  start = payload re-padded onto its last adapter (the round-0 adapter before it
+                    trained, or when no factor is sent: FLoRA restarts)
+            client_update(task, optimizer, options, start, base_eff, batches, spec, key), timed
             uplink: the factors of uplink_parts over the update masks, the head, the scores
-                    (importance methods) over the forward masks, example count, loss
-    server  re-pad onto start_c; screen (non-finite dropped); aggregate (weights = example
-            counts); head FedAvg; per-client state; server_update
+                    (importance methods) over the forward masks, example count, loss, seconds
+    server  check_reply (a bad reply is left out and reported); re-pad onto start_c;
+            server_round_update with weights = the examples the server assigned;
+            algorithm.observe on the measured times (LEGEND)
 
 Keys are the simulator's: client ``c`` of round ``r`` uses ``fold_in(round_key(seed, r), c)``,
 so with the same data a Flower round equals the simulated round to float tolerance
