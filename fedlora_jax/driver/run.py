@@ -56,6 +56,7 @@ from fedlora_jax.driver.tasks import (
 from fedlora_jax.federated import (
     ServerState,
     check_population_memory,
+    client_start,
     effective_base,
     init_server_state,
     make_round,
@@ -612,18 +613,11 @@ def first_round_diagnostic(setup: Setup, before: ServerState, after: ServerState
     own_head = jax.tree.map(lambda x: x[pos], metrics["client_head"])
     base_before = effective_base(setup.task, setup.base, before.agg_state)
     local = evaluate(base_before, own_head, own_lora, masks, test_batches)[0]
-    received = received_adapter(setup, after, masks, int(spec.client_id[pos]))
+    received = client_start(setup.algo, after, masks, int(spec.client_id[pos]))
     base_after = effective_base(setup.task, setup.base, after.agg_state)
     merged = evaluate(base_after, after.head, received, masks, test_batches)[0]
     return {"client": int(spec.client_id[pos]), "rank": int(ranks[pos]), "local_accuracy": float(local),
             "after_aggregation_accuracy": float(merged)}
-
-
-def received_adapter(setup: Setup, state: ServerState, masks, client_id: int):
-    """The adapter client ``client_id`` receives from ``state`` under its forward ``masks``
-    (the algorithm's distribute, with the client's own per-client state)."""
-    own_state = jax.tree.map(lambda x: x[client_id], state.clients) if state.clients else ()
-    return setup.algo.distribute_fn()(state, masks, own_state)
 
 
 def global_slot_norms(lora) -> list[float]:
@@ -646,7 +640,7 @@ def distributed_accuracies(setup: Setup, state: ServerState, evaluate, test_batc
         cid = int(np.flatnonzero(setup.ctx.client_ranks == rank)[0])
         plan = setup.algo.plan(state, np.array([cid]), int(state.round))
         masks = {k: jnp.asarray(v[0]) for k, v in plan.masks.items()}
-        received = received_adapter(setup, state, masks, cid)
+        received = client_start(setup.algo, state, masks, cid)
         out[str(rank)] = float(evaluate(base, state.head, received, masks, test_batches)[0])
     return out
 
