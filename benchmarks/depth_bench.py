@@ -4,7 +4,7 @@ Workload: MiniLM shape (BERT, hidden 384, 6 layers, 12 heads, FFN 1536, random w
 classification, LoRA on query/value with ``r_max`` 8, FedIT (zero-padding FedAvg). Client
 ``c`` gets depth ``depths[c % len(depths)]`` (default 6 3 1: the device mix AGX Orin / Orin
 Nano / Raspberry Pi 5): adapters only on its top ``d`` layers, per-layer ranks from
-:func:`fedlora_jax.algorithms.legend.rank_ramp` (rising toward the output, budget
+:func:`fedlora_jax.algorithms.legend_planner.rank_ramp` (rising toward the output, budget
 ``--budget-per-layer * d``, ``r_min`` .. ``r_max``).
 
 Three systems, measured in one invocation and alternating round by round (after one
@@ -54,7 +54,7 @@ from round_bench import SIZES, load_average, peak_rss_mb, torch_versions
 
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.aggregation import fedit
-from fedlora_jax.algorithms.legend import rank_ramp
+from fedlora_jax.algorithms.legend_planner import rank_ramp
 from fedlora_jax.driver.tasks import classification_task
 from fedlora_jax.federated import cpu_cache_chunk_cap, init_server_state, make_round, make_spec
 from fedlora_jax.models.bert import EncoderClassifier, EncoderConfig

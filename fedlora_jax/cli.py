@@ -162,7 +162,12 @@ def _cmd_export(args) -> int:
     from fedlora_jax.driver.evaluate import export_run_peft
 
     path = export_run_peft(args.run, args.out)
+    info = json.loads((path / "fedlora_export.json").read_text())
+    pool = f", then pool ({info['pooling']}) and apply head.safetensors" if info.get("pooling") else ""
+    gguf = f" (gguf_file={info['gguf_file']!r})" if info.get("gguf_file") else ""
     print(str(path))
+    print(f"{info['task_type']} adapter: load it with peft onto transformers' {info['auto_class']}"
+          f".from_pretrained({info['base_model']!r}){gguf}{pool}; code: README, 'Using an exported adapter'")
     return 0
 
 
@@ -227,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test set")
     e.add_argument("run")
     e.set_defaults(fn=_cmd_eval)
-    x = sub.add_parser("export-peft", help="export a run's adapter as a PEFT adapter directory")
+    x = sub.add_parser("export-peft", help="export a run's adapter as a PEFT adapter that reproduces the run "
+                                          "in peft + transformers (README: 'Using an exported adapter')")
     x.add_argument("run")
     x.add_argument("--out", required=True)
     x.set_defaults(fn=_cmd_export)

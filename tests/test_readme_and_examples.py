@@ -35,7 +35,8 @@ def readme_blocks(text: str) -> list[tuple[int, str, str]]:
     return blocks
 
 
-PY_BLOCKS = [b for b in readme_blocks(README.read_text()) if b[1] == "python"]
+# Blocks whose first line is "# readme-test: <tag> ..." need a trained run; the test named there runs them.
+PY_BLOCKS = [b for b in readme_blocks(README.read_text()) if b[1] == "python" and not b[2].startswith("# readme-test:")]
 
 
 def test_readme_block_parser_sees_python_and_bash():
@@ -88,3 +89,13 @@ def test_readme_names_the_examples():
     for name in EXAMPLE_OUTPUT:
         assert (EXAMPLES / name).is_file()
         assert f"python experiments/examples/{name}" in text
+
+
+def test_readme_tagged_blocks_are_run_by_their_test():
+    """A block tagged ``# readme-test: <tag> (... by tests/<file>.py)`` is skipped above: its file runs it."""
+    tagged = [code.splitlines()[0] for _, lang, code in readme_blocks(README.read_text())
+              if lang == "python" and code.startswith("# readme-test:")]
+    for first in tagged:
+        m = re.match(r"# readme-test: (\S+) .*\b(tests/\S+\.py)", first)
+        assert m, f"README.md: tagged block {first!r} must name its tag and its test file"
+        assert f'"{m.group(1)}"' in (ROOT / m.group(2)).read_text(), f"{m.group(2)} does not run {m.group(1)!r}"

@@ -6,6 +6,10 @@ Runbook:
   runtime:  2 min 40 s on a quiet 2-core CPU machine (measured 2026-11-25), 1 compilation
   expected: test accuracy 0.482 (untrained head) -> 0.780 after 8 rounds (measured, identical
             run to run on CPU); metrics.jsonl, checkpoints/ and plots/ are written.
+  export:   fedlora export-peft runs/quickstart --out runs/quickstart-peft writes a FEATURE_EXTRACTION
+            adapter for transformers' AutoModel + the trained head: MiniLM pools by the mean of the
+            tokens, BertForSequenceClassification by its untrained pooler, so that class is not the one
+            to load (README "Using an exported adapter in peft + transformers" has the code).
 
 Setup: 20 clients with Dirichlet(1.0) label skew over an 8,000-sentence SST-2 subset,
 heterogeneous LoRA ranks (2, 4, 8 round-robin, r_max = 8) on query/value, replication padding

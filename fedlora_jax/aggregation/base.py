@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax.lora import LoraTree, MaskTree, count_params
+from fedlora_jax.names import AGGREGATOR_ALIASES, normalize
 
 Array = jax.Array
 
@@ -91,30 +92,32 @@ class ScoreState(NamedTuple):
 # ---------------------------------------------------------------- registry
 
 AGGREGATORS: dict[str, Callable[..., Aggregator]] = {}
-ALIASES: dict[str, str] = {}
+#: Other name -> aggregator name: algorithm names and aliases, from the one table of method
+#: names (:data:`fedlora_jax.names.METHODS`).
+ALIASES: dict[str, str] = AGGREGATOR_ALIASES
 
 
-def register(name: str, *aliases: str) -> Callable[[Callable[..., Aggregator]], Callable[..., Aggregator]]:
-    """Decorator: add a factory to :data:`AGGREGATORS` under ``name`` (and ``aliases``)."""
+def register(name: str) -> Callable[[Callable[..., Aggregator]], Callable[..., Aggregator]]:
+    """Decorator: add a factory to :data:`AGGREGATORS` under ``name`` (other names for it go in
+    :data:`fedlora_jax.names.METHODS`)."""
 
     def deco(factory):
         AGGREGATORS[name] = factory
-        for al in aliases:
-            ALIASES[al] = name
         return factory
 
     return deco
 
 
 def get_aggregator(name: str, **hparams) -> Aggregator:
-    """Build a registered aggregator by name, e.g. ``get_aggregator("flexlora", split="sqrt")``.
+    """Build a registered aggregator by name, e.g. ``get_aggregator("flexlora", split="sqrt")``;
+    an algorithm's name gives its aggregator (``get_aggregator("hetlora")`` is ``zero_padding``).
 
     Raises:
       ValueError: unknown name (the message suggests the closest valid name).
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    key = name.strip().lower().replace("-", "_")
+    key = normalize(name)
     key = ALIASES.get(key, key)
     if key not in AGGREGATORS:
         valid = sorted(set(AGGREGATORS) | set(ALIASES))

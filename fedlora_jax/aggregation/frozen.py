@@ -39,7 +39,7 @@ def _one_factor_aggregate(parts: tuple[str, ...], renorm: bool):
     return aggregate
 
 
-@register("ffa_lora", "ffa")
+@register("ffa_lora")
 def ffa_lora() -> Aggregator:
     """FFA-LoRA (Sun et al., arXiv 2403.12313): ``a`` frozen and shared, only ``b`` averaged.
 
@@ -62,7 +62,7 @@ def _distribute_ffa(global_lora: LoraTree, masks: MaskTree, state=None, *,
     return {k: cm.truncate(g, masks[k]) for k, g in global_lora.items()}
 
 
-@register("fedsa_lora", "fedsa")
+@register("fedsa_lora")
 def fedsa_lora(*, averaging: str = "zero_pad") -> Aggregator:
     """FedSA-LoRA (Guo et al., arXiv 2410.01463): only ``a`` is shared and averaged.
 

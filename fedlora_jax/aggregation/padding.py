@@ -106,7 +106,7 @@ def product_fro_norm(f: LoraFactors, m: Array, p: Array | None = None) -> Array:
     return _safe_sqrt(jnp.maximum(jnp.sum(ga * gb, axis=(-2, -1)), 0.0))
 
 
-@register("zero_padding", "hetlora")
+@register("zero_padding")
 def zero_padding(*, weighting: str = "sparsity", data_weighted: bool = False) -> Aggregator:
     """Zero-padding aggregation of HetLoRA (Cho et al., arXiv 2401.06432).
 
@@ -200,7 +200,7 @@ def hetlora_prune_masks(masks: MaskTree, tail_now: Mapping[str, Array],
 # ---------------------------------------------------------------- replication padding
 
 
-@register("replication_padding", "rep")
+@register("replication_padding")
 def replication_padding(*, variant: str = "mean") -> Aggregator:
     """Replication padding (Byun & Lee, arXiv 2406.17477).
 
@@ -267,7 +267,7 @@ def _score_init(global_lora):
                        for k, g in global_lora.items()})
 
 
-@register("rank1_adaptive", "hafl")
+@register("rank1_adaptive")
 def rank1_adaptive(*, importance_weighted: bool = False, score_beta: float = 0.0) -> Aggregator:
     """HAFL rank-1 adaptive aggregation (Su et al., arXiv 2411.06581), spec 2.5.
 

@@ -162,7 +162,7 @@ def flora(*, scale: float, downlink: str = "stack") -> Aggregator:
 # ---------------------------------------------------------------- FedEx-LoRA
 
 
-@register("fedex_lora", "fedex")
+@register("fedex_lora")
 def fedex_lora(*, scale: float, averaging: str = "zero_pad",
                residual_downlink: str = "dense") -> Aggregator:
     """FedEx-LoRA (Singhal et al., arXiv 2410.09432): FedAvg factors + exact residual in the base.

@@ -9,11 +9,11 @@
   ``adalora.py``, ``legend.py``).
 - :mod:`~fedlora_jax.algorithms.rank_rules`: FedARA allocation / pruning, HAFL truncation and
   freezing masks, prefix masks, orthogonality regulariser.
-- :mod:`~fedlora_jax.algorithms.legend`: LEGEND's capacity estimates, LCD configurator and
-  the algorithm.
+- :mod:`~fedlora_jax.algorithms.legend_planner`: LEGEND's capacity estimates and LCD
+  configurator (host NumPy); :mod:`~fedlora_jax.algorithms.legend`: the algorithm that runs it.
 """
 
-from fedlora_jax.algorithms import legend, rank_rules
+from fedlora_jax.algorithms import legend, legend_planner, rank_rules
 from fedlora_jax.algorithms.base import (
     AlgoContext,
     Algorithm,
@@ -24,7 +24,7 @@ from fedlora_jax.algorithms.base import (
     RoundOutputs,
     RoundReport,
 )
-from fedlora_jax.algorithms.legend import (
+from fedlora_jax.algorithms.legend_planner import (
     CapacityEstimate,
     LcdPlan,
     LoraConfig,
@@ -75,6 +75,7 @@ __all__ = [
     "hafl_update_masks",
     "lcd_plan",
     "legend",
+    "legend_planner",
     "lowest_active_layer",
     "orth_regularizer",
     "prefix_masks",

@@ -40,7 +40,15 @@ class AdaloraState(NamedTuple):
 def build(ctx: AlgoContext, *, target_rank: int | None = None, orth_reg: float = 0.1, orth_form: str = "fro",
           orth_warmup_frac: float = 0.0, lambda_lr_scale: float = 10.0, t_init_frac: float = 0.25,
           t_final_frac: float = 0.25, mask_interval: int = 1) -> Algorithm:
-    """AdaLoRA-in-FL (see the module docstring); options as :func:`fedlora_jax.algorithms.fedara.build`."""
+    """AdaLoRA (Zhang et al., arXiv 2303.10512, PEFT's implementation) run federatedly: unmasked
+    forward, pruned triplets zeroed in place, non-nested allocation, full-rank traffic; FedARA's
+    baseline (details: the module docstring).
+
+    Options (as :func:`fedlora_jax.algorithms.fedara.build`, less ``r_min`` and ``static_cut``):
+    ``target_rank``, ``orth_reg``, ``orth_form``, ``orth_warmup_frac``, ``lambda_lr_scale``,
+    ``t_init_frac``, ``t_final_frac``, ``mask_interval``. Aggregator options: those of
+    ``fedlora_jax.aggregation.fedara``: ``score_beta`` (default 0.5 here); ``averaging`` is refused.
+    """
     target = max(1, ctx.r_max // 3) if target_rank is None else target_rank
     schedule = fedara.budget_schedule(ctx, target, t_init_frac, t_final_frac, mask_interval)
     aggregator = fedara.shared_mask_aggregator(ctx)

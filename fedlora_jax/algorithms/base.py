@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from fedlora_jax.aggregation.base import Aggregator
 from fedlora_jax.lora import LoraTree, MaskTree
 
 Array = jax.Array
@@ -184,7 +185,7 @@ class RoundReport(NamedTuple):
     down_s: np.ndarray
 
 
-def default_distribute(aggregator):
+def default_distribute(aggregator: Aggregator):
     """``distribute(state, masks, client_state)`` that asks the aggregator (ignores client state)."""
 
     def distribute(state, masks, client_state):
@@ -221,7 +222,7 @@ class Algorithm(NamedTuple):
     """
 
     name: str
-    aggregator: Any
+    aggregator: Aggregator
     plan: Callable[[Any, np.ndarray, int], ClientPlan] | None = None
     init_scheme: str = "a_random_b_zero"
     client: ClientOptions = ClientOptions()
@@ -260,12 +261,12 @@ def prefix_plan(ctx: AlgoContext):
     return plan
 
 
-def static_rank(name: str, aggregator, ctx: AlgoContext, **fields) -> Algorithm:
+def static_rank(name: str, aggregator: Aggregator, ctx: AlgoContext, **fields) -> Algorithm:
     """A method whose clients train their fixed-rank prefix every round (FedIT, HetLoRA, ...)."""
     return Algorithm(name=name, aggregator=aggregator, plan=prefix_plan(ctx), **fields)
 
 
-def from_aggregator(aggregator) -> Algorithm:
+def from_aggregator(aggregator: Aggregator) -> Algorithm:
     """Wrap a bare aggregator as an algorithm without a plan (callers build the specs)."""
     return Algorithm(name=getattr(aggregator, "name", "aggregator"), aggregator=aggregator)
 

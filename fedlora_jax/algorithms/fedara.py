@@ -117,7 +117,9 @@ def lambda_scale(value) -> tuple[tuple[str, float], ...]:
 def build(ctx: AlgoContext, *, target_rank: int | None = None, orth_reg: float = 0.1, orth_form: str = "fro",
           orth_warmup_frac: float = 0.0, lambda_lr_scale: float = 10.0, t_init_frac: float = 0.25,
           t_final_frac: float = 0.25, mask_interval: int = 1, r_min: int = 1, static_cut: bool = False) -> Algorithm:
-    """FedARA (see the module docstring).
+    """FedARA (Wu et al., arXiv 2501.14406): SVD-form adapters whose triplets are scored by
+    importance on the clients, pruned by the server to a cubic budget under one nested global
+    mask ``z`` that also prunes whole modules (details: the module docstring).
 
     Args:
       ctx: the algorithm context.
@@ -131,6 +133,9 @@ def build(ctx: AlgoContext, *, target_rank: int | None = None, orth_reg: float =
       mask_interval: re-allocate every this many rounds in the middle phase.
       r_min: a module with fewer active triplets is pruned whole (1 = only empty modules).
       static_cut: remove the backward pass below the lowest active layer statically.
+
+    Aggregator option (``ExperimentConfig.aggregator_options``, see ``fedlora_jax.aggregation.fedara``):
+    ``score_beta`` (default 0.5 here); ``averaging`` is refused (every client holds the same mask).
     """
     target = max(1, ctx.r_max // 3) if target_rank is None else target_rank
     schedule = budget_schedule(ctx, target, t_init_frac, t_final_frac, mask_interval)

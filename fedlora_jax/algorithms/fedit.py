@@ -9,4 +9,9 @@ from fedlora_jax.algorithms.base import AlgoContext, Algorithm, static_rank
 
 
 def build(ctx: AlgoContext) -> Algorithm:
+    """FedIT (Zhang et al., arXiv 2305.05644): every client trains the prefix of its rank, the
+    server averages the factors (zero padding, data weights).
+
+    Options: none of its own; ``fedlora_jax.aggregation.fedit`` takes no aggregator options.
+    """
     return static_rank("fedit", agg_lib.fedit(**ctx.aggregator_options), ctx)

@@ -24,6 +24,12 @@ def _keep_trained(old, out):
 
 
 def build(ctx: AlgoContext) -> Algorithm:
+    """FedSA-LoRA (Guo et al., arXiv 2410.01463): fixed-rank prefixes; ``a`` is averaged, every
+    client keeps its own ``b`` (per-client state, handed back at distribution).
+
+    Options: none of its own. Aggregator option (``ExperimentConfig.aggregator_options``, see
+    ``fedlora_jax.aggregation.fedsa_lora``): ``averaging`` (``"zero_pad"`` | ``"renorm"``).
+    """
     aggregator = agg_lib.fedsa_lora(**ctx.aggregator_options)
 
     def distribute(state, masks, own):

@@ -6,5 +6,10 @@ from fedlora_jax.algorithms.base import AlgoContext, Algorithm, ClientOptions, s
 
 
 def build(ctx: AlgoContext) -> Algorithm:
+    """FFA-LoRA (Sun et al., arXiv 2403.12313): fixed-rank prefixes; ``a`` stays frozen at its
+    shared random init (``ClientOptions.frozen_parts``), only ``b`` is trained and averaged.
+
+    Options: none of its own; ``fedlora_jax.aggregation.ffa_lora`` takes no aggregator options.
+    """
     return static_rank("ffa", agg_lib.ffa_lora(**ctx.aggregator_options), ctx,
                        client=ClientOptions(frozen_parts=("a",)))

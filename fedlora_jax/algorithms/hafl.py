@@ -115,13 +115,19 @@ def _start_masks(init: str, ranks: np.ndarray, client_ids: np.ndarray, r_max: in
 
 def build(ctx: AlgoContext, *, mode: str = "freeze", first_round_init: str = "prefix",
           importance: str = "sensitivity") -> Algorithm:
-    """HAFL as described in the module docstring.
+    """HAFL (Su et al., arXiv 2411.06581): each client updates only its ``r_k`` most important
+    rank-1 components (``"freeze"``) or receives only them (``"truncate"``); the server averages
+    every component over the clients that updated it (details: the module docstring).
 
     Args:
       ctx: the algorithm context.
       mode: ``"freeze"`` or ``"truncate"``.
       first_round_init: ``"prefix"`` or ``"random"`` (the start selection, see ASSUMPTIONS).
       importance: ``"sensitivity"`` or ``"sensitivity_uncertainty"``.
+
+    Aggregator options (``ExperimentConfig.aggregator_options``, see
+    ``fedlora_jax.aggregation.rank1_adaptive``): ``importance_weighted``, ``score_beta`` (only
+    with ``mode="truncate"``).
     """
     if mode not in ("freeze", "truncate"):
         raise ValueError(f"hafl option mode must be 'freeze' or 'truncate', got {mode!r}")

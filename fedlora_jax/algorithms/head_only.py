@@ -16,8 +16,14 @@ from fedlora_jax.algorithms.base import AlgoContext, Algorithm, ClientPlan
 
 
 def build(ctx: AlgoContext, *, static_cut: bool = True) -> Algorithm:
-    """The head-only control; ``static_cut=False`` keeps the (all-zero) backward pass through the
-    encoder, the same numbers at the cost of a LoRA arm."""
+    """The head-only control (no paper: issue 23's floor for every comparison): no adapter slot
+    is trained or sent, only the classifier head is averaged (FedIT's aggregator).
+
+    Args:
+      ctx: the algorithm context.
+      static_cut: ``True`` (default) compiles the round without a backward pass through the
+        encoder; ``False`` keeps the (all-zero) one, the same numbers at the cost of a LoRA arm.
+    """
     if not isinstance(static_cut, bool):
         raise TypeError(f"head_only: static_cut must be a bool, got {static_cut!r}")
 

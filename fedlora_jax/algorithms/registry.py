@@ -2,6 +2,8 @@
 
 ``build_algorithm(name, ctx, **options)`` checks ``options`` against the factory's keyword-only
 parameters (its signature is the schema) and builds the :class:`~fedlora_jax.algorithms.Algorithm`.
+Other names for a method (its aggregator's name, ``fedavg``, ``rep``, ...) come from the one table
+:data:`fedlora_jax.names.METHODS`, which ``get_aggregator`` reads too.
 
 =============  =====================================================================
 name           method
@@ -48,6 +50,7 @@ from fedlora_jax.algorithms import (
     replication,
 )
 from fedlora_jax.algorithms.base import AlgoContext, Algorithm, build_options
+from fedlora_jax.names import ALGORITHM_ALIASES, normalize
 
 BUILDERS: dict[str, Callable[..., Algorithm]] = {
     "fedit": fedit.build,
@@ -65,10 +68,9 @@ BUILDERS: dict[str, Callable[..., Algorithm]] = {
     "head_only": head_only.build,
 }
 
-#: Other names users give for a registered method.
-ALIASES: dict[str, str] = {"fedavg": "fedit", "zero_padding": "hetlora", "replication_padding": "replication",
-                           "rep": "replication", "fedex_lora": "fedex", "ffa_lora": "ffa", "fedsa_lora": "fedsa",
-                           "flex_lora": "flexlora"}
+#: Other name -> algorithm name: aggregator names and aliases, from the one table of method names
+#: (:data:`fedlora_jax.names.METHODS`).
+ALIASES: dict[str, str] = ALGORITHM_ALIASES
 
 NAMES: tuple[str, ...] = tuple(BUILDERS)
 
@@ -77,7 +79,7 @@ def canonical_name(name: str) -> str:
     """The registered name of ``name`` (aliases resolved); ``ValueError`` with a suggestion if unknown."""
     if not isinstance(name, str):
         raise TypeError(f"algorithm name must be a str, got {type(name).__name__}")
-    key = name.strip().lower().replace("-", "_")
+    key = normalize(name)
     key = ALIASES.get(key, key)
     if key not in BUILDERS:
         close = _closest(key)

@@ -11,4 +11,11 @@ from fedlora_jax.algorithms.base import AlgoContext, Algorithm, static_rank
 
 
 def build(ctx: AlgoContext) -> Algorithm:
+    """Replication padding (Byun & Lee, arXiv 2406.17477): fixed-rank prefixes; a client's
+    missing slots are padded from the clients that own them before averaging.
+
+    Options: none of its own. Aggregator option (``ExperimentConfig.aggregator_options``, see
+    ``fedlora_jax.aggregation.replication_padding``): ``variant`` (``"mean"`` REP-MEAN |
+    ``"copy"`` REP-COPY).
+    """
     return static_rank("replication", agg_lib.replication_padding(**ctx.aggregator_options), ctx)

@@ -115,3 +115,50 @@ def payload_bytes(arrays: Mapping[str, np.ndarray], *, skip_masks: bool = True) 
     """Bytes of the numbers of a payload (masks, names ending in ``mask``, one byte a slot,
     excluded by default: the communication counts leave them out)."""
     return int(sum(np.asarray(v).nbytes for k, v in arrays.items() if not (skip_masks and k.endswith("mask"))))
+
+
+# ----------------------------------------------------------------------------- checking a reply
+
+
+def layout(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{name: (shape, dtype)}`` of a payload: what :func:`check_payload` compares a received
+    payload with (build it from the payload the receiver expects, e.g. :func:`pack_lora` of
+    the start it sent over the update masks it assigned)."""
+    return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in arrays.items()}
+
+
+def check_payload(arrays: Mapping[str, Any], expected: Mapping[str, np.ndarray]) -> str | None:
+    """Why a received payload must not be used, or ``None`` when it is exactly as expected.
+
+    ``expected`` is a payload of the expected layout whose mask entries (names ending in
+    ``mask``) are the masks the receiver assigned. In order, the payload is refused when it is
+    larger than expected (before anything else is read), holds other names, a mask with slots
+    it was not given (or without slots it was given), a value of another shape or dtype, or a
+    non-finite number.
+
+    Returns:
+      a one-line reason naming the entry, or ``None``.
+    """
+    want_bytes = int(sum(np.asarray(v).nbytes for v in expected.values()))
+    got_bytes = 0
+    for v in arrays.values():
+        got_bytes += int(getattr(v, "nbytes", 0)) if isinstance(v, np.ndarray) else 0
+        if not isinstance(v, np.ndarray):
+            return f"an entry is a {type(v).__name__}, not an array"
+    if got_bytes > want_bytes:
+        return f"oversized payload: {got_bytes} bytes, expected {want_bytes}"
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"wrong keys: missing {missing[:4]}, unexpected {extra[:4]}"
+    for k, want in expected.items():
+        got, want = arrays[k], np.asarray(want)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"{k}: shape {got.shape} dtype {got.dtype}, expected shape {want.shape} dtype {want.dtype}"
+        if k.endswith("mask") and not np.array_equal(got != 0, want != 0):
+            extra_slots = np.flatnonzero((got != 0) & (want == 0)).tolist()
+            if extra_slots:
+                return f"{k}: slots {extra_slots} it was not given"
+            return f"{k}: without slots {np.flatnonzero((got == 0) & (want != 0)).tolist()} it was given"
+        if np.issubdtype(got.dtype, np.inexact) and not np.all(np.isfinite(got)):
+            return f"{k}: non-finite values"
+    return None

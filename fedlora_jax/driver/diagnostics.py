@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax.federated import ServerState, effective_base
+from fedlora_jax.federated import ServerState, client_start, effective_base
 
 
 def first_round_diagnostic(setup, before: ServerState, after: ServerState, spec, metrics, evaluate,
@@ -29,19 +29,11 @@ def first_round_diagnostic(setup, before: ServerState, after: ServerState, spec,
     own_head = jax.tree.map(lambda x: x[pos], metrics["client_head"])
     base_before = effective_base(setup.task, setup.base, before.agg_state)
     local = evaluate(base_before, own_head, own_lora, masks, test_batches)[0]
-    received = received_adapter(setup, after, masks, int(spec.client_id[pos]))
+    received = client_start(setup.algo, after, masks, int(spec.client_id[pos]))
     base_after = effective_base(setup.task, setup.base, after.agg_state)
     merged = evaluate(base_after, after.head, received, masks, test_batches)[0]
     return {"client": int(spec.client_id[pos]), "rank": int(ranks[pos]), "local_accuracy": float(local),
             "after_aggregation_accuracy": float(merged)}
-
-
-
-def received_adapter(setup, state: ServerState, masks, client_id: int):
-    """The adapter client ``client_id`` receives from ``state`` under its forward ``masks``
-    (the algorithm's distribute, with the client's own per-client state)."""
-    own_state = jax.tree.map(lambda x: x[client_id], state.clients) if state.clients else ()
-    return setup.algo.distribute_fn()(state, masks, own_state)
 
 
 
@@ -66,6 +58,6 @@ def distributed_accuracies(setup, state: ServerState, evaluate, test_batches) ->
         cid = int(np.flatnonzero(setup.ctx.client_ranks == rank)[0])
         plan = setup.algo.plan(state, np.array([cid]), int(state.round))
         masks = {k: jnp.asarray(v[0]) for k, v in plan.masks.items()}
-        received = received_adapter(setup, state, masks, cid)
+        received = client_start(setup.algo, state, masks, cid)
         out[str(rank)] = float(evaluate(base, state.head, received, masks, test_batches)[0])
     return out

@@ -1,25 +1,26 @@
 """One writer per run directory: ``<run>/.lock`` while a run writes to it.
 
-``RunLock(run_dir)`` is a context manager. The lock file holds JSON ``{pid, hostname,
-start_time}`` and its holder keeps an ``fcntl.flock`` on it for as long as it runs, so a
-process that dies (even by SIGKILL) loses the OS lock with it; the file it leaves behind is
-*stale*. Acquiring:
+``RunLock(run_dir)`` is a context manager. The OS lock is :class:`filelock.FileLock`
+(``flock`` on ``.lock``), so a process that dies (even by SIGKILL) loses it with it; this
+module only keeps the holder's record in the same file: JSON ``{pid, hostname, start_time}``,
+written by filelock's ``on_acquired`` hook while the ``flock`` is held. Acquiring:
 
-- the lock file is written complete (pid, host, time) and ``flock``-ed under a unique temp
-  name (``O_CREAT | O_EXCL``), then hard-linked to ``.lock``: the link fails if a lock
-  exists, so two processes never both create one, and no reader ever sees a half-written
-  lock (where hard links are not supported, ``.lock`` itself is created with ``O_EXCL``);
-- an existing lock whose ``flock`` is held is refused with :class:`RunLockedError` (holder's
-  pid, host and start time);
-- an existing lock nobody ``flock``-s, written on this host by a pid that is no longer alive
-  (or now belongs to a younger process, or to this very process), is stale: it is taken over
-  by ``os.replace``-ing it with a new complete lock while holding the old one's ``flock``
-  (so of several processes racing for a stale lock exactly one wins). A lock written on
-  another host is never taken over (its pid cannot be checked from here): the error says to
-  delete the file if that run is dead.
+- ``.lock`` whose ``flock`` another process holds is refused with :class:`RunLockedError`
+  (holder's pid, host and start time, read from the file);
+- ``.lock`` we get the ``flock`` of is judged by the record in it before we write ours: empty
+  (new, or its writer died before writing) is ours; one written on this host by a pid that is
+  no longer alive (or now belongs to a younger process, or to this very process) is *stale*
+  and taken over (``took_over`` / ``stale_reason``); one naming a live pid, or written on
+  another host (its pid cannot be checked from here: the error says to delete the file if that
+  run is dead), is respected: we let go of the ``flock`` and refuse, leaving the file as it
+  was; an unparseable one is respected for ``UNREADABLE_GRACE_S``, then stale. Since only the
+  ``flock`` holder reads and writes a record, of several processes racing for a stale lock
+  exactly one wins.
 
 Releasing (``__exit__``, also after an exception) unlinks ``.lock`` while still holding the
-``flock``, then closes it.
+``flock`` (filelock would keep the file; a waiter that ``flock``-s the unlinked file is told so
+by filelock and tries again), then releases it. A filesystem without ``flock`` is refused
+(``OSError``) rather than locked by a weaker means.
 """
 
 from __future__ import annotations
@@ -27,19 +28,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import socket
 import time
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: the pid check alone decides
-    fcntl = None
+import filelock
 
 LOCK_NAME = ".lock"
-#: A lock file that cannot be parsed is only judged stale once it is this old (seconds): it may
-#: be one being written right now by the ``O_EXCL`` fallback.
+#: A lock file that cannot be parsed is only judged stale once it is this old (seconds).
 UNREADABLE_GRACE_S = 2.0
 #: A pid whose process started this long (seconds) after the lock was written is a reused pid.
 PID_REUSE_SLACK_S = 2.0
@@ -60,6 +56,14 @@ class RunLockedError(RuntimeError):
         super().__init__(f"run directory {str(self.run_dir)!r} is locked by {who}"
                          f"{': ' + reason if reason else ''}; wait for that run to finish or use another "
                          f"output directory (if it is dead, delete {str(self.run_dir / LOCK_NAME)!r})")
+
+
+class _Respected(Exception):
+    """Raised inside ``on_acquired``: the record in ``.lock`` is not stale (filelock lets go)."""
+
+    def __init__(self, info: dict | None):
+        super().__init__()
+        self.info = info
 
 
 def _fmt_time(t) -> str:
@@ -134,21 +138,6 @@ def stale_reason(info: dict | None, *, age_s: float, hostname: str | None = None
     return None
 
 
-def _flock(fd: int) -> bool | None:
-    """Try to take the exclusive OS lock: True, False (held elsewhere), None (unsupported here)."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as err:
-        if err.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        return None  # e.g. ENOLCK / EOPNOTSUPP: a filesystem without flock
-
-
 def _same_file(fd: int, path: Path) -> bool:
     try:
         a, b = os.fstat(fd), os.stat(path)
@@ -171,11 +160,12 @@ class RunLock:
         self.info: dict | None = None
         self.took_over: dict | None = None
         self.stale_reason: str | None = None
-        self._fd: int | None = None
+        self._flock: filelock.BaseFileLock | None = None
+        self._fd: int | None = None  # filelock's descriptor, borrowed to unlink on release
 
     @property
     def locked(self) -> bool:
-        return self._fd is not None
+        return self._flock is not None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -184,110 +174,71 @@ class RunLock:
         self.release()
 
     def acquire(self) -> RunLock:
-        if self._fd is not None:
+        if self._flock is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "hostname": socket.gethostname(), "start_time": time.time()}
         refusal: RunLockedError | None = None
         for _ in range(_ATTEMPTS):
-            tmp, fd = self._write_temp(info)
-            try:
-                if self._publish(tmp, fd):
-                    status = "ok"
-                else:
-                    status, refusal = self._try_take_over(tmp, fd)
-                if status == "ok":
-                    self.info, self._fd, fd = info, fd, None
-                    return self
-            finally:
-                if fd is not None:
-                    os.close(fd)
-                tmp.unlink(missing_ok=True)  # after a link, .lock keeps the file; after a replace, gone
+            status, refusal = self._attempt(info)
+            if status == "ok":
+                self.info = info
+                return self
             if status == "refuse":
                 raise refusal
             time.sleep(_RETRY_S)
         raise refusal or RunLockedError(self.run_dir, read_lock(self.run_dir), "could not acquire its lock file")
 
-    def _write_temp(self, info: dict) -> tuple[Path, int]:
-        """A complete, flock-ed lock file under a unique temp name in the run directory."""
-        tmp = self.run_dir / f"{LOCK_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        try:
-            _flock(fd)  # our own new file: nobody else can hold it
-            os.write(fd, json.dumps(info).encode())
+    def _attempt(self, info: dict) -> tuple[str, RunLockedError | None]:
+        """One try: ``("ok", None)``, ``("refuse", error)``, or ``("retry", error)`` when the lock
+        is changing hands (being written, or being taken over from a dead holder) right now."""
+        here = socket.gethostname()
+
+        def write_record(fd: int) -> None:  # filelock calls this with the flock held
+            old, prev, reason = os.pread(fd, 1 << 16, 0), None, None
+            if old:  # empty: created just now (by us, or by a writer we beat to the flock), or never written
+                prev = _parse(old)
+                reason = stale_reason(prev, age_s=time.time() - os.fstat(fd).st_mtime, hostname=here)
+                if reason is None:
+                    raise _Respected(prev)  # filelock lets go of the flock; the file is left as it was
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
             os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp, fd
+            if reason is not None:
+                self.took_over, self.stale_reason = prev or {}, reason
+            self._fd = fd
 
-    def _publish(self, tmp: Path, fd: int) -> bool:
-        """Make ``tmp`` the lock if there is none (True), False if a lock file exists."""
+        lock = filelock.FileLock(self.path, mode=0o644, thread_local=False, blocking=False,
+                                 fallback_to_soft=False, on_acquired=write_record)
         try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
+            lock.acquire()
+        except filelock.Timeout:  # another process holds the flock: its writer, or a taker-over
+            held = read_lock(self.run_dir)
+            changing = held is None or (held["hostname"] == here and held["pid"] != os.getpid()
+                                        and _pid_state(held["pid"]) == "dead")
+            return ("retry" if changing else "refuse"), RunLockedError(self.run_dir, held)
+        except _Respected as kept:
+            if kept.info is None:
+                return "retry", RunLockedError(self.run_dir, None, "its lock file is being written")
+            what = ("it was written on another host, so whether it is alive cannot be checked from here"
+                    if kept.info["hostname"] != here else "")
+            return "refuse", RunLockedError(self.run_dir, kept.info, what)
         except OSError as err:
-            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
-                raise
-        # No hard links here: create .lock itself exclusively (it is briefly empty).
-        try:
-            lfd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(lfd, os.pread(fd, 1 << 16, 0))
-            os.fsync(lfd)
-            for _ in range(_ATTEMPTS):  # a reader may hold the flock for an instant
-                if _flock(lfd) is not False:
-                    break
-                time.sleep(_RETRY_S)
-            os.dup2(lfd, fd)
-        finally:
-            os.close(lfd)
-        return True
-
-    def _try_take_over(self, tmp: Path, fd: int) -> tuple[str, RunLockedError | None]:
-        """Replace a stale ``.lock`` with ``tmp``: ``("ok", None)``, ``("refuse", error)``, or
-        ``("retry", error)`` when the lock is changing hands right now."""
-        try:
-            old = os.open(self.path, os.O_RDONLY)  # flock needs no write access
-        except FileNotFoundError:
-            return "retry", None  # released meanwhile
-        try:
-            got = _flock(old)
-            info = _parse(os.pread(old, 1 << 16, 0))
-            if not _same_file(old, self.path):
-                return "retry", RunLockedError(self.run_dir, info)  # released or replaced meanwhile
-            if got is False:
-                # Held: by its writer, or (if that writer is dead) by someone taking it over right now.
-                changing = info is None or (info["hostname"] == socket.gethostname() and info["pid"] != os.getpid()
-                                            and _pid_state(info["pid"]) == "dead")
-                return ("retry" if changing else "refuse"), RunLockedError(self.run_dir, info)
-            reason = stale_reason(info, age_s=time.time() - os.fstat(old).st_mtime)
-            if reason is None:
-                if info is None:
-                    return "retry", RunLockedError(self.run_dir, None, "its lock file is being written")
-                what = ("it was written on another host, so whether it is alive cannot be checked from here"
-                        if info["hostname"] != socket.gethostname() else "")
-                return "refuse", RunLockedError(self.run_dir, info, what)
-            # We hold the old lock's flock and it is still the one at .lock: nobody else can
-            # replace it until we let go of it, so this replace cannot clobber a live lock.
-            os.replace(tmp, self.path)
-            self.took_over, self.stale_reason = info or {}, reason
-            return "ok", None
-        finally:
-            os.close(old)
+            if err.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                raise OSError(err.errno, f"cannot lock {self.path}: its filesystem does not support flock; "
+                                         "use an output directory on a local filesystem") from err
+            raise
+        self._flock = lock
+        return "ok", None
 
     def release(self) -> None:
         """Remove the lock file (if it is still ours) and drop the OS lock. Idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is None:
+        lock, fd = self._flock, self._fd
+        self._flock = self._fd = None
+        if lock is None:
             return
         try:
-            if _same_file(fd, self.path):
+            if fd is not None and _same_file(fd, self.path):
                 self.path.unlink(missing_ok=True)
         finally:
-            os.close(fd)
+            lock.release()

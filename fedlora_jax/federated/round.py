@@ -14,10 +14,12 @@ Data flow (once per round), four stages, each a small function below::
                  algorithm.server_update(algo_state, RoundOutputs)
     -> new ServerState, metrics
 
-The engine reads everything method-specific from the :class:`~fedlora_jax.algorithms.Algorithm`
-(client options, distribute, per-client state, server update); its own arguments are engine
-settings only. The model is abstracted by a :class:`Task` (a loss on one step's batch), so
-the same engine serves encoders, decoders and the tiny test models.
+The server half (distribute, screen, aggregate, per-client state, base fold) is
+:mod:`fedlora_jax.federated.server`, the functions the Flower deployment calls too; this
+module adds the clients' training around them. The engine reads everything method-specific
+from the :class:`~fedlora_jax.algorithms.Algorithm` (client options, distribute, per-client
+state, server update); its own arguments are engine settings only. The model is abstracted
+by a :class:`Task` (a loss on one step's batch), so the same engine serves encoders, decoders and the tiny test models.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ import optax
 
 from fedlora_jax import importance as imp
 from fedlora_jax import lora as lora_lib
-from fedlora_jax.algorithms.base import Algorithm, ClientOptions, RoundOutputs, from_aggregator
+from fedlora_jax.algorithms.base import Algorithm, ClientOptions
+from fedlora_jax.federated.server import (
+    as_algorithm,
+    check_hyper,
+    effective_base,
+    gather_clients,
+    server_round_update,
+)
 from fedlora_jax.federated.spec import ClientSpec, ServerHyper, ServerState, pad_clients
 
 Array = jax.Array
@@ -83,20 +92,6 @@ class ClientOutput(NamedTuple):
     correct: Array
     count: Array
     steps_done: Array
-
-
-def effective_base(task: Task, base: Any, agg_state: Any) -> Any:
-    """The frozen base with the aggregator's folded dense update (FLoRA / FedEx-LoRA) added.
-
-    The one place the base-delta fold is asked for: ``agg_state.base_delta`` when the
-    aggregator keeps one, else ``base`` unchanged.
-    """
-    base_delta = getattr(agg_state, "base_delta", None)
-    if base_delta is None:
-        return base
-    if task.add_base_delta is None:
-        raise ValueError("the aggregator folds updates into the base, but the task has no add_base_delta")
-    return task.add_base_delta(base, base_delta)
 
 
 def _masked_update(tree_new, tree_old, cond):
@@ -182,78 +177,6 @@ def client_update(task: Task, optimizer: optax.GradientTransformation, options: 
         scores = imp.triplet_scores(imp.element_scores(ema, uncertainty=options.uncertainty))
     return ClientOutput(tr["lora"], tr["head"], scores, mean_loss, jnp.sum(correct), jnp.sum(count),
                         n_valid)
-
-
-def _tree_norm(tree):
-    leaves = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
-
-
-def _all_finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _weighted_mean(stacked, weights, fallback):
-    tot = jnp.sum(weights)
-    w = weights / jnp.maximum(tot, 1e-30)
-
-    def avg(x, old):
-        cd = jnp.promote_types(x.dtype, jnp.float32)
-        new = jnp.tensordot(w.astype(cd), x.astype(cd), axes=1).astype(x.dtype)
-        return jnp.where(tot > 0, new, old)
-
-    return jax.tree.map(avg, stacked, fallback)
-
-
-def _server_step(new, old, lr):
-    """``old + lr * (new - old)`` leafwise, in ``promote(dtype, float32)``."""
-    def step(n, o):
-        cd = jnp.promote_types(n.dtype, jnp.float32)
-        return (o.astype(cd) + jnp.asarray(lr, cd) * (n.astype(cd) - o.astype(cd))).astype(n.dtype)
-
-    return jax.tree.map(step, new, old)
-
-
-def _per_client(flag, x):
-    """Broadcast a ``[C]`` flag against a ``[C, ...]`` leaf."""
-    return flag.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def _gather_clients(tree, ids):
-    return jax.tree.map(lambda x: x[ids], tree)
-
-
-def _scatter_clients(tree, ids, new, keep):
-    """``tree[ids] = new`` where ``keep``; other rows unchanged (leaves ``[K, ...]``)."""
-    def put(p, x):
-        old = p[ids]
-        return p.at[ids].set(jnp.where(_per_client(keep, x), x.astype(p.dtype), old))
-
-    return jax.tree.map(put, tree, new)
-
-
-def _screen(outs: ClientOutput, starts, head0, weights, settings: RoundSettings):
-    """Update norms, non-finite detection (dropped with weight 0), optional norm clipping.
-
-    Returns ``(client_lora, client_head, weights, norms, finite)``.
-    """
-    delta_lora = jax.tree.map(lambda n, s: n.astype(jnp.float32) - s.astype(jnp.float32), outs.lora, starts)
-    norms = jax.vmap(_tree_norm)(delta_lora)
-    finite = jax.vmap(_all_finite)((outs.lora, outs.head)) & jnp.isfinite(outs.loss)
-    client_lora, client_head = outs.lora, outs.head
-    if settings.drop_nonfinite:
-        weights = jnp.where(finite, weights, 0.0)
-        client_lora = jax.tree.map(lambda x, s: jnp.where(_per_client(finite, x), x, s.astype(x.dtype)),
-                                   client_lora, starts)
-        client_head = jax.tree.map(lambda x, s: jnp.where(_per_client(finite, x), x, s[None]), client_head, head0)
-    if settings.clip_update_norm is not None:
-        factor = jnp.minimum(1.0, settings.clip_update_norm / jnp.maximum(norms, 1e-12))
-        client_lora = jax.tree.map(
-            lambda x, s: (s.astype(jnp.float32) + _per_client(factor, x)
-                          * (x.astype(jnp.float32) - s.astype(jnp.float32))).astype(x.dtype),
-            client_lora, starts)
-    return client_lora, client_head, weights, norms, finite
 
 
 def layer_of_key(key: str) -> int | None:
@@ -377,13 +300,12 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
     if mesh is not None and "clients" not in mesh.axis_names:
         raise ValueError(f"mesh must have a 'clients' axis, got axes {mesh.axis_names}")
     variants = check_cut_variants(cut_variants, static_grad_cut)
-    algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
+    algo = as_algorithm(algorithm)
     optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
     settings = RoundSettings(chunk_size, drop_nonfinite, clip_update_norm, static_grad_cut,
                              bool(return_client_models))
     distribute = algo.distribute_fn()
     rule = algo.client_state
-    aggregator = algo.aggregator
     traces = [0]
 
     def train(state, batches, specs, own, key, base_eff):
@@ -402,7 +324,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             big = max(variants[-1], max((layer_of_key(kk) or 0) for kk in state.lora) + 1)
             low = _lowest_active_layer(per_client, tuple(state.lora), big)
             order = jnp.argsort(low, stable=True)
-            batches, per_client, own = _gather_clients((batches, per_client, own), order)
+            batches, per_client, own = gather_clients((batches, per_client, own), order)
         batches_p, specs_p, own_p = pad_clients((batches, per_client, own), c_pad)
         pad_flag = jnp.arange(c_pad) < c
         specs_p = specs_p._replace(weight=specs_p.weight * pad_flag, num_steps=specs_p.num_steps * pad_flag)
@@ -450,7 +372,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         outs, starts = jax.tree.map(lambda x: x.reshape((c_pad,) + x.shape[2:])[:c], (outs, starts))
         if order is not None:
             inverse = jnp.argsort(order)
-            outs, starts = _gather_clients((outs, starts), inverse)
+            outs, starts = gather_clients((outs, starts), inverse)
         return outs, starts
 
     host_state = bool(client_state_on_host) and rule is not None
@@ -461,50 +383,15 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         if host_state:
             own = own_in
         else:
-            own = _gather_clients(state.clients, specs.client_id) if rule is not None else ()
+            own = gather_clients(state.clients, specs.client_id) if rule is not None else ()
         outs, starts = train(state, batches, specs, own, key, base_eff)
-        client_lora, client_head, weights, norms, finite = _screen(outs, starts, state.head, specs.weight, settings)
-
-        extras = {"scores": outs.scores} if algo.client.track_importance else {}
-        if hyper is not None and hyper.aggregation is not None:
-            extras["hyper"] = hyper.aggregation
-        new_lora, new_agg = aggregator.aggregate(state.lora, client_lora, weights, specs.update_masks,
-                                                 state.agg_state, extras=extras or None)
-        new_head = _weighted_mean(client_head, weights, state.head)
-        if hyper is not None and hyper.server_lr is not None:
-            new_lora, new_head = _server_step((new_lora, new_head), (state.lora, state.head), hyper.server_lr)
-        new_clients = state.clients
-        if rule is not None:
-            screened = outs._replace(lora=client_lora, head=client_head)
-            new_own = jax.vmap(rule.update)(own, screened)
-            if not host_state:
-                new_clients = _scatter_clients(state.clients, specs.client_id, new_own, weights > 0)
-        next_round = state.round + 1
-        new_algo = state.algo
-        if algo.server_update is not None:
-            outputs = RoundOutputs(next_round, new_lora, new_agg, outs.scores, weights, specs.masks,
-                                   specs.update_masks)
-            new_algo = algo.server_update(state.algo, outputs)
-        new_state = ServerState(next_round, new_lora, new_head, new_agg, new_algo, new_clients)
-
-        tot_w = jnp.maximum(jnp.sum(weights), 1e-30)
-        metrics = {
-            "client_loss": outs.loss,
-            "client_accuracy": outs.correct / jnp.maximum(outs.count, 1.0),
-            "client_examples": outs.count,
-            "client_steps": outs.steps_done,
-            "client_update_norm": norms,
-            "client_finite": finite,
-            "client_weight": weights,
-            "train_loss": jnp.sum(weights * outs.loss) / tot_w,
-            "train_accuracy": jnp.sum(outs.correct) / jnp.maximum(jnp.sum(outs.count), 1.0),
-            "num_dropped_nonfinite": jnp.sum(~finite & (specs.weight > 0)),
-            "client_scores": outs.scores,
-        }
+        update = server_round_update(algo, state, outs, starts, specs, own, drop_nonfinite=drop_nonfinite,
+                                     clip_update_norm=clip_update_norm, hyper=hyper, write_clients=not host_state)
+        new_state, metrics = update.state, update.metrics
         if settings.return_client_models:
-            metrics["client_lora"], metrics["client_head"] = client_lora, client_head
+            metrics["client_lora"], metrics["client_head"] = update.screened.lora, update.screened.head
         if host_state:
-            return new_state, metrics, (new_own, weights > 0)
+            return new_state, metrics, (update.own, update.screened.weights > 0)
         return new_state, metrics
 
     jitted = jax.jit(impl, donate_argnums=(0,) if donate else ())
@@ -539,20 +426,6 @@ def check_round_inputs(state: ServerState, specs: ClientSpec) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= population):
             raise ValueError(f"client ids {ids.tolist()} lie outside the population of {population} clients whose "
                              "state the server keeps (ids must be in [0, num_clients))")
-
-
-def check_hyper(hyper: ServerHyper | None, aggregator) -> None:
-    """Refuse server hyperparameters the round would ignore (host-side, before tracing)."""
-    if hyper is None:
-        return
-    if not isinstance(hyper, ServerHyper):
-        raise TypeError(f"hyper must be a ServerHyper or None, got {type(hyper).__name__}")
-    if hyper.aggregation is not None and not aggregator.reads_hyper:
-        raise ValueError(f"aggregator {aggregator.name!r} does not read server hyperparameters "
-                         "(ServerHyper.aggregation would be ignored); use one whose reads_hyper is true, "
-                         "e.g. mixed_padding")
-    if hyper.server_lr is not None and jnp.ndim(hyper.server_lr) != 0:
-        raise ValueError(f"ServerHyper.server_lr must be a scalar, got shape {jnp.shape(hyper.server_lr)}")
 
 
 class RoundFn:
@@ -620,7 +493,7 @@ def host_client_tree(tree):
 def population_state_bytes(algorithm, lora, num_clients: int) -> int:
     """Bytes of the per-client state of ``num_clients`` clients (0 without per-client state);
     from shapes only (``jax.eval_shape``), nothing is allocated."""
-    algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
+    algo = as_algorithm(algorithm)
     if algo.client_state is None:
         return 0
     shapes = jax.eval_shape(lambda lo: algo.client_state.init(lo, num_clients), lora)
@@ -635,7 +508,7 @@ def init_server_state(lora, head, algorithm, *, num_clients: int = 0,
 
     ``algorithm``: an :class:`~fedlora_jax.algorithms.Algorithm` or a bare ``Aggregator``.
     """
-    algo = algorithm if isinstance(algorithm, Algorithm) else from_aggregator(algorithm)
+    algo = as_algorithm(algorithm)
     clients = ()
     if algo.client_state is not None:
         if not isinstance(num_clients, int) or num_clients < 1:

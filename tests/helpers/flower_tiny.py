@@ -47,10 +47,15 @@ def deployment(name: str, *, seed: int = 0, lr: float = 5e-2, steps: int = 3, op
             time.sleep(600)  # killed by the test while "training"
         return client_batches(seed, cid, r, steps)
 
-    return Deployment(task=tiny.TASK, algorithm=algo, optimizer=optax.adam(lr),
+    def num_examples(cid, r):  # the server knows each client's partition (here: its generator)
+        return float(np.sum(client_batches(seed, cid, r, steps)["example_mask"]))
+
+    return Deployment(task=tiny.TASK, algorithm=algo, optimizer=optax.adam(lr), num_examples=num_examples,
                       lora=algo_rounds.init_lora(algo.init_scheme, seed), head=tiny.init_head(jax.random.fold_in(key, 2)),
                       base=tiny.init_base(jax.random.fold_in(key, 1)), client_data=data,
-                      num_clients=algo_rounds.POPULATION, num_layers=tiny.L, layer_of_key=ctx.layer_of_key, seed=seed)
+                      num_clients=algo_rounds.POPULATION, num_layers=tiny.L, layer_of_key=ctx.layer_of_key, seed=seed,
+                      model_shape=ctx.model_shape, batch_size=BATCH, client_devices=ctx.client_devices,
+                      scale=ctx.scale)
 
 
 def setup(context):

@@ -232,23 +232,26 @@ def test_racing_processes_take_over_a_stale_lock_exactly_once(tmp_path):
 
 def test_takeover_never_replaces_a_lock_taken_over_meanwhile(tmp_path, monkeypatch):
     """Deterministic interleaving: B takes over the stale lock between A opening it and A's flock."""
+    import fcntl
+
     run = tmp_path / "run"
     _write_lock(run, pid=_dead_pid(), hostname=socket.gethostname(), start_time=time.time() - 60)
     a, b = RunLock(run), RunLock(run)
-    real_flock, calls = lock_lib._flock, []
+    real_flock, calls = fcntl.flock, []
 
-    def interleaved(fd):
-        calls.append(fd)
-        if len(calls) == 2:  # A's flock of the stale .lock (the 1st was its own temp file)
-            monkeypatch.setattr(lock_lib, "_flock", real_flock)
-            b.acquire()
-        return real_flock(fd)
+    def interleaved(fd, op):
+        if op & fcntl.LOCK_EX:
+            calls.append(fd)
+            if len(calls) == 1:  # A's flock of the stale .lock, after A opened it
+                monkeypatch.setattr(fcntl, "flock", real_flock)
+                b.acquire()
+        return real_flock(fd, op)
 
-    monkeypatch.setattr(lock_lib, "_flock", interleaved)
+    monkeypatch.setattr(fcntl, "flock", interleaved)
     try:
         with pytest.raises(RunLockedError):
             a.acquire()
-        assert b.took_over is not None and read_lock(run) == b.info  # B's lock is intact
+        assert calls and b.took_over is not None and read_lock(run) == b.info  # B's lock is intact
     finally:
         b.release()
     assert not a.locked and not list(run.glob(".lock*"))

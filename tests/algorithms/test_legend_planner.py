@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora_jax import devices as dv
-from fedlora_jax.algorithms import legend as lg
+from fedlora_jax.algorithms import legend_planner as lg
 
 SHAPE = dv.ModelShape(num_layers=6, hidden=64, intermediate=256, heads=4, vocab=1000, seq_len=32,
                       modules={"query": (64, 64), "value": (64, 64)})
@@ -335,3 +335,14 @@ def test_measurements_from_reports_means_and_validation():
         lg.measurements_from_reports(dev, fl, -comp, fl, comp, fl, comp, 3)
     with pytest.raises(ValueError, match="device_of_client"):
         lg.measurements_from_reports(dev.astype(float), fl, comp, fl, comp, fl, comp, 3)
+
+
+def test_planner_names_stay_importable_from_the_algorithm_module_and_the_package():
+    """The planner moved out of ``legend.py``; its public names are re-exported there and in the package."""
+    from fedlora_jax import algorithms
+    from fedlora_jax.algorithms import legend
+
+    for name in lg.__dict__.keys() & set(legend.__all__):
+        assert getattr(legend, name) is getattr(lg, name), name
+    assert {"lcd_plan", "rank_ramp", "CapacityEstimate", "replan"} <= set(legend.__all__)
+    assert algorithms.lcd_plan is lg.lcd_plan and algorithms.rank_ramp is lg.rank_ramp
