@@ -430,9 +430,13 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             out = client_update(task_v, optimizer, algo.client, trainable, base_eff, b, sp, ck, round_idx=state.round)
             return out, start
 
+        # With a mesh, the client axis of the vmap is the mesh's "clients" axis (DrJAX's
+        # spmd_axis_name): a sharding constraint inside the per-client code keeps clients on it.
+        spmd_axis = "clients" if mesh is not None else None
+
         def chunk_fn(task_v):
-            return lambda b, sp, own_c: jax.vmap(lambda *a: one_client(*a, task_v), in_axes=(0, 0, 0, None))(
-                b, sp, own_c, shared)
+            return lambda b, sp, own_c: jax.vmap(lambda *a: one_client(*a, task_v), in_axes=(0, 0, 0, None),
+                                                 spmd_axis_name=spmd_axis)(b, sp, own_c, shared)
 
         if variants is None:
             def one_chunk(xs):
