@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import sys
 import threading
@@ -82,6 +83,9 @@ def topology_devices(topology: str) -> list:
     """
     topologies = _require_topologies()
     chip_of_topology(topology)
+    # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) meant for real TPU hosts; a CPU
+    # host that only compiles may run several planners (or test workers) at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as err:  # noqa: BLE001 - libtpu raises plain RuntimeError/ValueError variants
@@ -350,8 +354,6 @@ def _versions() -> dict:
 
 
 def _host() -> str:
-    import os
-
     return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {platform.system()})"
 
 
