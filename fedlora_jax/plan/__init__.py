@@ -6,6 +6,11 @@
 - :mod:`~fedlora_jax.plan.chips`: published per-chip peaks, each with its source.
 """
 
+import os as _os
+
+# libtpu's machine-wide lock file is for real TPU hosts; compiling only, several processes may share it.
+_os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 from fedlora_jax.plan.chips import CHIPS, Chip, chip_of_topology
 from fedlora_jax.plan.core import (
     BASE_SHARDINGS,
