@@ -150,3 +150,19 @@ def test_analytic_flops_match_round_bench_formula():
     want = 30 * ((2 * w + 4 * t * hq + 2 * lora) + (2 * w + 8 * t * hq + 4 * lora)) + 4 * d * v
     assert core.analytic_flops_per_token(cfg, targets, t, r) == pytest.approx(want)
     assert np.isfinite(want)
+
+
+@needs_libtpu
+def test_a_refused_program_reports_the_compiler_words_and_what_to_change(monkeypatch):
+    words = ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 17.30G of 15.75G hbm. "
+             "Exceeded hbm capacity by 1.55G.")
+
+    def refuse(self, *a, **k):
+        raise RuntimeError(words)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+    row = core.plan_round(tiny_config(chunk_size=8), "v5e:2x2", progress=None)
+    assert row["fits"] is False and row["error"].startswith("RESOURCE_EXHAUSTED")
+    advice = " ".join(row["advice"])
+    assert "chunk_size" in advice and "remat" in advice and "model axis" in advice
+    assert "DOES NOT FIT" in core.format_plan(row)
