@@ -15,7 +15,7 @@ Usage (rows are appended to the JSONL as they finish; rows already there are ski
 
 Sets of rows (``--rows``): ``smoke``; ``weak`` (fixed clients per chip, growing v5e slices);
 ``strong`` (fixed slice, growing C); ``big`` (Llama-3-8B on v5e and v5p with a model axis);
-``gens`` (v5p / v6e); ``all``.
+``sharding`` (Megatron vs FSDP placement of the base on a model axis); ``gens`` (v5p / v6e); ``all``.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ def rows(which: str) -> list:
         out.append(("big", "llama-3-8b", "v5e:4x4", "clients=4,model=4", 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3-8b", "v5p:2x2x1", None, 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3.2-1b", "v5e:4x4", None, 16, dict(seq=512, chunk=16)))
+    if which in ("sharding", "all"):
+        # the frozen base on a model axis: Megatron (column/row-parallel) vs FSDP (gathered where used)
+        for mode in ("megatron", "fsdp"):
+            out.append(("sharding", "llama-3.2-1b", "v5e:2x2", "clients=2,model=2", 4,
+                        dict(steps=1, batch=2, seq=512, chunk=2, base_sharding=mode)))
     if which in ("gens", "all"):
         out.append(("gens", "smollm2-135m", "v5p:2x2x1", None, 8, dict(chunk=4)))
         out.append(("gens", "smollm2-135m", "v6e:2x2", None, 8, dict(chunk=4)))
@@ -88,7 +93,9 @@ def run(which: str, out: Path, base_sharding: str) -> None:
             print(f"skip (done): {k}", file=sys.stderr)
             continue
         t0 = time.time()
-        row = plan_round(config(shape, c, **kw), topo, mesh=mesh, base_sharding=base_sharding, progress=sys.stderr,
+        kw = dict(kw)
+        mode = kw.pop("base_sharding", base_sharding)
+        row = plan_round(config(shape, c, **kw), topo, mesh=mesh, base_sharding=mode, progress=sys.stderr,
                          progress_every=30)
         row.update(row_key=k, set=label, shape=shape, wall_s=round(time.time() - t0, 1))
         print(format_plan(row), file=sys.stderr, flush=True)
@@ -107,6 +114,8 @@ def table(path: Path) -> str:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
+        if "model" in r["mesh"]:
+            mesh += f" ({r['base_sharding']})"
         sbt = f"{r['steps']}x{r['batch']}x{r['seq']}"
         if "error" in r or not r.get("fits"):
             why = r.get("error", "over HBM")[:120]
@@ -125,7 +134,7 @@ def table(path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="smoke", choices=("smoke", "weak", "strong", "big", "gens", "all"))
+    p.add_argument("--rows", default="smoke", choices=("smoke", "weak", "strong", "big", "sharding", "gens", "all"))
     p.add_argument("--out", default="benchmarks/results/tpu_plan.jsonl")
     p.add_argument("--base-sharding", default="megatron")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
