@@ -166,3 +166,29 @@ def test_a_refused_program_reports_the_compiler_words_and_what_to_change(monkeyp
     advice = " ".join(row["advice"])
     assert "chunk_size" in advice and "remat" in advice and "model axis" in advice
     assert "DOES NOT FIT" in core.format_plan(row)
+
+
+def test_table_script_renders_fitting_and_refused_rows(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("tpu_plan_bench", bench / "tpu_plan.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    common = dict(set="weak", shape="smollm2-135m", topology="v5e:2x2", mesh={"clients": 4}, clients=8,
+                  clients_per_chip=2.0, steps=2, batch=4, seq=256, compile_s=140.0, base_sharding="replicated")
+    ok = dict(common, fits=True, total_bytes=1.9e9, hbm_capacity_bytes=17.18e9, flops_per_chip=2.46e12,
+              flops_ratio=0.998, collective_bytes_per_chip=7e6,
+              estimate=dict(round_s=0.026, client_steps_per_s=617.0, collective_share=0.001))
+    refused = dict(common, fits=False, error="RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ok) + "\n" + json.dumps(refused) + "\n")
+    lines = mod.table(path).splitlines()
+    assert len(lines) == 4 and lines[1].startswith("|---")
+    assert "| yes |" in lines[2] and "does not fit: RESOURCE_EXHAUSTED" in lines[3]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
