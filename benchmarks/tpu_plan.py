@@ -15,7 +15,8 @@ Usage (rows are appended to the JSONL as they finish; rows already there are ski
 
 Sets of rows (``--rows``): ``smoke``; ``weak`` (fixed clients per chip, growing v5e slices);
 ``strong`` (fixed slice, growing C); ``big`` (Llama-3-8B on v5e with a model axis and on v5p;
-Llama-3.2-1B); ``nofit`` (Llama-3-8B replicated on v5e: refused);
+Llama-3.2-1B); ``weak-model`` (weak scaling with a model axis); ``nofit`` (Llama-3-8B replicated on
+v5e: refused);
 ``sharding`` (Megatron vs FSDP placement of the base on a model axis); ``gens`` (v5p / v6e); ``all``.
 """
 
@@ -67,6 +68,11 @@ def rows(which: str) -> list:
         out.append(("big", "llama-3-8b", "v5e:4x4", "clients=4,model=4", 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3-8b", "v5p:2x2x1", None, 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3.2-1b", "v5e:4x4", None, 16, dict(seq=512, chunk=16)))
+    if which in ("weak-model", "all"):
+        # weak scaling with the base on a model axis of 2: 2 clients per clients-group, 2x2 -> 4x4
+        for topo, nc in (("v5e:2x2", 2), ("v5e:4x4", 8)):
+            out.append(("weak-model", "llama-3.2-1b", topo, f"clients={nc},model=2", 2 * nc,
+                        dict(steps=1, batch=2, seq=512, chunk=nc)))
     if which in ("nofit", "all"):
         # the 16 GB bf16 base replicated on 16 GB v5e chips: the compiler refuses
         out.append(("nofit", "llama-3-8b", "v5e:2x2", None, 8, dict(seq=512, chunk=4)))
@@ -139,7 +145,7 @@ def table(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="smoke",
-                   choices=("smoke", "weak", "strong", "big", "nofit", "sharding", "gens", "all"))
+                   choices=("smoke", "weak", "strong", "big", "weak-model", "nofit", "sharding", "gens", "all"))
     p.add_argument("--out", default="benchmarks/results/tpu_plan.jsonl")
     p.add_argument("--base-sharding", default="megatron")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
