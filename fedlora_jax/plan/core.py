@@ -438,7 +438,7 @@ def plan_round(cfg, topology: str, *, mesh: str | dict | None = None, base_shard
         f"chunk {build.chunk_size}; lowered in {lower_s:.1f} s; compiling with XLA:TPU")
     row: dict[str, Any] = dict(
         config=cfg.name, model=str(cfg.model), algorithm=cfg.algorithm, dtype=cfg.dtype, topology=topology,
-        chip=chip.name, device_kind=chip.device_kind, chips=n, mesh=axes,
+        chip=chip.name, device_kind=str(devices[0].device_kind), chips=n, mesh=axes,
         base_sharding=base_sharding if "model" in axes else "replicated", clients=c, steps=s, batch=b, seq=t,
         chunk=build.chunk_size, clients_per_chip=c / axes["clients"], r_max=build.r_max,
         adapted_modules=len(build.targets), remat=bool(cfg.remat), cut_variants=list(cfg.cut_variants),
