@@ -1,4 +1,4 @@
-"""Command line: ``fedlora {train,eval,export-peft,plot,devices}`` (also ``python -m fedlora_jax``).
+"""Command line: ``fedlora {train,eval,export-peft,plot,devices,plan}`` (also ``python -m fedlora_jax``).
 
 Several processes (:mod:`fedlora_jax.federated.multiprocess`): ``fedlora train ...
 --num-processes N`` starts N local processes on 127.0.0.1 (process 0 coordinates) and waits;
@@ -193,6 +193,22 @@ def _cmd_devices(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from fedlora_jax.driver.config import load_config
+    from fedlora_jax.plan import format_plan, plan_json, plan_round
+
+    cfg = load_config(args.config, variant=args.variant, overrides=args.override)
+    try:
+        row = plan_round(cfg, args.topology, mesh=args.mesh, base_sharding=args.base_sharding,
+                         progress=None if args.quiet else sys.stderr)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(row))
+    print(plan_json(row))
+    return 0 if row.get("fits") else 1
+
+
 def ckpt_error():
     from fedlora_jax.driver.checkpoint import CheckpointError
 
@@ -243,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("devices", help="list device profiles of the cost model")
     d.add_argument("--file", help="also load user profiles from this JSON file")
     d.set_defaults(fn=_cmd_devices)
+    pn = sub.add_parser("plan", help="compile a config's round for a TPU topology with XLA:TPU on this host (needs "
+                                     "libtpu, no TPU): HBM per chip, FLOPs, collectives, an estimated round time")
+    pn.add_argument("--config", required=True, help="experiments/configs/<name>.py (get_config) or a .json")
+    pn.add_argument("--variant", default="full", help="config variant, e.g. 'smoke'")
+    pn.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field (repeatable), e.g. -o clients_per_round=64 -o model=shape:llama-3-8b")
+    pn.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:4x4")
+    pn.add_argument("--mesh", default=None, metavar="clients=N[,model=M]",
+                    help="mesh axes over the topology's chips (default: every chip on 'clients')")
+    pn.add_argument("--base-sharding", default="megatron", choices=("megatron", "fsdp", "replicated"),
+                    help="placement of the frozen base on the 'model' axis (ignored without one)")
+    pn.add_argument("--quiet", action="store_true", help="no progress lines while compiling")
+    pn.set_defaults(fn=_cmd_plan)
     return p
 
 

@@ -15,7 +15,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 CI_RUN = (ROOT / ".ci" / "run").read_text()
-EXTRAS_TESTED = ("test", "interop", "flower")   # what command 2 and .ci/run install
+EXTRAS_TESTED = ("test", "interop", "flower", "tpu-plan")   # what command 2 and .ci/run install
 
 
 def setup_command(n: int) -> str:

@@ -334,8 +334,16 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             chunk_low = jnp.min(low_p.reshape(n_chunks, k), axis=1)                       # [n_chunks]
             chunk_variant = jnp.searchsorted(jnp.asarray(variants), chunk_low, side="right") - 1
 
+        # On a mesh, chunk j holds clients {i * n_chunks + j}: every device's chunk rows are clients
+        # whose batches it already holds (contiguous blocks of the "clients"-sharded [C] inputs), so
+        # forming chunks moves nothing between chips. (Cut variants need contiguous sorted chunks.)
+        interleave = mesh is not None and variants is None
+
         def to_chunks(x):
-            y = x.reshape((n_chunks, k) + x.shape[1:])
+            if interleave:
+                y = x.reshape((k, n_chunks) + x.shape[1:]).swapaxes(0, 1)
+            else:
+                y = x.reshape((n_chunks, k) + x.shape[1:])
             if mesh is not None:
                 spec = jax.sharding.PartitionSpec(None, "clients")
                 y = jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
@@ -352,9 +360,13 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             out = client_update(task_v, optimizer, algo.client, trainable, base_eff, b, sp, ck, round_idx=state.round)
             return out, start
 
+        # With a mesh, the client axis of the vmap is the mesh's "clients" axis (DrJAX's
+        # spmd_axis_name): a sharding constraint inside the per-client code keeps clients on it.
+        spmd_axis = "clients" if mesh is not None else None
+
         def chunk_fn(task_v):
-            return lambda b, sp, own_c: jax.vmap(lambda *a: one_client(*a, task_v), in_axes=(0, 0, 0, None))(
-                b, sp, own_c, shared)
+            return lambda b, sp, own_c: jax.vmap(lambda *a: one_client(*a, task_v), in_axes=(0, 0, 0, None),
+                                                 spmd_axis_name=spmd_axis)(b, sp, own_c, shared)
 
         if variants is None:
             def one_chunk(xs):
@@ -369,7 +381,13 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
             xs = (chunk_variant,) + jax.tree.map(to_chunks, (batches_p, specs_p, own_p))
 
         outs, starts = jax.lax.map(one_chunk, xs)
-        outs, starts = jax.tree.map(lambda x: x.reshape((c_pad,) + x.shape[2:])[:c], (outs, starts))
+
+        def from_chunks(x):
+            if interleave:
+                x = x.swapaxes(0, 1)
+            return x.reshape((c_pad,) + x.shape[2:])[:c]
+
+        outs, starts = jax.tree.map(from_chunks, (outs, starts))
         if order is not None:
             inverse = jnp.argsort(order)
             outs, starts = gather_clients((outs, starts), inverse)

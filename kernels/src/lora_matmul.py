@@ -30,6 +30,17 @@ Lowering: on GPU the kernel is compiled with the Triton backend (selected explic
 GPU, whose ``pallas_call`` route is deprecated; this kernel is written in the Triton model:
 pointer blocks, no scratch buffers, power-of-two loads). On CPU it runs in interpret mode.
 
+On TPU the REFERENCE path runs (XLA:TPU's own fusions); this kernel is Triton-only and no Mosaic
+(TPU Pallas) version exists. Measured with ``benchmarks/lora_tpu_fusion.py`` (XLA:TPU from libtpu
+0.0.42.1 compiling for one v5e chip on a CPU host, 2026-12-06; ``benchmarks/README.md``): the
+compiled reference moves 2.3-4.5x the bytes a fused kernel must move (it writes ``x @ w`` to HBM
+and reads it back to add the LoRA term, and reads ``x`` once per path). At Llama-3-8B shapes
+(4 clients x 2048 tokens, 4096 x 4096 or 14336 x 4096) the op stays compute-bound on v5e
+even so (roofline), so a kernel would not shorten it; at Llama-3.2-1B shapes (16 x 512 tokens,
+2048 x 2048) the forward + backward is memory-bound as compiled (est. 1.07 ms of HBM traffic vs
+0.72 ms of bf16 compute), so a Mosaic kernel could save up to about a third of that op's time:
+worth writing, not written yet (see the README's "Kernels").
+
 Shape rules (checked before tracing, ``ValueError`` naming the value): every block size is a
 power of two >= 16 (Triton ``dot`` minimum) that divides its dimension. Non-divisible shapes are
 REJECTED, not padded (tokens are already padded to a static ``T`` in this library; pad ``T`` and
