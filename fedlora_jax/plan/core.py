@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedlora_jax.models.family import family_of_config, family_of_model_type
 from fedlora_jax.plan import hlo
 from fedlora_jax.plan.chips import Chip, chip_of_topology
 
@@ -192,7 +193,7 @@ def model_config(cfg) -> Any:
         return gguf.config_from_gguf(gguf.read_gguf_metadata(reader), gguf.gguf_tensor_names(reader), **kw)
     model_dir = loading.resolve_model_dir(name, None)
     hf = loading.read_config(model_dir)
-    if hf.get("model_type") in ("bert", "roberta"):
+    if not family_of_model_type(hf.get("model_type")).causal_lm:  # an encoder classifier: head and pooling
         kw["num_labels"] = 2
         names = []
         st = model_dir / "model.safetensors"
@@ -206,7 +207,9 @@ def model_config(cfg) -> Any:
 
 
 def _num_labels(cfg) -> int:
-    if cfg.task != "classification":
+    from fedlora_jax.driver.modes import get_task_mode
+
+    if get_task_mode(cfg.task).causal_lm:
         return 2
     return {"sst2": 2, "ag_news": 4, "agnews": 4}.get(str(cfg.dataset).lower(), 2)
 
@@ -232,31 +235,32 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
     the spec) on ``"clients"``; the server state and key replicated; the frozen base by
     :func:`base_partition_spec` over ``"model"`` when the mesh has one, else replicated.
     """
-    import optax
     from flax import nnx
 
     from fedlora_jax import lora as lora_lib
     from fedlora_jax.algorithms import AlgoContext, build_algorithm
-    from fedlora_jax.driver import run as run_lib
-    from fedlora_jax.driver.tasks import causal_lm_task, classification_task
+    from fedlora_jax.driver import setup as setup_lib
+    from fedlora_jax.driver.config import make_optimizer
+    from fedlora_jax.driver.modes import get_task_mode
     from fedlora_jax.federated import init_server_state, make_round, make_spec
     from fedlora_jax.models import loading
     from fedlora_jax.models.common import split_for_round
 
     NS, P = jax.sharding.NamedSharding, jax.sharding.PartitionSpec
+    mode = get_task_mode(cfg.task)
     mcfg = model_config(cfg)
-    if hasattr(mcfg, "num_labels") and cfg.task == "classification":
+    if not mode.causal_lm:  # an encoder classifier: its head's size
         mcfg = dataclasses.replace(mcfg, num_labels=_num_labels(cfg))
     cls = loading.model_class(mcfg)
     model = nnx.eval_shape(lambda: cls(mcfg, rngs=nnx.Rngs(0)))
     graphdef, base, head = split_for_round(model)
-    lm = cfg.task != "classification"
+    lm = mode.causal_lm
     targets = model.adapter_targets(list(cfg.target_modules))
     keys = tuple(sorted(targets))
-    ranks = run_lib._client_ranks(cfg, np.zeros(cfg.num_clients, int), None)
-    profiles = run_lib._resolve_devices(cfg)
+    ranks = setup_lib._client_ranks(cfg, np.zeros(cfg.num_clients, int), None)
+    profiles = setup_lib._resolve_devices(cfg)
     client_devices = np.array([i % len(profiles) for i in range(cfg.num_clients)], np.int32)
-    shape = run_lib._model_shape(model, cfg, targets, _num_labels(cfg), causal_lm=lm)
+    shape = setup_lib._model_shape(model, cfg, targets, _num_labels(cfg), family=family_of_config(mcfg))
     ctx = AlgoContext(keys=keys, layer_of_key={k: targets[k].layer for k in keys},
                       num_layers=mcfg.num_layers, r_max=cfg.r_max, client_ranks=ranks,
                       client_devices=client_devices, rounds=cfg.rounds, scale=cfg.scale,
@@ -264,7 +268,7 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
                       device_profiles=tuple(profiles), model_shape=shape, batch_size=cfg.batch_size,
                       local_steps=cfg.local_steps, deadline_s=cfg.deadline_s or None)
     algo = build_algorithm(cfg.algorithm, ctx, **cfg.algo)
-    task = (causal_lm_task if lm else classification_task)(graphdef, scale=cfg.scale, remat=cfg.remat)
+    task = mode.make_task(graphdef, cfg)
 
     c = cfg.clients_per_round
     nc = mesh.shape["clients"]
@@ -278,14 +282,14 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
         lora0 = lora_lib.init(jax.random.key(cfg.seed), shapes, cfg.r_max, scheme=algo.init_scheme)
         head0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head)
         state = init_server_state(lora0, head0, algo, num_clients=cfg.num_clients)
-        ids = run_lib.sample_clients(cfg, 0)
+        ids = setup_lib.sample_clients(cfg, 0)
         plan = algo.plan(state, ids, 0)
         spec = make_spec(plan.masks, update_masks=plan.update_masks, num_steps=np.full(c, cfg.local_steps),
                          weight=np.ones(c, np.float32), client_id=ids, num_layers=mcfg.num_layers,
                          depth_mask=plan.depth_mask, device_id=client_devices[ids], layer_of_key=ctx.layer_of_key,
                          global_masks=plan.global_masks)
     static_cut = int(np.min(np.asarray(spec.grad_cut))) if algo.static_cut else None
-    opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg)
     round_fn = make_round(task, algo, optimizer=opt, chunk_size=chunk, static_grad_cut=static_cut,
                           cut_variants=cfg.cut_variants or None, mesh=mesh)
 
@@ -320,13 +324,12 @@ def analytic_flops_per_token(mcfg, targets: dict, seq_len: int, rank: float, *, 
     + attention ``4 T Hq`` + LoRA ``2 r (N + M)`` per adapted module; backward ``2 W + 8 T Hq`` +
     ``4 r (N + M)`` (activation gradients through every layer, no base weight gradients); a
     decoder's LM head ``2 D V`` forward + ``2 D V`` backward. ``remat``: one more forward."""
+    fam = family_of_config(mcfg)
     d, f = mcfg.hidden_size, mcfg.intermediate_size
-    if hasattr(mcfg, "num_kv_heads"):
-        hq, hk = mcfg.num_heads * mcfg.head_dim, mcfg.num_kv_heads * mcfg.head_dim
-        w = d * hq + 2 * d * hk + hq * d + 3 * d * f
-    else:
-        hq = d
-        w = 4 * d * d + 2 * d * f
+    head_dim = getattr(mcfg, "head_dim", d // mcfg.num_heads)
+    kv_heads = getattr(mcfg, "num_kv_heads", mcfg.num_heads)  # grouped-query attention (Llama/Qwen2)
+    hq, hk = mcfg.num_heads * head_dim, kv_heads * head_dim
+    w = d * hq + 2 * d * hk + hq * d + fam.ffn_matrices * d * f
     lora_by_layer: dict[int, float] = {}
     for tinfo in targets.values():
         lora_by_layer[tinfo.layer] = lora_by_layer.get(tinfo.layer, 0.0) + rank * (tinfo.in_features
@@ -336,7 +339,7 @@ def analytic_flops_per_token(mcfg, targets: dict, seq_len: int, rank: float, *, 
         lo = lora_by_layer.get(layer, 0.0)
         fwd = 2 * w + 4 * seq_len * hq + 2 * lo
         total += fwd * (2 if remat else 1) + 2 * w + 8 * seq_len * hq + 4 * lo
-    if hasattr(mcfg, "num_kv_heads") or hasattr(mcfg, "n_positions"):
+    if fam.causal_lm:
         total += 4 * d * mcfg.vocab_size
     return total
 
