@@ -241,7 +241,8 @@ def _jsonable(v):
     return v
 
 
-def _fail(field: str, value, allowed: str):
+def fail_field(field: str, value, allowed: str):
+    """Raise the config's ``ValueError``: the field, its value and what is allowed."""
     raise ValueError(f"config field {field!r} = {value!r} is invalid: expected {allowed}")
 
 
@@ -252,68 +253,68 @@ def validate(cfg: ExperimentConfig) -> None:
     for f in pos_int:
         v = getattr(cfg, f)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            _fail(f, v, "an int >= 1")
+            fail_field(f, v, "an int >= 1")
     for f in ("train_limit", "test_limit", "seed", "natural_test_per_client"):
         v = getattr(cfg, f)
         if not isinstance(v, int) or v < 0:
-            _fail(f, v, "an int >= 0")
+            fail_field(f, v, "an int >= 0")
     if not isinstance(cfg.cut_variants, tuple) or any(
             not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in cfg.cut_variants):
-        _fail("cut_variants", cfg.cut_variants, "a tuple of ints >= 0 (layer indices), e.g. (3, 5)")
+        fail_field("cut_variants", cfg.cut_variants, "a tuple of ints >= 0 (layer indices), e.g. (3, 5)")
     ranks = cfg.eval_distributed_ranks
     if not isinstance(ranks, tuple) or any(
             not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= cfg.r_max for v in ranks):
-        _fail("eval_distributed_ranks", cfg.eval_distributed_ranks, f"a tuple of ranks in [1, r_max={cfg.r_max}]")
+        fail_field("eval_distributed_ranks", cfg.eval_distributed_ranks, f"a tuple of ranks in [1, r_max={cfg.r_max}]")
     if cfg.client_state not in ("device", "host"):
-        _fail("client_state", cfg.client_state, "'device' or 'host'")
+        fail_field("client_state", cfg.client_state, "'device' or 'host'")
     if cfg.clients_per_round > cfg.num_clients:
-        _fail("clients_per_round", cfg.clients_per_round, f"<= num_clients ({cfg.num_clients})")
+        fail_field("clients_per_round", cfg.clients_per_round, f"<= num_clients ({cfg.num_clients})")
     try:
         name = canonical_name(cfg.algorithm)
     except (TypeError, ValueError):
         names = ALGORITHMS + tuple(ALIASES)
-        _fail("algorithm", cfg.algorithm, f"one of {ALGORITHMS} or an alias of {sorted(ALIASES)}"
+        fail_field("algorithm", cfg.algorithm, f"one of {ALGORITHMS} or an alias of {sorted(ALIASES)}"
               f"{_suggest(str(cfg.algorithm).strip().lower(), names)}")
     build_options(BUILDERS[name], cfg.algo, name)
     _validate_groups(cfg)
     if cfg.partition not in PARTITIONS:
-        _fail("partition", cfg.partition, f"one of {PARTITIONS}{_suggest(cfg.partition, PARTITIONS)}")
+        fail_field("partition", cfg.partition, f"one of {PARTITIONS}{_suggest(cfg.partition, PARTITIONS)}")
     if cfg.partition == "dirichlet" and not cfg.dirichlet_alpha > 0:
-        _fail("dirichlet_alpha", cfg.dirichlet_alpha, "a float > 0")
+        fail_field("dirichlet_alpha", cfg.dirichlet_alpha, "a float > 0")
     if cfg.batch_policy not in ("epoch", "exact"):
-        _fail("batch_policy", cfg.batch_policy, "'epoch' or 'exact'")
+        fail_field("batch_policy", cfg.batch_policy, "'epoch' or 'exact'")
     for r in cfg.client_ranks:
         if not isinstance(r, int) or r < 1 or r > cfg.r_max:
-            _fail("client_ranks", cfg.client_ranks, f"ints in [1, r_max={cfg.r_max}]")
+            fail_field("client_ranks", cfg.client_ranks, f"ints in [1, r_max={cfg.r_max}]")
     if cfg.rank_order not in RANK_ORDERS:
-        _fail("rank_order", cfg.rank_order, f"one of {RANK_ORDERS}{_suggest(cfg.rank_order, RANK_ORDERS)}")
+        fail_field("rank_order", cfg.rank_order, f"one of {RANK_ORDERS}{_suggest(cfg.rank_order, RANK_ORDERS)}")
     if cfg.rank_order == "label_entropy" and not cfg.client_ranks:
-        _fail("rank_order", cfg.rank_order, "client_ranks to reorder and a labelled task (not causal_lm)")
+        fail_field("rank_order", cfg.rank_order, "client_ranks to reorder and a labelled task (not causal_lm)")
     if not cfg.target_modules:
-        _fail("target_modules", cfg.target_modules, "at least one module name")
+        fail_field("target_modules", cfg.target_modules, "at least one module name")
     if not cfg.lr > 0:
-        _fail("lr", cfg.lr, "a float > 0")
+        fail_field("lr", cfg.lr, "a float > 0")
     if cfg.weight_decay < 0:
-        _fail("weight_decay", cfg.weight_decay, "a float >= 0")
+        fail_field("weight_decay", cfg.weight_decay, "a float >= 0")
     _validate_optimizer(cfg)
     ls = cfg.label_smoothing
     if not isinstance(ls, (int, float)) or isinstance(ls, bool) or not 0 <= ls < 1:
-        _fail("label_smoothing", ls, "a float in [0, 1)")
+        fail_field("label_smoothing", ls, "a float in [0, 1)")
     if not 0 <= cfg.dropout_prob < 1:
-        _fail("dropout_prob", cfg.dropout_prob, "a float in [0, 1)")
+        fail_field("dropout_prob", cfg.dropout_prob, "a float in [0, 1)")
     if cfg.deadline_s < 0:
-        _fail("deadline_s", cfg.deadline_s, "a float >= 0 (0 = no deadline)")
+        fail_field("deadline_s", cfg.deadline_s, "a float >= 0 (0 = no deadline)")
     if cfg.dtype not in ("float32", "bfloat16"):
-        _fail("dtype", cfg.dtype, "'float32' or 'bfloat16'")
+        fail_field("dtype", cfg.dtype, "'float32' or 'bfloat16'")
     if not cfg.device_mix:
-        _fail("device_mix", cfg.device_mix, "at least one device profile name")
+        fail_field("device_mix", cfg.device_mix, "at least one device profile name")
     for f in ("norm_barrier", "merged_lora"):
         if getattr(cfg, f) not in ("auto", "on", "off"):
-            _fail(f, getattr(cfg, f), "'auto', 'on' or 'off'")
+            fail_field(f, getattr(cfg, f), "'auto', 'on' or 'off'")
     for f in ("device_drift", "device_noise"):
         v = getattr(cfg, f)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 10:
-            _fail(f, v, "a float in [0, 10)")
+            fail_field(f, v, "a float in [0, 10)")
     _validate_task(cfg)
 
 
@@ -323,23 +324,23 @@ def _validate_task(cfg: ExperimentConfig) -> None:
     modes = task_modes()
     if cfg.task not in modes:
         names = tuple(modes)
-        _fail("task", cfg.task, f"one of {names}{_suggest(cfg.task, names)}")
+        fail_field("task", cfg.task, f"one of {names}{_suggest(cfg.task, names)}")
     if cfg.lm_loss not in LM_LOSSES:
-        _fail("lm_loss", cfg.lm_loss, f"one of {LM_LOSSES}")
+        fail_field("lm_loss", cfg.lm_loss, f"one of {LM_LOSSES}")
     if not isinstance(cfg.chat_template, bool):
-        _fail("chat_template", cfg.chat_template, "True or False")
+        fail_field("chat_template", cfg.chat_template, "True or False")
     for f, lo in (("generate_samples", 0), ("generate_max_new_tokens", 1), ("natural_min_lines", 1)):
         v = getattr(cfg, f)
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            _fail(f, v, f"an int >= {lo}")
+            fail_field(f, v, f"an int >= {lo}")
     t = cfg.generate_temperature
     if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
-        _fail("generate_temperature", t, "a float >= 0 (0 = greedy)")
+        fail_field("generate_temperature", t, "a float >= 0 (0 = greedy)")
     if cfg.natural_test_per_client and cfg.dataset not in NATURAL_DATASETS:
-        _fail("natural_test_per_client", cfg.natural_test_per_client, f"0 unless the dataset comes with clients "
+        fail_field("natural_test_per_client", cfg.natural_test_per_client, f"0 unless the dataset comes with clients "
               f"({NATURAL_DATASETS}), got dataset={cfg.dataset!r}")
     if cfg.partition == "natural" and cfg.dataset not in NATURAL_DATASETS:
-        _fail("partition", cfg.partition, f"a dataset that comes with clients ({NATURAL_DATASETS}), got "
+        fail_field("partition", cfg.partition, f"a dataset that comes with clients ({NATURAL_DATASETS}), got "
               f"dataset={cfg.dataset!r}")
     modes[cfg.task].validate(cfg)
 
@@ -354,23 +355,23 @@ def _optimizer_parameters(name: str) -> dict:
 
 def _validate_optimizer(cfg: ExperimentConfig) -> None:
     if cfg.optimizer not in OPTIMIZERS:
-        _fail("optimizer", cfg.optimizer, f"one of {OPTIMIZERS}{_suggest(str(cfg.optimizer), OPTIMIZERS)}")
+        fail_field("optimizer", cfg.optimizer, f"one of {OPTIMIZERS}{_suggest(str(cfg.optimizer), OPTIMIZERS)}")
     if not isinstance(cfg.optimizer_options, dict):
-        _fail("optimizer_options", cfg.optimizer_options, "a dict of keyword options")
+        fail_field("optimizer_options", cfg.optimizer_options, "a dict of keyword options")
     params = _optimizer_parameters(cfg.optimizer)
     for key, value in cfg.optimizer_options.items():
         if key in ("learning_rate", "weight_decay"):
-            _fail("optimizer_options", cfg.optimizer_options, f"no {key!r} (set the config field "
+            fail_field("optimizer_options", cfg.optimizer_options, f"no {key!r} (set the config field "
                   f"{'lr' if key == 'learning_rate' else key!r} instead)")
         if key not in params:
             known = sorted(set(params) - {"learning_rate", "weight_decay"})
-            _fail("optimizer_options", cfg.optimizer_options, f"options of optax.{cfg.optimizer} ({known}); "
+            fail_field("optimizer_options", cfg.optimizer_options, f"options of optax.{cfg.optimizer} ({known}); "
                   f"{key!r} is not one{_suggest(str(key), tuple(known))}")
         if not isinstance(value, (bool, int, float, str, type(None))):
-            _fail("optimizer_options", cfg.optimizer_options, f"plain values (numbers, strings, booleans, None); "
+            fail_field("optimizer_options", cfg.optimizer_options, f"plain values (numbers, strings, booleans, None); "
                   f"{key!r} is a {type(value).__name__}")
     if cfg.weight_decay and "weight_decay" not in params:
-        _fail("weight_decay", cfg.weight_decay, f"0.0 with optimizer={cfg.optimizer!r} (optax.{cfg.optimizer} "
+        fail_field("weight_decay", cfg.weight_decay, f"0.0 with optimizer={cfg.optimizer!r} (optax.{cfg.optimizer} "
               "takes no weight_decay; use 'adamw', 'lion', 'adafactor', ...)")
 
 
@@ -393,13 +394,13 @@ def _validate_groups(cfg: ExperimentConfig) -> None:
         if (not isinstance(g, (tuple, list)) or len(g) != 3 or not isinstance(g[0], int) or g[0] < 1
                 or not isinstance(g[1], (int, float)) or not g[1] > 0 or not isinstance(g[2], int)
                 or not 1 <= g[2] <= cfg.r_max):
-            _fail("client_groups", cfg.client_groups, want)
+            fail_field("client_groups", cfg.client_groups, want)
     if sum(g[0] for g in cfg.client_groups) != cfg.num_clients:
-        _fail("client_groups", cfg.client_groups, f"group sizes summing to num_clients ({cfg.num_clients})")
+        fail_field("client_groups", cfg.client_groups, f"group sizes summing to num_clients ({cfg.num_clients})")
     if cfg.client_ranks:
-        _fail("client_groups", cfg.client_groups, "no client_ranks beside it (groups carry their ranks)")
+        fail_field("client_groups", cfg.client_groups, "no client_ranks beside it (groups carry their ranks)")
     if cfg.partition != "dirichlet":
-        _fail("client_groups", cfg.client_groups, "partition='dirichlet' (each group has its own alpha)")
+        fail_field("client_groups", cfg.client_groups, "partition='dirichlet' (each group has its own alpha)")
 
 
 def _suggest(word: str, choices) -> str:
@@ -478,7 +479,7 @@ def from_dict(d: dict) -> ExperimentConfig:
     for k, v in d.items():
         if isinstance(getattr(defaults, k), tuple):
             if not isinstance(v, (list, tuple)):
-                _fail(k, v, "a list")
+                fail_field(k, v, "a list")
             v = tuple(v)
         kw[k] = v
     return ExperimentConfig(**kw)

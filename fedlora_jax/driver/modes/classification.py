@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedlora_jax.driver.config import fail_field as fail
 from fedlora_jax.driver.modes import TaskData, TaskMode, headline_summary
-
-
-def fail(field: str, value, allowed: str):
-    raise ValueError(f"config field {field!r} = {value!r} is invalid: expected {allowed}")
 
 
 def validate(cfg) -> None:
