@@ -41,7 +41,7 @@ NATURAL_DATASETS = ("shakespeare",)
 _ENGINE_FIELDS = ("cut_variants", "client_state")
 _LATE_FIELDS = ("task", "lm_loss", "chat_template", "generate_samples", "generate_max_new_tokens",
                 "generate_temperature", "natural_min_lines", "natural_test_per_client", "eval_distributed_ranks",
-                "optimizer", "optimizer_options", "label_smoothing")
+                "optimizer", "optimizer_options", "label_smoothing", "freeze_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,12 @@ class ExperimentConfig:
         ``weight_decay > 0`` with an optimizer that takes none is refused.
       label_smoothing: classification's cross-entropy against labels smoothed by this much
         (``optax.smooth_labels``; 0 = none; token-loss tasks refuse it).
+      freeze_head: the classifier head stays at its initialization (the same in every arm of a
+        seed: it comes from the seed) and does not travel: the optimizer's head updates are set
+        to zero (``optax.multi_transform``, so weight decay and momentum cannot move it) and
+        the traffic counts the adapter alone. The control of the FFA-LoRA line of work: every
+        accuracy gain is the adapters'. Classification only; a run whose algorithm trains no adapter
+        slot in its first round (the head-only control) is refused: nothing would train.
       lr, weight_decay, seed, chunk_size (an upper bound: the driver lowers it to fit the
       device's memory and, on CPU, to ``federated.cpu_cache_chunk_cap``), eval_every,
       eval_batch_size, checkpoint_every, dtype (compute dtype ``float32 | bfloat16``),
@@ -182,6 +188,7 @@ class ExperimentConfig:
     optimizer: str = "adamw"
     optimizer_options: dict = dataclasses.field(default_factory=dict)
     label_smoothing: float = 0.0
+    freeze_head: bool = False
     seed: int = 0
     chunk_size: int = 8
     eval_every: int = 1
@@ -300,6 +307,8 @@ def validate(cfg: ExperimentConfig) -> None:
     ls = cfg.label_smoothing
     if not isinstance(ls, (int, float)) or isinstance(ls, bool) or not 0 <= ls < 1:
         fail_field("label_smoothing", ls, "a float in [0, 1)")
+    if not isinstance(cfg.freeze_head, bool):
+        fail_field("freeze_head", cfg.freeze_head, "True or False")
     if not 0 <= cfg.dropout_prob < 1:
         fail_field("dropout_prob", cfg.dropout_prob, "a float in [0, 1)")
     if cfg.deadline_s < 0:
@@ -383,7 +392,12 @@ def make_optimizer(cfg: ExperimentConfig):
     kwargs = dict(cfg.optimizer_options)
     if "weight_decay" in _optimizer_parameters(cfg.optimizer):
         kwargs["weight_decay"] = cfg.weight_decay
-    return getattr(optax, cfg.optimizer)(learning_rate=cfg.lr, **kwargs)
+    inner = getattr(optax, cfg.optimizer)(learning_rate=cfg.lr, **kwargs)
+    if not cfg.freeze_head:
+        return inner
+    # the trainable tree is {"lora": ..., "head": ...}: the head's updates are exactly zero
+    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()},
+                                 lambda tr: {k: "frozen" if k == "head" else "train" for k in tr})
 
 
 def _validate_groups(cfg: ExperimentConfig) -> None:

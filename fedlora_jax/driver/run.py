@@ -171,7 +171,11 @@ def _plan_round(setup, state, r: int, ids, num_steps, num_examples):
     dropped = np.random.default_rng([cfg.seed, r, DROPOUT_STREAM]).random(len(ids)) < cfg.dropout_prob
     weights = np.where(dropped, 0.0, num_examples.astype(np.float32))
     spec = client_spec(setup, plan, ids, num_steps, weights)
-    bytes_up, bytes_down = round_bytes(setup.algo.aggregator, state.lora, state.head, spec.update_masks, spec.masks)
+    if cfg.freeze_head and r == 0 and not any(np.any(np.asarray(m)) for m in spec.update_masks.values()):
+        raise ValueError(f"config field 'freeze_head' = True: algorithm {cfg.algorithm!r} trains no adapter slot "
+                         "in round 0, so with the head frozen nothing would train (set freeze_head=False)")
+    head = {} if cfg.freeze_head else state.head  # a frozen head never travels
+    bytes_up, bytes_down = round_bytes(setup.algo.aggregator, state.lora, head, spec.update_masks, spec.masks)
     flops, times, energy, report = simulate_devices(setup, spec, ids, r, bytes_up, bytes_down)
     round_s, kept = dev_lib.round_time(np.asarray(times.total_s), cfg.deadline_s or None, valid=weights > 0)
     stragglers = (weights > 0) & ~np.asarray(kept)

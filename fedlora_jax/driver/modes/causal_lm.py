@@ -28,6 +28,9 @@ def validate_token_loss(cfg) -> None:
     if cfg.label_smoothing:
         fail("label_smoothing", cfg.label_smoothing, f"0.0 for task={cfg.task!r} (it smooths class labels; "
              "this task's loss is per token)")
+    if cfg.freeze_head:
+        fail("freeze_head", cfg.freeze_head, f"False for task={cfg.task!r} (it has no trainable head: the LM head "
+             "is the frozen, tied embedding)")
 
 
 def _natural_clients(cfg):

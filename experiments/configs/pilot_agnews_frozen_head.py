@@ -1,0 +1,48 @@
+"""Pilot (issue 32): Byun & Lee's AG News setting with the classifier head frozen.
+
+Question: in the Byun & Lee comparison (MiniLM-L6, AG News, 40 clients in two data-quality
+groups, ranks 16/4, 20 rounds) the trained head alone ends within 0.007 of every LoRA arm, so
+no aggregation rule can show a difference there. With the head frozen at its initialization
+(one per seed, the same in every arm: ``freeze_head=True``, the control of the FFA-LoRA line of
+work) the adapters carry all of the learning. Do they learn enough to compare aggregation rules,
+i.e. does the plainest LoRA arm end at least 0.05 above the frozen head alone (its own accuracy
+before training; 3 binomial standard errors of 1,000 test articles at 0.5 is 0.047)?
+
+Arms (paired by seed):
+  zero_padding_frozen  FedIT with Byun & Lee's heterogeneous ranks (16 / 4), head frozen
+  head_only            the trained head alone (no adapter): context, the old setting's control
+
+Runbook:
+  command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/pilot_agnews_frozen_head.py
+            (2 arms x 2 seeds = 4 runs, resumable; results in experiments/results/pilot_agnews_frozen_head/)
+  hardware: CPU, 2 cores (no accelerator)
+  runtime:  each run's ``wall_s`` in its summary.json, the total on the results page.
+  decision: keep the frozen-head setting for the rebuilt Byun & Lee comparison only if
+            zero_padding_frozen's last-3 accuracy minus its own before-training accuracy is at
+            least 0.05 in both seeds.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from fedlora_jax.driver.config import ExperimentConfig
+
+_spec = importlib.util.spec_from_file_location("byun_lee_config", Path(__file__).with_name("byun_lee.py"))
+byun_lee = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(byun_lee)
+
+SEEDS = (0, 1)
+METHODS = {
+    "zero_padding_frozen": {"algorithm": "fedit", "freeze_head": True},
+    "head_only": {"algorithm": "head_only"},
+}
+#: make_results: the pilot's rule: ``arm`` minus ``control`` (an arm, or "initial": the arm's own
+#: accuracy before training) on ``metric``, at least ``min_gain`` in every seed.
+PILOT = {"arm": "zero_padding_frozen", "control": "initial", "metric": "last3_acc", "min_gain": 0.05}
+
+
+def get_config(variant: str = "full") -> ExperimentConfig:
+    import dataclasses
+
+    cfg = byun_lee.get_config(variant)
+    return dataclasses.replace(cfg, name=cfg.name.replace("byun_lee", "pilot_agnews_frozen_head"))
