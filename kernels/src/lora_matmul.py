@@ -30,16 +30,11 @@ Lowering: on GPU the kernel is compiled with the Triton backend (selected explic
 GPU, whose ``pallas_call`` route is deprecated; this kernel is written in the Triton model:
 pointer blocks, no scratch buffers, power-of-two loads). On CPU it runs in interpret mode.
 
-On TPU the REFERENCE path runs (XLA:TPU's own fusions); this kernel is Triton-only and no Mosaic
-(TPU Pallas) version exists. Measured with ``benchmarks/lora_tpu_fusion.py`` (XLA:TPU from libtpu
-0.0.42.1 compiling for one v5e chip on a CPU host, 2026-12-06; ``benchmarks/README.md``): the
-compiled reference moves 2.3-4.5x the bytes a fused kernel must move (it writes ``x @ w`` to HBM
-and reads it back to add the LoRA term, and reads ``x`` once per path). At Llama-3-8B shapes
-(4 clients x 2048 tokens, 4096 x 4096 or 14336 x 4096) the op stays compute-bound on v5e
-even so (roofline), so a kernel would not shorten it; at Llama-3.2-1B shapes (16 x 512 tokens,
-2048 x 2048) the forward + backward is memory-bound as compiled (est. 1.07 ms of HBM traffic vs
-0.72 ms of bf16 compute), so a Mosaic kernel could save up to about a third of that op's time:
-worth writing, not written yet (see the README's "Kernels").
+On TPU, ``backend="mosaic"`` (what ``"auto"`` picks there) runs the Mosaic (TPU Pallas) twin of
+this kernel, :mod:`fedlora_jax.kernels.lora_matmul_tpu`, written because the compiled reference
+moves 2.3-4.5x the bytes a fused kernel must move on v5e (``benchmarks/lora_tpu_fusion.py``;
+numbers in ``kernels/README.md``). The library's models call the REFERENCE path on every backend
+(``lora_linear(impl="reference")``, XLA's fusions); a kernel is opt-in.
 
 Shape rules (checked before tracing, ``ValueError`` naming the value): every block size is a
 power of two >= 16 (Triton ``dot`` minimum) that divides its dimension. Non-divisible shapes are
@@ -64,7 +59,7 @@ from fedlora_jax.lora import LoraFactors, apply
 Array = jax.Array
 
 IMPLS = ("reference", "pallas")
-BACKENDS = ("auto", "triton")
+BACKENDS = ("auto", "triton", "mosaic")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 MIN_BLOCK = 16  # Triton's tl.dot needs every operand dim >= 16.
 
@@ -328,15 +323,30 @@ def _fused_lora_bwd(static: _Static, res, dy):
 _fused_lora.defvjp(_fused_lora_fwd, _fused_lora_bwd)
 
 
-def _resolve_interpret(interpret: bool | None, backend: str) -> bool:
+def _resolve_backend(backend: str) -> str:
+    """``"triton"`` or ``"mosaic"``: ``"auto"`` is Mosaic on TPU, Triton elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (Mosaic GPU is not "
                          "implemented: pl.pallas_call for Mosaic GPU is deprecated in jax 0.10)")
+    if backend == "auto":
+        return "mosaic" if jax.default_backend() == "tpu" else "triton"
+    return backend
+
+
+def _resolve_interpret(interpret: bool | None, backend: str) -> bool:
+    """Interpret mode unless the backend's compiler is there (Triton: a GPU; Mosaic: a TPU)."""
     platform = jax.default_backend()
+    if backend == "mosaic":
+        if interpret is None:
+            interpret = platform != "tpu"
+        if not interpret and platform != "tpu":
+            raise ValueError(f"the compiled Mosaic kernel needs a TPU, but the default backend is {platform!r}; "
+                             "pass interpret=True or use impl='reference'")
+        return bool(interpret)
     if interpret is None:
         interpret = platform != "gpu"
     if not interpret and platform != "gpu":
-        raise ValueError(f"the compiled Pallas kernel needs a GPU (Triton), but the default "
+        raise ValueError(f"the compiled Triton kernel needs a GPU, but the default "
                          f"backend is {platform!r}; pass interpret=True or use impl='reference'")
     return bool(interpret)
 
@@ -357,8 +367,11 @@ def fused_lora_linear(x: Array, w: Array, a: Array, b: Array, mask: Array | None
         ``None`` takes them from :data:`BLOCK_CONFIGS` / the default (see :func:`block_config`).
         The backward ``dx`` kernel keeps ``block_t`` and resolves its own ``block_m``/``block_n``
         for the transposed problem ``(dtype, M, N, R)``.
-      interpret: ``None`` = interpret mode unless the default backend is GPU.
-      backend: ``"auto"`` or ``"triton"`` (both compile with Triton on GPU).
+      interpret: ``None`` = interpret mode unless the backend's compiler is present (a GPU for
+        Triton, a TPU for Mosaic).
+      backend: ``"triton"``, ``"mosaic"`` (:func:`fedlora_jax.kernels.lora_matmul_tpu.fused_lora_linear_tpu`:
+        ``block_n`` does not apply, the contraction is never split) or ``"auto"`` (Mosaic on
+        TPU, Triton elsewhere).
 
     Returns:
       ``[C, T, M]`` in ``x.dtype``; products accumulate in float32.
@@ -371,7 +384,15 @@ def fused_lora_linear(x: Array, w: Array, a: Array, b: Array, mask: Array | None
     scale = _check_scale(scale)
     if jnp.dtype(x.dtype).name not in SUPPORTED_DTYPES:
         raise TypeError(f"x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    backend = _resolve_backend(backend)
     interpret = _resolve_interpret(interpret, backend)
+    if backend == "mosaic":
+        if block_n is not None:
+            raise ValueError("block_n does not apply to backend='mosaic' (its blocks hold the whole contraction)")
+        from fedlora_jax.kernels.lora_matmul_tpu import fused_lora_linear_tpu
+
+        return fused_lora_linear_tpu(x, w, a, b, mask, scale=scale, block_t=block_t, block_m=block_m,
+                                     interpret=interpret)
     _, t, n = x.shape
     m, r = w.shape[1], a.shape[-1]
     fwd = block_config(x.dtype, n, m, r, t, block_t=block_t, block_m=block_m, block_n=block_n)
