@@ -75,6 +75,9 @@ from run_comparison import load_module, run_name, sweep_items  # noqa: E402
 from fedlora_jax._atomic import atomic_write_bytes  # noqa: E402
 
 COMPARISONS = ("byun_lee", "hafl", "hafl_rank_skew", "hafl_llm", "fedara", "fedara_prune", "legend")
+#: Pilots (issue 32): before a comparison is rebuilt in a new setting, does the setting leave the
+#: adapters room? Each config's ``PILOT`` rule decides it (see :func:`pilot_rows`).
+PILOTS = ("pilot_sst2", "pilot_agnews_frozen_head")
 MB = 1e6
 TO_TARGET = ("rounds_to_target", "mb_to_target", "sim_s_to_target")
 TOTALS = ("total_mb", "total_sim_s", "total_energy_kj")
@@ -1011,7 +1014,58 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
                                  "margin", "seeds", "verdict"], rows), ""])
 
 
-def write_page(results: Path, configs: Path, readme: Path, preamble: Path, names=COMPARISONS) -> str:
+def pilot_rows(module, groups: dict) -> tuple[list[dict], bool | None]:
+    """Per seed of a pilot: the arm's metric, the control's (an arm, or ``"initial"``: the arm's
+    own evaluation before training) and the gain; and the decision: ``True`` when every seed
+    with both gains at least ``PILOT["min_gain"]`` (``None`` with no finished pair)."""
+    rule = module.PILOT
+    arm = groups.get((rule["arm"], None), {})
+    rows = []
+    for seed in sorted(arm):
+        if rule["control"] == "initial":
+            ctrl = metric_value(arm[seed], "initial_acc")
+        elif seed in groups.get((rule["control"], None), {}):
+            ctrl = metric_value(groups[(rule["control"], None)][seed], rule["metric"])
+        else:
+            continue
+        val = metric_value(arm[seed], rule["metric"])
+        rows.append({"seed": seed, "arm": val, "control": ctrl, "gain": val - ctrl})
+    return rows, (all(r["gain"] >= rule["min_gain"] for r in rows) if rows else None)
+
+
+def pilot_section(names, results: Path, config_dir: Path) -> str:
+    """The pilots' table: per pilot and seed, arm vs control and the keep / drop decision."""
+    out = []
+    for name in names:
+        if not (results / name).is_dir():
+            continue
+        module, groups = load_comparison(results, name, config_dir)
+        rule = module.PILOT
+        rows, keep = pilot_rows(module, groups)
+        ctrl = "its own accuracy before training" if rule["control"] == "initial" else f"`{rule['control']}`"
+        decision = {True: "**keep** (the gain reaches the bar in every seed)",
+                    False: "**drop** (a seed falls short of the bar)", None: "pending (no finished pair)"}[keep]
+        other = [f"`{label}` {fmt(mean_std([metric_value(r, rule['metric']) for r in runs.values()]))}"
+                 for (label, _), runs in sorted(groups.items()) if label not in (rule["arm"], rule["control"])]
+        out += [f"### `{name}`", "", (module.__doc__ or "").strip().splitlines()[0], "",
+                f"Rule: `{rule['arm']}` minus {ctrl} on `{rule['metric']}`, at least {rule['min_gain']} in every "
+                f"seed. Decision: {decision}. CPU time of the finished runs: "
+                f"{wall_minutes(results, name, module):.1f} min.", "",
+                _md_table(["seed", f"`{rule['arm']}`", "control", "gain"],
+                          [[str(r["seed"]), _num(r["arm"]), _num(r["control"]), _num(r["gain"])] for r in rows]), ""]
+        if other:
+            out += ["Other arms (mean ± sd over seeds): " + ", ".join(other) + ".", ""]
+    if not out:
+        return ""
+    return "\n".join(["## Pilots: does a setting leave the adapters room?", "",
+                      "Before a comparison is rebuilt in a new setting (issue 32), a pilot runs the plainest LoRA "
+                      "arm against the control in 2 seeds; the setting is kept only if the adapters add at least "
+                      "0.05 accuracy (more than 3 binomial standard errors of the test set) in every seed.", "",
+                      *out])
+
+
+def write_page(results: Path, configs: Path, readme: Path, preamble: Path, names=COMPARISONS,
+               pilots=PILOTS) -> str:
     """Render the page (preamble, rules, overview, one section per comparison with results), write
     it atomically to ``readme`` and delete the PNGs in ``results/plots`` the page no longer shows
     (a plot of a removed arm or sweep value would otherwise sit there as if current). Returns it."""
@@ -1020,6 +1074,7 @@ def write_page(results: Path, configs: Path, readme: Path, preamble: Path, names
     for name in names:
         if (results / name).is_dir():
             parts.append(section(name, results, configs, results / "plots"))
+    parts.append(pilot_section(pilots, results, configs))
     page = "\n".join(parts)
     shown = set(re.findall(r"\(results/plots/([^)\s]+\.png)\)", page))
     for png in sorted((results / "plots").glob("*.png")):
