@@ -1016,8 +1016,9 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
 
 def pilot_rows(module, groups: dict) -> tuple[list[dict], bool | None]:
     """Per seed of a pilot: the arm's metric, the control's (an arm, or ``"initial"``: the arm's
-    own evaluation before training) and the gain; and the decision: ``True`` when every seed
-    with both gains at least ``PILOT["min_gain"]`` (``None`` with no finished pair)."""
+    own evaluation before training) and the gain; and the decision: ``False`` as soon as a seed
+    gains less than ``PILOT["min_gain"]``, ``True`` when every seed of ``SEEDS`` has finished
+    and gains at least that, else ``None`` (pending)."""
     rule = module.PILOT
     arm = groups.get((rule["arm"], None), {})
     rows = []
@@ -1030,7 +1031,9 @@ def pilot_rows(module, groups: dict) -> tuple[list[dict], bool | None]:
             continue
         val = metric_value(arm[seed], rule["metric"])
         rows.append({"seed": seed, "arm": val, "control": ctrl, "gain": val - ctrl})
-    return rows, (all(r["gain"] >= rule["min_gain"] for r in rows) if rows else None)
+    if any(r["gain"] < rule["min_gain"] for r in rows):
+        return rows, False
+    return rows, (True if len(rows) == len(module.SEEDS) else None)
 
 
 def pilot_section(names, results: Path, config_dir: Path) -> str:
@@ -1044,7 +1047,8 @@ def pilot_section(names, results: Path, config_dir: Path) -> str:
         rows, keep = pilot_rows(module, groups)
         ctrl = "its own accuracy before training" if rule["control"] == "initial" else f"`{rule['control']}`"
         decision = {True: "**keep** (the gain reaches the bar in every seed)",
-                    False: "**drop** (a seed falls short of the bar)", None: "pending (no finished pair)"}[keep]
+                    False: "**drop** (a seed falls short of the bar)",
+                    None: "pending (not every seed has finished)"}[keep]
         other = [f"`{label}` {fmt(mean_std([metric_value(r, rule['metric']) for r in runs.values()]))}"
                  for (label, _), runs in sorted(groups.items()) if label not in (rule["arm"], rule["control"])]
         out += [f"### `{name}`", "", (module.__doc__ or "").strip().splitlines()[0], "",
@@ -1052,9 +1056,12 @@ def pilot_section(names, results: Path, config_dir: Path) -> str:
                 f"seed. Decision: {decision}. CPU time of the finished runs: "
                 f"{wall_minutes(results, name, module):.1f} min.", "",
                 _md_table(["seed", f"`{rule['arm']}`", "control", "gain"],
-                          [[str(r["seed"]), _num(r["arm"]), _num(r["control"]), _num(r["gain"])] for r in rows]), ""]
+                          [[str(r["seed"]), f"{r['arm']:.3f}", f"{r['control']:.3f}", _num(r["gain"])] for r in rows]),
+                ""]
         if other:
             out += ["Other arms (mean ± sd over seeds): " + ", ".join(other) + ".", ""]
+        if getattr(module, "FINDINGS", None):
+            out += [f"Reading: {module.FINDINGS}", ""]
     if not out:
         return ""
     return "\n".join(["## Pilots: does a setting leave the adapters room?", "",

@@ -652,16 +652,21 @@ def test_pilot_rows_against_an_arm_and_against_the_initial_accuracy():
 
     groups = {("lora", None): {0: _run([0.6, 0.7, 0.8, 0.9], sim=1.0), 1: _run([0.6, 0.7, 0.72, 0.74])},
               ("head", None): {0: _run([0.6, 0.7, 0.8, 0.8]), 1: _run([0.6, 0.7, 0.7, 0.7])}}
-    against_arm = types.SimpleNamespace(PILOT={"arm": "lora", "control": "head", "metric": "last3_acc",
-                                               "min_gain": 0.05})
+    against_arm = types.SimpleNamespace(SEEDS=(0, 1), PILOT={"arm": "lora", "control": "head",
+                                                             "metric": "last3_acc", "min_gain": 0.05})
     rows, keep = make_results.pilot_rows(against_arm, groups)
     # last3: seed 0: (0.7 + 0.8 + 0.9) / 3 = 0.8 vs (0.7 + 0.8 + 0.8) / 3 = 0.7667; seed 1: 0.72 vs 0.7
     assert [r["seed"] for r in rows] == [0, 1]
     assert rows[0]["gain"] == pytest.approx(0.8 - 2.3 / 3) and rows[1]["gain"] == pytest.approx(0.02)
     assert keep is False  # 0.033 and 0.02 fall short of 0.05
-    against_start = types.SimpleNamespace(PILOT={"arm": "lora", "control": "initial", "metric": "last3_acc",
-                                                 "min_gain": 0.05})
+    against_start = types.SimpleNamespace(SEEDS=(0, 1), PILOT={"arm": "lora", "control": "initial",
+                                                               "metric": "last3_acc", "min_gain": 0.05})
     rows, keep = make_results.pilot_rows(against_start, groups)
     # the control is each run's round -1 evaluation (0.5): gains 0.3 and 0.22
     assert [round(r["gain"], 6) for r in rows] == [0.3, 0.22] and keep is True
     assert make_results.pilot_rows(against_arm, {("lora", None): groups[("lora", None)]}) == ([], None)
+    # one seed of two finished and above the bar: pending; below it: already a drop
+    one = {k: {0: runs[0]} for k, runs in groups.items()}
+    assert make_results.pilot_rows(against_start, one)[1] is None
+    assert make_results.pilot_rows(against_arm, {("lora", None): {1: groups[("lora", None)][1]},
+                                                 ("head", None): groups[("head", None)]})[1] is False
