@@ -64,6 +64,15 @@ def rows(which: str) -> list:
     if which in ("strong", "all"):
         for c in (8, 64, 256, 1024):
             out.append(("strong", "smollm2-135m", "v5e:4x4", None, max(c, 16), dict(chunk=16)))
+    if which in ("weak4", "all"):
+        # 4 clients per chip: up to C = 1,024 clients per round on a v5e:16x16 (256 chips)
+        for topo in ("v5e:2x2", "v5e:4x4", "v5e:8x8", "v5e:16x16"):
+            n = chips_of(topo)
+            out.append(("weak4", "smollm2-135m", topo, None, 4 * n, dict(chunk=n)))
+    if which in ("strong-2x2", "all"):
+        # the smallest slice held fixed from C = 8 (2 clients per chip) to 1,024 (256 per chip)
+        for c in (8, 64, 1024):
+            out.append(("strong-2x2", "smollm2-135m", "v5e:2x2", None, c, dict(chunk=4)))
     if which in ("big", "all"):
         out.append(("big", "llama-3-8b", "v5e:4x4", "clients=4,model=4", 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3-8b", "v5p:2x2x1", None, 64, dict(seq=512, chunk=4)))
@@ -145,7 +154,7 @@ def table(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="smoke",
-                   choices=("smoke", "weak", "strong", "big", "weak-model", "nofit", "sharding", "gens", "all"))
+                   choices=("smoke", "weak", "weak4", "strong", "strong-2x2", "big", "weak-model", "nofit", "sharding", "gens", "all"))
     p.add_argument("--out", default="benchmarks/results/tpu_plan.jsonl")
     p.add_argument("--base-sharding", default="megatron")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers.tiny_bert import write_tiny_bert
+from helpers.tiny_bert import write_tiny_bert, write_tiny_sentiment
 
 from fedlora_jax.driver import checkpoint
 from fedlora_jax.driver.config import ExperimentConfig, make_optimizer
@@ -43,12 +43,7 @@ def test_config_rules():
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("freeze")
     model = write_tiny_bert(root / "bert")
-    data = root / "data"
-    data.mkdir()
-    words = ["good", "bad", "great", "awful", "fine", "poor"]
-    for split, n in (("train", 24), ("test", 8)):
-        (data / f"{split}.csv").write_text("sentence,label\n" + "".join(f"{words[i % 6]} movie,{i % 2}\n"
-                                                                          for i in range(n)))
+    data = write_tiny_sentiment(root / "data")
     return ExperimentConfig(model=str(model), dataset=str(data), max_length=16, num_clients=4, clients_per_round=2,
                             rounds=2, local_steps=2, batch_size=4, partition="iid", r_max=4, eval_batch_size=8,
                             lr=1e-2, weight_decay=0.01), root

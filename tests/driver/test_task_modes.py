@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from helpers.tiny_bert import write_tiny_bert
+from helpers.tiny_bert import write_tiny_bert, write_tiny_sentiment
 
 from fedlora_jax.driver.config import ExperimentConfig
 from fedlora_jax.driver.modes import (
@@ -78,12 +78,7 @@ def test_headline_and_summary_line():
 
 def test_toy_task_through_the_registry_runs_end_to_end(brier_registered, tmp_path, capsys):
     model = write_tiny_bert(tmp_path / "bert")
-    data = tmp_path / "data"
-    data.mkdir()
-    words = ["good", "bad", "great", "awful", "fine", "poor"]
-    for split, n in (("train", 24), ("test", 8)):
-        (data / f"{split}.csv").write_text("sentence,label\n" + "".join(f"{words[i % 6]} movie,{i % 2}\n"
-                                                                          for i in range(n)))
+    data = write_tiny_sentiment(tmp_path / "data")
     base = dict(model=str(model), dataset=str(data), max_length=16, num_clients=4, clients_per_round=2, rounds=2,
                 local_steps=2, batch_size=4, partition="iid", r_max=4, eval_batch_size=8, lr=1e-2)
     toy = run_experiment(ExperimentConfig(task="brier_classification", **base), tmp_path / "toy",

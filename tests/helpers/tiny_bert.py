@@ -52,3 +52,15 @@ def write_tiny_bert(path, *, hidden=32, layers=2, heads=2, intermediate=64, seed
         t[p + "output.LayerNorm.bias"] = np.zeros(hidden, np.float32)
     save_file(t, str(path / "model.safetensors"))
     return path
+
+
+def write_tiny_sentiment(path, *, train=24, test=8) -> Path:
+    """A tiny labelled csv dataset (``train.csv`` / ``test.csv``, ``sentence,label``) of six
+    words cycling over two labels, for end-to-end runs of a tiny encoder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["good", "bad", "great", "awful", "fine", "poor"]
+    for split, n in (("train", train), ("test", test)):
+        (path / f"{split}.csv").write_text("sentence,label\n" + "".join(f"{words[i % 6]} movie,{i % 2}\n"
+                                                                          for i in range(n)))
+    return path
