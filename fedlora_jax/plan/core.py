@@ -227,6 +227,7 @@ class RoundBuild:
     r_max: int
     targets: dict
     static_grad_cut: int | None
+    client_state: str = "none"
 
 
 def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron") -> RoundBuild:
@@ -234,7 +235,10 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
 
     Placement: client-stacked inputs (batches ``[C, S, B, ...]`` and every ``[C, ...]`` leaf of
     the spec) on ``"clients"``; the server state and key replicated; the frozen base by
-    :func:`base_partition_spec` over ``"model"`` when the mesh has one, else replicated.
+    :func:`base_partition_spec` over ``"model"`` when the mesh has one, else replicated. With
+    ``client_state="host"`` and an algorithm that keeps per-client state, the population's state
+    is not an input (it stays in host RAM): the round takes the sampled clients' slices, on
+    ``"clients"``, as the driver runs it.
     """
     from flax import nnx
 
@@ -291,8 +295,9 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
                          global_masks=plan.global_masks)
     static_cut = int(np.min(np.asarray(spec.grad_cut))) if algo.static_cut else None
     opt = make_optimizer(cfg)
+    host_state = cfg.client_state == "host" and algo.client_state is not None
     round_fn = make_round(task, algo, optimizer=opt, chunk_size=chunk, static_grad_cut=static_cut,
-                          cut_variants=cfg.cut_variants or None, mesh=mesh)
+                          cut_variants=cfg.cut_variants or None, mesh=mesh, client_state_on_host=host_state)
 
     def abstract(x, spec_):
         return jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
@@ -306,6 +311,10 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
              "labels": np.zeros((c, s, b, t) if lm else (c, s, b), np.int32),
              "example_mask": np.zeros((c, s, b), np.float32)}
     n_model = mesh.shape.get("model", 1)
+    extra = ()
+    if host_state:  # the population's state stays in host RAM: the round gets the sampled clients' slices
+        extra = (None, jax.tree.map(lambda x: per_client(np.asarray(x)[ids]), state.clients))
+        state = state._replace(clients=())
     a_state = jax.tree.map(lambda x: abstract(x, P()), state)
     a_batch = jax.tree.map(per_client, batch)
     a_spec = jax.tree.map(per_client, spec)
@@ -313,8 +322,8 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
     a_base = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NS(mesh, base_partition_spec(
             p, x.shape, n_model, base_sharding if n_model > 1 else "replicated"))), base)
-    return RoundBuild(round_fn, (a_state, a_batch, a_spec, a_key, a_base), mcfg, chunk, c, cfg.r_max, targets,
-                      static_cut)
+    return RoundBuild(round_fn, (a_state, a_batch, a_spec, a_key, a_base, *extra), mcfg, chunk, c, cfg.r_max,
+                      targets, static_cut, ("host" if host_state else "device") if algo.client_state else "none")
 
 
 # ------------------------------------------------------------------ analytic FLOPs
@@ -436,7 +445,7 @@ def plan_round(cfg, topology: str, *, mesh: str | dict | None = None, base_shard
         config=cfg.name, model=str(cfg.model), algorithm=cfg.algorithm, dtype=cfg.dtype, topology=topology,
         chip=chip.name, device_kind=str(devices[0].device_kind), chips=n, mesh=axes,
         base_sharding=base_sharding if "model" in axes else "replicated", clients=c, steps=s, batch=b, seq=t,
-        chunk=build.chunk_size, clients_per_chip=c / axes["clients"], r_max=build.r_max,
+        chunk=build.chunk_size, clients_per_chip=c / axes["clients"], r_max=build.r_max, client_state=build.client_state,
         adapted_modules=len(build.targets), remat=bool(cfg.remat), cut_variants=list(cfg.cut_variants),
         hbm_capacity_bytes=chip.hbm_bytes, lower_s=round(lower_s, 2))
     t1 = time.perf_counter()
@@ -528,7 +537,9 @@ def format_plan(row: dict) -> str:
     lines = [f"TPU plan: {row['config']} ({row['model']}, {row['algorithm']}) on {row['topology']}: {row['chips']} x "
              f"{row['device_kind']}, mesh {row['mesh']}, base {row['base_sharding']}",
              f"  round: C={row['clients']} clients ({row['clients_per_chip']:g} per chip), S={row['steps']} steps, "
-             f"B={row['batch']}, T={row['seq']}, chunk {row['chunk']}, r_max {row['r_max']}",
+             f"B={row['batch']}, T={row['seq']}, chunk {row['chunk']}, r_max {row['r_max']}"
+             + {"host": "; per-client state in host RAM (sampled slices sent each round)",
+                "device": "; per-client state on the chips"}.get(row.get("client_state"), ""),
              f"  compile: {row['compile_s']:.1f} s on this host (lowering {row['lower_s']:.1f} s)"]
     cap = row["hbm_capacity_bytes"]
     if "error" in row:

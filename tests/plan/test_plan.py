@@ -4,6 +4,7 @@ The TPU tests need ``libtpu`` (``pip install "fedlora_jax[tpu-plan]"``) and skip
 reason, only where it is not installed; nothing here needs a TPU or the network.
 """
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -22,7 +23,7 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installe
 #: Every field of a plan's JSON line for a program that compiled.
 FIELDS = {
     "config", "model", "algorithm", "dtype", "topology", "chip", "device_kind", "chips", "mesh", "base_sharding",
-    "clients", "steps", "batch", "seq", "chunk", "clients_per_chip", "r_max", "adapted_modules", "remat",
+    "clients", "steps", "batch", "seq", "chunk", "clients_per_chip", "r_max", "client_state", "adapted_modules", "remat",
     "cut_variants", "hbm_capacity_bytes", "lower_s", "compile_s", "argument_bytes", "temp_bytes", "output_bytes",
     "alias_bytes", "code_bytes", "total_bytes", "hbm_fraction", "fits", "batch_shard_shape", "batch_sharding",
     "base_bytes", "base_bytes_per_chip", "flops_per_chip", "analytic_flops_per_chip", "flops_ratio",
@@ -120,6 +121,19 @@ def test_two_axis_mesh_shards_the_base_and_keeps_clients_on_their_axis():
     assert row["batch_shard_shape"] == [4, 2, 2, 32]          # C/2 clients per clients-group
     assert row["base_bytes_per_chip"] < 0.6 * row["base_bytes"]   # no full copy of the base per chip
     assert 0.9 < row["flops_ratio"] < 1.1, row["flops_ratio"]
+
+
+@needs_libtpu
+def test_host_client_state_leaves_the_population_off_the_chips():
+    # FedSA keeps every client's own factors: 64 clients' state on the device vs 8 sampled slices
+    cfg = tiny_config(algorithm="fedsa", num_clients=64, client_ranks=(8,))
+    rows = {where: core.plan_round(dataclasses.replace(cfg, client_state=where), "v5e:2x2", progress=None)
+            for where in ("device", "host")}
+    assert rows["device"]["client_state"] == "device" and rows["host"]["client_state"] == "host"
+    assert rows["host"]["fits"] and rows["device"]["fits"]
+    # the device round holds the population's state (replicated): the host round's arguments are smaller
+    assert rows["host"]["argument_bytes"] < rows["device"]["argument_bytes"]
+    assert core.plan_round(tiny_config(client_state="host"), "v5e:2x2", progress=None)["client_state"] == "none"
 
 
 @needs_libtpu
