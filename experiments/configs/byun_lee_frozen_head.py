@@ -36,30 +36,19 @@ clients per round, 20 rounds of 8 AdamW steps of 16 articles, lr 2e-3, evaluated
 on the first 1,000 test articles), plus ``freeze_head=True`` in every arm.
 """
 
-import dataclasses
-import importlib.util
+import sys
 from pathlib import Path
 
 from fedlora_jax.driver.config import ExperimentConfig
 
-_spec = importlib.util.spec_from_file_location("_byun_lee_base", Path(__file__).with_name("byun_lee.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+sys.path.insert(0, str(Path(__file__).parent))
+from _frozen_head import frozen_config, frozen_head, load_base  # noqa: E402
 
-SEEDS = (0, 1, 2)
-METHODS = {label: dict(_base.METHODS[label]) for label in
-           ("replication", "naive_zero_padding", "hetlora", "homogeneous_r4")}
-
-TARGET = {"fraction": 0.95, "reference": "naive_zero_padding"}
-CLAIMS = tuple(c for c in _base.CLAIMS if c["ref"] != "head_only" and c["metric"] != "diagnostic_drop")
-#: Declared 2026-12-07, before the runs: setting 1's margins (the same test set and evaluation
-#: interval), see byun_lee.py for their reasons.
-MARGINS = {k: v for k, v in _base.MARGINS.items() if k != "diagnostic_drop"}
-DIFFERENCES = _base.DIFFERENCES + (" The classifier head is frozen at its initialization in every arm "
-                                   "(the paper trains it).")
+_base = load_base("byun_lee")
+#: Claims and margins declared 2026-12-07, before the runs: setting 1's, without the head-only
+#: claim and the first-aggregation diagnostic (see byun_lee.py for the margins' reasons).
+globals().update(frozen_head(_base, drop_metrics=("diagnostic_drop",)))
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:
-    cfg = _base.get_config(variant)
-    return dataclasses.replace(cfg, name=cfg.name.replace("byun_lee", "byun_lee_frozen_head"), freeze_head=True,
-                               diagnose_first_round=False)
+    return frozen_config(_base, variant, "byun_lee_frozen_head", diagnose_first_round=False)
