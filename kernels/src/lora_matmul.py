@@ -416,7 +416,8 @@ def lora_linear(x: Array, w: Array, a: Array, b: Array, mask: Array | None, *, s
       w: ``[N, M]``; a: ``[C, N, R]``; b: ``[C, R, M]``; mask: ``[C, R]`` or ``None``.
       scale: LoRA scale.
       impl: ``"reference"`` (jnp twin, differentiable everywhere) or ``"pallas"`` (the
-        fused kernel with default blocks; OFF by default until it wins on a GPU).
+        fused kernel with default blocks, ``backend="auto"``: Mosaic on TPU, Triton elsewhere;
+        OFF by default: see ``kernels/README.md`` for where each one pays).
 
     Returns:
       ``[C, ..., M]`` in ``x.dtype``.
