@@ -73,7 +73,8 @@ FINDINGS = (
     "the global model from them; zero padding itself barely moves with the reassignment (last-3 0.839 -> "
     "0.840). With balanced ranks HAFL-freeze is level with zero padding (-0.001 [-0.0216, +0.0200]), not "
     "above it: the paper's accuracy gain does not appear in this setting even without the skew. 'HAFL gains "
-    "from balanced high-rank clients' is inconclusive over the 3 seeds (+0.032 [-0.0801, +0.1450]) because "
+    "from balanced high-rank clients' is underpowered over the 3 seeds (+0.032 [-0.0801, +0.1450]; 58 "
+    "paired seeds at the observed spread) because "
     "the gain is in the one seed that had the skew.")
 
 
