@@ -77,6 +77,9 @@ def rows(which: str) -> list:
         out.append(("big", "llama-3-8b", "v5e:4x4", "clients=4,model=4", 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3-8b", "v5p:2x2x1", None, 64, dict(seq=512, chunk=4)))
         out.append(("big", "llama-3.2-1b", "v5e:4x4", None, 16, dict(seq=512, chunk=16)))
+    if which in ("big-weak", "all"):
+        # Llama-3-8B at 1,024 clients per round: the big v5e row's 16 clients per clients-group, 16 -> 256 chips
+        out.append(("big-weak", "llama-3-8b", "v5e:16x16", "clients=64,model=4", 1024, dict(seq=512, chunk=64)))
     if which in ("weak-model", "all"):
         # weak scaling with the base on a model axis of 2: 2 clients per clients-group, 2x2 -> 4x4
         for topo, nc in (("v5e:2x2", 2), ("v5e:4x4", 8)):
@@ -154,7 +157,7 @@ def table(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="smoke",
-                   choices=("smoke", "weak", "weak4", "strong", "strong-2x2", "big", "weak-model", "nofit", "sharding", "gens", "all"))
+                   choices=("smoke", "weak", "weak4", "strong", "strong-2x2", "big", "big-weak", "weak-model", "nofit", "sharding", "gens", "all"))
     p.add_argument("--out", default="benchmarks/results/tpu_plan.jsonl")
     p.add_argument("--base-sharding", default="megatron")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
