@@ -75,7 +75,7 @@ from run_comparison import load_module, run_name, sweep_items  # noqa: E402
 from fedlora_jax._atomic import atomic_write_bytes  # noqa: E402
 
 COMPARISONS = ("byun_lee", "byun_lee_frozen_head", "hafl", "hafl_rank_skew", "hafl_llm", "fedara", "fedara_frozen_head",
-               "fedara_prune", "legend", "legend_frozen_head")
+               "fedara_prune", "legend", "legend_frozen_head", "hafl_llm_curve")
 #: Pilots (issue 32): before a comparison is rebuilt in a new setting, does the setting leave the
 #: adapters room? Each config's ``PILOT`` rule decides it (see :func:`pilot_rows`).
 PILOTS = ("pilot_sst2", "pilot_agnews_frozen_head")
