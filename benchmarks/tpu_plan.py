@@ -157,7 +157,8 @@ def table(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="smoke",
-                   choices=("smoke", "weak", "weak4", "strong", "strong-2x2", "big", "big-weak", "weak-model", "nofit", "sharding", "gens", "all"))
+                   choices=("smoke", "weak", "weak4", "strong", "strong-2x2", "big", "big-weak", "weak-model", "nofit",
+                            "sharding", "gens", "all"))
     p.add_argument("--out", default="benchmarks/results/tpu_plan.jsonl")
     p.add_argument("--base-sharding", default="megatron")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")

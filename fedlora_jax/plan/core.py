@@ -445,7 +445,8 @@ def plan_round(cfg, topology: str, *, mesh: str | dict | None = None, base_shard
         config=cfg.name, model=str(cfg.model), algorithm=cfg.algorithm, dtype=cfg.dtype, topology=topology,
         chip=chip.name, device_kind=str(devices[0].device_kind), chips=n, mesh=axes,
         base_sharding=base_sharding if "model" in axes else "replicated", clients=c, steps=s, batch=b, seq=t,
-        chunk=build.chunk_size, clients_per_chip=c / axes["clients"], r_max=build.r_max, client_state=build.client_state,
+        chunk=build.chunk_size, clients_per_chip=c / axes["clients"], r_max=build.r_max,
+        client_state=build.client_state,
         adapted_modules=len(build.targets), remat=bool(cfg.remat), cut_variants=list(cfg.cut_variants),
         hbm_capacity_bytes=chip.hbm_bytes, lower_s=round(lower_s, 2))
     t1 = time.perf_counter()

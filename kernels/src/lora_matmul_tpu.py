@@ -146,7 +146,7 @@ def hbm_bytes(c: int, t: int, n: int, m: int, r: int, dtype, blocks: TpuBlocks, 
     isz = jnp.dtype(dtype).itemsize
     sizes = [isz] * 4 + [4, isz]  # x, w, a, b in the compute dtype; the gain in float32; y
     total = 0
-    for spec, size in zip([*in_specs, out_spec], sizes):
+    for spec, size in zip([*in_specs, out_spec], sizes, strict=True):
         elems = math.prod(1 if d is pl.squeezed else d for d in spec.block_shape)
         last = None
         for j in range(grid[0]):

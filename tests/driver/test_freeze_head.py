@@ -26,7 +26,7 @@ def test_optimizer_sets_the_head_updates_to_zero():
             updates, state = opt.update(grads, state, new)
             new = optax.apply_updates(new, updates)
         assert not np.allclose(new["lora"]["a"], tree["lora"]["a"])
-        moved = any(not np.array_equal(n, o) for n, o in zip(jax.tree.leaves(new["head"]), jax.tree.leaves(tree["head"])))
+        moved = any(not np.array_equal(n, o) for n, o in zip(jax.tree.leaves(new["head"]), jax.tree.leaves(tree["head"]), strict=True))
         assert moved is not frozen  # weight decay and momentum included: a frozen head does not move at all
 
 
@@ -58,7 +58,7 @@ def test_run_keeps_the_head_and_sends_the_adapter_alone(tiny_run):
     template = init_state(setup)
     _, state, _ = checkpoint.restore(root / "frozen" / "checkpoints", template, fingerprint=frozen_cfg.fingerprint())
     # the head is the seed's initialization (up to the rounding of a weighted mean of equal heads)
-    for got, want in zip(jax.tree.leaves(state.head), jax.tree.leaves(template.head)):
+    for got, want in zip(jax.tree.leaves(state.head), jax.tree.leaves(template.head), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
     assert any(float(jnp.abs(f.b).max()) > 0 for f in state.lora.values())  # the adapters trained
     head_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves(template.head))

@@ -3,6 +3,7 @@ interpret mode, its block rules and HBM-traffic count, and a compilation by XLA:
 chip on this CPU host (skipped, with the reason, only where libtpu is not installed)."""
 
 import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ def test_forward_and_gradients_equal_the_reference(blocks, use_mask):
     y, vjp = jax.vjp(kern, x, a, b)
     y_ref, vjp_ref = jax.vjp(ref, x, a, b)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
-    for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+    for g, g_ref in zip(vjp(dy), vjp_ref(dy), strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()))
 
 
