@@ -12,16 +12,6 @@ is then beyond what the untrained head reaches.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
-
-
-def load_base(name: str):
-    """The setting-1 config module ``<name>.py`` beside this file."""
-    spec = importlib.util.spec_from_file_location(f"_{name}_base", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def frozen_head(base, *, drop_metrics=()) -> dict:

@@ -44,7 +44,8 @@ from pathlib import Path
 from fedlora_jax.driver.config import ExperimentConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _frozen_head import frozen_config, frozen_head, load_base  # noqa: E402
+from _base import load_base  # noqa: E402
+from _frozen_head import frozen_config, frozen_head  # noqa: E402
 
 _base = load_base("byun_lee")
 #: Claims and margins declared 2026-12-07, before the runs: setting 1's, without the head-only

@@ -32,7 +32,7 @@ from pathlib import Path
 from fedlora_jax.driver.config import ExperimentConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _frozen_head import load_base  # noqa: E402
+from _base import load_base  # noqa: E402
 
 _base = load_base("hafl_llm")
 
