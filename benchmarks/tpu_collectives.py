@@ -6,14 +6,16 @@ frozen base and prints the plan's per-chip totals (loop trip counts included) an
 collective of the program grouped by ``(kind, op_name, result shape)``, sized per static
 occurrence (NOT multiplied by loop trips: it says where, the totals say how much).
 
-    python benchmarks/tpu_collectives.py megatron > benchmarks/results/tpu_collectives_megatron.txt
-    python benchmarks/tpu_collectives.py fsdp     > benchmarks/results/tpu_collectives_fsdp.txt
+    python benchmarks/tpu_collectives.py megatron      > benchmarks/results/tpu_collectives_megatron.txt
+    python benchmarks/tpu_collectives.py megatron-spmd > benchmarks/results/tpu_collectives_megatron-spmd.txt
+    python benchmarks/tpu_collectives.py fsdp          > benchmarks/results/tpu_collectives_fsdp.txt
+
+``megatron`` runs the split linears as explicit ``shard_map``\ s (``fedlora_jax.models.parallel``);
+``megatron-spmd`` places the base the same way and leaves the partitioning to XLA.
 """
 
 from __future__ import annotations
 
-import collections
-import re
 import sys
 
 from tpu_plan import config
@@ -28,19 +30,9 @@ def main() -> None:
     print(mode, row["fits"], row["total_bytes"] / 1e9, row["collective_bytes_per_chip"] / 1e9,
           {k: (v["count"], round(v["bytes"] / 1e9, 3)) for k, v in row["collectives"].items()},
           row["estimate"]["round_s"], row["estimate"]["collective_share"], row["flops_ratio"], row["compile_s"])
-    comps, _ = hlo.parse_module(row["hlo_text"])
-    size, count = collections.Counter(), collections.Counter()
-    for comp in comps.values():
-        for ins in comp.instrs:
-            base = ins.op[:-5] if ins.op.endswith("-done") else ins.op
-            if base in hlo.COLLECTIVES and not ins.op.endswith("-start"):
-                m = re.search(r'op_name="([^"]*)"', ins.attrs)
-                key = (base, re.sub(r"\d+", "#", m.group(1))[-110:] if m else "?",
-                       str(ins.shape.arrays[0][1]) if ins.shape.arrays else "")
-                size[key] += ins.shape.bytes
-                count[key] += 1
-    for key, b in size.most_common(25):
-        print(f"{b / 1e6:10.1f}MB x{count[key]:4d} {key}")
+    groups = hlo.collectives_by_op(row["hlo_text"])
+    for key, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"{b / 1e6:10.1f}MB x{n:4d} {key}")
 
 
 if __name__ == "__main__":

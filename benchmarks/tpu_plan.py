@@ -89,8 +89,9 @@ def rows(which: str) -> list:
         # the 16 GB bf16 base replicated on 16 GB v5e chips: the compiler refuses
         out.append(("nofit", "llama-3-8b", "v5e:2x2", None, 8, dict(seq=512, chunk=4)))
     if which in ("sharding", "all"):
-        # the frozen base on a model axis: Megatron (column/row-parallel) vs FSDP (gathered where used)
-        for mode in ("megatron", "fsdp"):
+        # the frozen base on a model axis: Megatron (column/row-parallel; explicit shard_maps, or the
+        # same placement partitioned by XLA) vs FSDP (gathered where used)
+        for mode in ("megatron", "megatron-spmd", "fsdp"):
             out.append(("sharding", "llama-3.2-1b", "v5e:2x2", "clients=2,model=2", 4,
                         dict(steps=1, batch=2, seq=512, chunk=2, base_sharding=mode)))
     if which in ("gens", "all"):

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:4x4")
     pn.add_argument("--mesh", default=None, metavar="clients=N[,model=M]",
                     help="mesh axes over the topology's chips (default: every chip on 'clients')")
-    pn.add_argument("--base-sharding", default="megatron", choices=("megatron", "fsdp", "replicated"),
+    pn.add_argument("--base-sharding", default="megatron", choices=("megatron", "megatron-spmd", "fsdp", "replicated"),
                     help="placement of the frozen base on the 'model' axis (ignored without one)")
     pn.add_argument("--quiet", action="store_true", help="no progress lines while compiling")
     pn.set_defaults(fn=_cmd_plan)

@@ -43,6 +43,7 @@ from fedlora_jax.federated.server import (
     server_round_update,
 )
 from fedlora_jax.federated.spec import ClientSpec, ServerHyper, ServerState, pad_clients
+from fedlora_jax.models import parallel
 
 Array = jax.Array
 
@@ -237,7 +238,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
                chunk_size: int = 8, drop_nonfinite: bool = True, clip_update_norm: float | None = None,
                static_grad_cut: int | None = None, cut_variants=None, mesh: jax.sharding.Mesh | None = None,
                donate: bool = False, return_client_models: bool = False,
-               client_state_on_host: bool = False) -> RoundFn:
+               client_state_on_host: bool = False, megatron: bool = False) -> RoundFn:
     """Build the one-jit federated round.
 
     Args:
@@ -271,6 +272,11 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         Excludes ``static_grad_cut``.
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
+      megatron: with a mesh that also has a ``"model"`` axis and the frozen base placed by
+        :func:`fedlora_jax.plan.base_partition_spec` (``"megatron"``): the model's linears
+        run as explicit column- / row-parallel ``shard_map``\ s with each client's LoRA
+        factors split like the kernel (:mod:`fedlora_jax.models.parallel`), so the low-rank
+        path adds no all-gather of the activations. Same values as without it.
       donate: donate the server state buffers to the round.
       client_state_on_host: the population's per-client state (``ServerState.clients``,
         leaves ``[K, ...]``) stays in host memory as NumPy arrays; each round sends only the
@@ -299,6 +305,9 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         raise ValueError(f"clip_update_norm must be None or > 0, got {clip_update_norm!r}")
     if mesh is not None and "clients" not in mesh.axis_names:
         raise ValueError(f"mesh must have a 'clients' axis, got axes {mesh.axis_names}")
+    if megatron and (mesh is None or "model" not in mesh.axis_names):
+        raise ValueError("megatron=True needs a mesh with a 'model' axis (e.g. axes ('clients', 'model')), got "
+                         f"{None if mesh is None else mesh.axis_names}")
     variants = check_cut_variants(cut_variants, static_grad_cut)
     algo = as_algorithm(algorithm)
     optimizer = optax.adamw(1e-4) if optimizer is None else optimizer
@@ -396,6 +405,12 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
     host_state = bool(client_state_on_host) and rule is not None
 
     def impl(state: ServerState, batches, specs: ClientSpec, key, base, hyper=None, own_in=None):
+        if megatron:
+            with parallel.megatron(mesh):
+                return round_body(state, batches, specs, key, base, hyper, own_in)
+        return round_body(state, batches, specs, key, base, hyper, own_in)
+
+    def round_body(state, batches, specs, key, base, hyper, own_in):
         traces[0] += 1
         base_eff = effective_base(task, base, state.agg_state)
         if host_state:

@@ -19,7 +19,7 @@ from flax import nnx
 
 from fedlora_jax import lora as lora_lib
 from fedlora_jax.lora import LoraFactors, LoraTree, MaskTree
-from fedlora_jax.models import norm_vjp
+from fedlora_jax.models import norm_vjp, parallel
 
 Array = jax.Array
 
@@ -103,33 +103,55 @@ class Dense(nnx.Module):
         exists: folded into the kernel when :func:`merged_lora_enabled` (``use_merged_lora``
         and float32 compute), else as a low-rank path which, with a mask, runs under ``lax.cond`` and is
         skipped when the whole mask is zero (an unbatched mask; under ``vmap`` the cond
-        becomes a select)."""
+        becomes a select). Inside :func:`fedlora_jax.models.parallel.megatron` a kernel split
+        over ``"model"`` (:func:`~fedlora_jax.models.parallel.megatron_dim` of the module named
+        by ``key``) runs as an explicit column- or row-parallel ``shard_map``."""
         w = self.kernel[...]
         b = None if self.bias is None else self.bias[...]
-        factors = None
+        factors = mask = None
         if adapter is not None and adapter.lora is not None and key is not None:
             factors = adapter.lora.get(key)
-        if factors is None:
-            y = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
-            return y if b is None else y + cast_dtype(b, dtype)
-        mask = None if adapter.masks is None else adapter.masks.get(key)
-        if merged_lora_enabled(self.use_merged_lora, dtype):
-            return lora_lib.apply_merged(cast_dtype(x, dtype), w, factors, mask, scale=adapter.scale,
-                                         bias=b)
-        if mask is None:
-            return lora_lib.apply(x, w, factors, None, scale=adapter.scale, bias=b,
-                                  compute_dtype=dtype)
-        base = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
-        if b is not None:
-            base = base + cast_dtype(b, dtype)
+            if factors is not None and adapter.masks is not None:
+                mask = adapter.masks.get(key)
+        scale = None if adapter is None else adapter.scale
+        merged = merged_lora_enabled(self.use_merged_lora, dtype)
 
-        def low_rank(operands):
-            xx, ff, mm = operands
-            return lora_lib.lora_delta_out(xx, ff, mm, scale=adapter.scale,
-                                           compute_dtype=dtype).astype(base.dtype)
+        def apply(x_, w_, b_, factors_, mask_):
+            return dense_forward(x_, w_, b_, factors_, mask_, scale=scale, dtype=dtype, merged=merged)
 
-        skip = lambda operands: jnp.zeros_like(base)
-        return base + jax.lax.cond(jnp.any(mask != 0), low_rank, skip, (x, factors, mask))
+        mesh = parallel.active_mesh()
+        m = KEY_RE.match(key or "")
+        dim = None if mesh is None else parallel.megatron_dim(m and m.group(2), w.shape, mesh.shape["model"])
+        if dim is not None:  # one straight-line program per shard: no merged fold, no cond (see split_linear)
+            return parallel.split_linear(
+                lambda *args: dense_forward(*args, scale=scale, dtype=dtype, merged=False, skip_zero_mask=False),
+                x, w, b, factors, mask, dim=dim, mesh=mesh)
+        return apply(x, w, b, factors, mask)
+
+
+def dense_forward(x: Array, w: Array, b: Array | None, factors: LoraFactors | None, mask: Array | None, *,
+                  scale, dtype, merged: bool, skip_zero_mask: bool = True) -> Array:
+    """:class:`Dense`'s computation as a pure function: ``x [..., N]``, ``w [N, M]``, ``b [M]`` or
+    ``None``, ``factors`` (``a [N, R]``, ``b [R, M]``, optional ``e [R]``) or ``None`` (no LoRA
+    path), ``mask [R]`` or ``None``; ``merged``: fold the LoRA path into the kernel (float32);
+    ``skip_zero_mask``: skip the low-rank path under ``lax.cond`` when the whole mask is zero."""
+    if factors is None:
+        y = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
+        return y if b is None else y + cast_dtype(b, dtype)
+    if merged:
+        return lora_lib.apply_merged(cast_dtype(x, dtype), w, factors, mask, scale=scale, bias=b)
+    if mask is None or not skip_zero_mask:
+        return lora_lib.apply(x, w, factors, mask, scale=scale, bias=b, compute_dtype=dtype)
+    base = cast_dtype(x, dtype) @ cast_dtype(w, dtype)
+    if b is not None:
+        base = base + cast_dtype(b, dtype)
+
+    def low_rank(operands):
+        xx, ff, mm = operands
+        return lora_lib.lora_delta_out(xx, ff, mm, scale=scale, compute_dtype=dtype).astype(base.dtype)
+
+    skip = lambda operands: jnp.zeros_like(base)
+    return base + jax.lax.cond(jnp.any(mask != 0), low_rank, skip, (x, factors, mask))
 
 
 class LayerNorm(nnx.Module):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedlora_jax.models import parallel
 from fedlora_jax.models.family import family_of_config, family_of_model_type
 from fedlora_jax.plan import hlo
 from fedlora_jax.plan.chips import Chip, chip_of_topology
@@ -54,13 +55,14 @@ SHAPES = {
                        rope_theta=5e5, tie_word_embeddings=False),
 }
 
-#: Megatron-style placement of the frozen base on the ``"model"`` axis, by module name: column-parallel
-#: (split the output features ``M``) where the next op is per-feature, row-parallel (split the input
-#: features ``N``) where the input arrives split; embeddings split over the vocabulary.
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value", "intermediate", "c_attn",
-          "c_fc")
-ROW = ("o_proj", "down_proj", "output", "c_proj")
-BASE_SHARDINGS = ("replicated", "megatron", "fsdp")
+#: Megatron-style placement of the frozen base on the ``"model"`` axis, by module name
+#: (:data:`fedlora_jax.models.parallel.COLUMN` / ``ROW``): column-parallel (split the output features
+#: ``M``) where the next op is per-feature, row-parallel (split the input features ``N``) where the
+#: input arrives split; embeddings split over the vocabulary.
+#: ``"megatron"`` runs each split linear as an explicit ``shard_map`` (:mod:`fedlora_jax.models.parallel`);
+#: ``"megatron-spmd"`` places the base the same way and leaves the rest to XLA's SPMD partitioner (the
+#: comparison in benchmarks/README.md).
+BASE_SHARDINGS = ("replicated", "megatron", "megatron-spmd", "fsdp")
 
 
 def _require_topologies():
@@ -136,8 +138,9 @@ def _leaf_names(path) -> list[str]:
 def base_partition_spec(path, shape, n_model: int, mode: str) -> jax.sharding.PartitionSpec:
     """Where one frozen-base leaf goes on a ``"model"`` axis of ``n_model`` devices.
 
-    ``mode``: ``"replicated"``; ``"megatron"`` (column-parallel q/k/v/gate/up, row-parallel o/down,
-    embeddings split over the vocabulary; a leaf whose dimension does not divide stays replicated);
+    ``mode``: ``"replicated"``; ``"megatron"`` / ``"megatron-spmd"`` (column-parallel
+    q/k/v/gate/up, row-parallel o/down, embeddings split over the vocabulary; a leaf whose dimension
+    does not divide stays replicated);
     ``"fsdp"`` (every 2-D leaf split along its first divisible dimension; XLA gathers it where used).
     """
     P = jax.sharding.PartitionSpec
@@ -151,16 +154,14 @@ def base_partition_spec(path, shape, n_model: int, mode: str) -> jax.sharding.Pa
             if shape[d] % n_model == 0:
                 return P(*(["model" if i == d else None for i in range(2)]))
         return P()
-    module = next((n for n in reversed(names) if n in COLUMN + ROW), None)
-    if module in COLUMN:
-        dim = 1
-    elif module in ROW:
-        dim = 0
+    module = next((n for n in reversed(names) if n in parallel.COLUMN + parallel.ROW), None)
+    if module is not None:
+        dim = parallel.megatron_dim(module, shape, n_model)
     elif any("embed" in n or n in ("wte", "lm_head") for n in names):
-        dim = 0
+        dim = None if shape[0] % n_model else 0
     else:
-        return P()
-    if shape[dim] % n_model:
+        dim = None
+    if dim is None:
         return P()
     return P(*(["model" if i == dim else None for i in range(2)]))
 
@@ -297,7 +298,8 @@ def build_round(cfg, mesh: jax.sharding.Mesh, *, base_sharding: str = "megatron"
     opt = make_optimizer(cfg)
     host_state = cfg.client_state == "host" and algo.client_state is not None
     round_fn = make_round(task, algo, optimizer=opt, chunk_size=chunk, static_grad_cut=static_cut,
-                          cut_variants=cfg.cut_variants or None, mesh=mesh, client_state_on_host=host_state)
+                          cut_variants=cfg.cut_variants or None, mesh=mesh, client_state_on_host=host_state,
+                          megatron=base_sharding == "megatron" and mesh.shape.get("model", 1) > 1)
 
     def abstract(x, spec_):
         return jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
@@ -411,7 +413,8 @@ def plan_round(cfg, topology: str, *, mesh: str | dict | None = None, base_shard
       topology: a TPU topology name, e.g. ``"v5e:2x2"``, ``"v5p:2x2x1"``, ``"v6e:4x4"``.
       mesh: ``"clients=N[,model=M]"`` or a dict; default every chip on ``"clients"``.
       base_sharding: placement of the frozen base on a ``"model"`` axis (see
-        :func:`base_partition_spec`); ignored without one.
+        :func:`base_partition_spec`; ``"megatron"`` also runs the split linears as explicit
+        ``shard_map``\ s, :mod:`fedlora_jax.models.parallel`); ignored without one.
       progress: stream for progress lines (``None``: silent).
       keep_hlo: also return the compiled program's text under ``"hlo_text"``.
 

@@ -325,3 +325,23 @@ def count(text: str) -> HloCounts:
         return out
 
     return visit(entry, False)
+
+
+def collectives_by_op(text: str) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """Where a compiled program moves bytes between chips: ``(kind, source op, result shape) ->
+    (static occurrences, bytes)``, grouped by the JAX op that produced each collective (the
+    ``op_name`` metadata with digits replaced by ``#``, its last 110 characters). Sizes are per
+    static occurrence, NOT multiplied by loop trips: this says where; :func:`count` says how much."""
+    comps, _ = parse_module(text)
+    out: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for comp in comps.values():
+        for ins in comp.instrs:
+            kind = ins.op[:-5] if ins.op.endswith("-done") else ins.op
+            if kind not in COLLECTIVES or ins.op.endswith("-start"):
+                continue
+            m = re.search(r'op_name="([^"]*)"', ins.attrs)
+            key = (kind, re.sub(r"\d+", "#", m.group(1))[-110:] if m else "?",
+                   str(ins.shape.arrays[0][1]) if ins.shape.arrays else "")
+            n, b = out.get(key, (0, 0))
+            out[key] = (n + 1, b + ins.shape.bytes)
+    return out

@@ -206,3 +206,22 @@ def test_table_script_renders_fitting_and_refused_rows(tmp_path):
     assert len(lines) == 4 and lines[1].startswith("|---")
     assert "| yes |" in lines[2] and "does not fit: RESOURCE_EXHAUSTED" in lines[3]
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+@needs_libtpu
+def test_megatron_shard_maps_remove_the_activation_all_gathers_of_the_low_rank_path():
+    # Same placement of the base on "model"; "megatron-spmd" leaves the partitioning to XLA, which
+    # adds the split base product to the whole low-rank path by all-gathering the activations
+    # before forward matmuls; "megatron" runs each split linear as an explicit shard_map with the
+    # LoRA factors split like the kernel (fedlora_jax.models.parallel).
+    rows = {mode: core.plan_round(tiny_config(), "v5e:2x2", mesh="clients=2,model=2", base_sharding=mode,
+                                  progress=None, keep_hlo=True) for mode in ("megatron", "megatron-spmd")}
+
+    def forward_matmul_gathers(row):
+        return sum(n for (kind, op, _), (n, _) in hlo.collectives_by_op(row["hlo_text"]).items()
+                   if kind == "all-gather" and op.endswith("jvp()/dot_general"))
+
+    assert forward_matmul_gathers(rows["megatron-spmd"]) > 0
+    assert forward_matmul_gathers(rows["megatron"]) == 0
+    assert rows["megatron"]["collective_bytes_per_chip"] < rows["megatron-spmd"]["collective_bytes_per_chip"]
+    assert all(r["fits"] and 0.9 < r["flops_ratio"] < 1.1 for r in rows.values())
