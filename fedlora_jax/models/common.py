@@ -119,13 +119,19 @@ class Dense(nnx.Module):
         def apply(x_, w_, b_, factors_, mask_):
             return dense_forward(x_, w_, b_, factors_, mask_, scale=scale, dtype=dtype, merged=merged)
 
-        mesh = parallel.active_mesh()
+        # Megatron (fedlora_jax.models.parallel): one straight-line program per shard, so no
+        # merged fold and no cond there
         m = KEY_RE.match(key or "")
-        dim = None if mesh is None else parallel.megatron_dim(m and m.group(2), w.shape, mesh.shape["model"])
-        if dim is not None:  # one straight-line program per shard: no merged fold, no cond (see split_linear)
-            return parallel.split_linear(
-                lambda *args: dense_forward(*args, scale=scale, dtype=dtype, merged=False, skip_zero_mask=False),
-                x, w, b, factors, mask, dim=dim, mesh=mesh)
+        module = m and m.group(2)
+        straight = lambda *args: dense_forward(*args, scale=scale, dtype=dtype, merged=False,  # noqa: E731
+                                               skip_zero_mask=False)
+        local = parallel.local_dims()
+        if local is not None:          # inside a block's shard_map: w is this device's shard
+            return parallel.local_linear(straight, x, w, b, factors, mask, dim=local.get(module))
+        mesh = parallel.active_mesh()
+        dim = None if mesh is None else parallel.megatron_dim(module, w.shape, mesh.shape["model"])
+        if dim is not None:
+            return parallel.split_linear(straight, x, w, b, factors, mask, dim=dim, mesh=mesh)
         return apply(x, w, b, factors, mask)
 
 
@@ -393,13 +399,30 @@ def run_blocks(layers, h: Array, attention_mask: Array, *, adapter: AdapterCall,
     dtype=)``; with ``last_query_rows`` the last block also gets ``query_rows=last_query_rows``
     (its output only at the first positions, see ``bert.EncoderLayer``)."""
     last = len(layers) - 1
+    mesh = parallel.active_mesh()
     for i, layer in enumerate(layers):
         rows = {"query_rows": last_query_rows} if i == last and last_query_rows is not None else {}
         block = lambda hh, layer=layer, i=i, rows=rows: layer(hh, attention_mask, i=i, adapter=adapter,
                                                               dtype=dtype, **rows)
+        dims = None if mesh is None else parallel.block_dims(layer, mesh.shape["model"])
+        if dims:   # Megatron: the whole block as one shard_map over "model"
+            block = _split_block(layer, i, attention_mask, adapter, dtype, rows, dims, mesh)
         h = jax.checkpoint(block)(h) if remat else block(h)
         h = cut_after_layer(h, i, grad_cut_layer)
     return h
+
+
+def _split_block(layer, i: int, attention_mask: Array, adapter: AdapterCall, dtype, rows: dict, dims, mesh):
+    """``h -> layer(h, ...)`` as one :func:`parallel.split_block`, with layer ``i``'s adapters only."""
+    def mine(tree):
+        return None if tree is None else {k: v for k, v in tree.items() if (m := KEY_RE.match(k)) and
+                                          int(m.group(1)) == i}
+
+    def call(layer_l, hh, am, lo, ma, sc):
+        return layer_l(hh, am, i=i, adapter=AdapterCall(lo, ma, sc), dtype=dtype, **rows)
+
+    return lambda hh: parallel.split_block(call, layer, hh, attention_mask, mine(adapter.lora), mine(adapter.masks),
+                                           adapter.scale, dims=dims, mesh=mesh)
 
 
 class KVCache(NamedTuple):

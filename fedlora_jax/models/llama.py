@@ -143,7 +143,13 @@ def rope(x: Array, positions: Array, *, theta: float) -> Array:
 
 
 class LlamaBlock(nnx.Module):
-    """One pre-norm Llama block; adapted linears are attributes named by module."""
+    """One pre-norm Llama block; adapted linears are attributes named by module.
+
+    ``megatron_groups``: modules split together when the block runs as one Megatron ``shard_map``
+    (:func:`fedlora_jax.models.parallel.split_block`): attention on local heads, the MLP on local
+    features. Its reshapes infer the head count, so the same code runs on local shards."""
+
+    megatron_groups = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
@@ -161,20 +167,23 @@ class LlamaBlock(nnx.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
+    def megatron_heads_ok(self, n_model: int) -> bool:
+        """Whether query and key/value heads both split evenly over ``n_model`` devices."""
+        return self.num_heads % n_model == 0 and self.num_kv_heads % n_model == 0
+
     def _qkv(self, x: Array, positions: Array, lin) -> tuple[Array, Array, Array]:
-        """``q [B, T, Hq, D]``, ``k, v [B, T, Hk, D]`` (q and k rotated at ``positions``)."""
+        """``q [B, T, Hq, D]``, ``k, v [B, T, Hk, D]`` (q and k rotated at ``positions``; inside a
+        Megatron block the local heads ``Hq / n``, ``Hk / n``)."""
         b, t, _ = x.shape
-        q = rope(lin("q_proj", x).reshape(b, t, self.num_heads, self.head_dim), positions,
-                 theta=self.rope_theta)
-        k = rope(lin("k_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim), positions,
-                 theta=self.rope_theta)
-        v = lin("v_proj", x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = rope(lin("q_proj", x).reshape(b, t, -1, self.head_dim), positions, theta=self.rope_theta)
+        k = rope(lin("k_proj", x).reshape(b, t, -1, self.head_dim), positions, theta=self.rope_theta)
+        v = lin("v_proj", x).reshape(b, t, -1, self.head_dim)
         return q, k, v
 
     def _finish(self, h: Array, ctx: Array, lin, dtype) -> Array:
         """Output projection, residual and the SwiGLU MLP."""
         b, t = ctx.shape[:2]
-        h = h + lin("o_proj", ctx.reshape(b, t, self.num_heads * self.head_dim))
+        h = h + lin("o_proj", ctx.reshape(b, t, -1))
         x = self.post_attention_norm(h)
         gate = jax.nn.silu(lin("gate_proj", x).astype(jnp.float32)).astype(dtype)
         return h + lin("down_proj", gate * lin("up_proj", x))

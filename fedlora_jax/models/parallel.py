@@ -100,3 +100,100 @@ def split_linear(apply: Callable, x, w, bias, factors, mask, *, dim: int, mesh: 
     out_spec = P(*lead, "model") if dim == 1 else P(*lead, None)
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[n] for n in names), out_specs=out_spec,
                          )(*(args[n] for n in names))
+
+
+# ------------------------------------------------------------------ one shard_map per block
+
+_LOCAL: contextvars.ContextVar = contextvars.ContextVar("fedlora_megatron_local", default=None)
+
+
+def local_dims() -> dict[str, int] | None:
+    """Inside :func:`split_block`'s ``shard_map``: ``{module: split dim}`` of the block's split
+    linears (their kernels are local shards there); ``None`` elsewhere."""
+    return _LOCAL.get()
+
+
+def local_linear(apply: Callable, x, w, bias, factors, mask, *, dim: int | None):
+    """One linear inside :func:`split_block` on local shards: column-parallel (``dim == 1``) or
+    whole (``None``) as it is; row-parallel (``dim == 0``) summed over ``"model"``, bias after."""
+    if dim != 0:
+        return apply(x, w, bias, factors, mask)
+    y = jax.lax.psum(apply(x, w, None, factors, mask), "model")
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", "")))) for p in path]
+
+
+def module_of_leaf(names: list[str]) -> str | None:
+    """The module that owns a parameter leaf, from its path names: the name before ``"kernel"`` /
+    ``"bias"`` (``["layers", "0", "o_proj", "kernel", "value"]`` -> ``"o_proj"``; an NNX leaf ends
+    in ``"value"``, which is also BERT's module name, so the name is found by position)."""
+    for i in range(len(names) - 1, 0, -1):
+        if names[i] in ("kernel", "bias"):
+            return names[i - 1]
+    return None
+
+
+def block_dims(layer, n_model: int) -> dict[str, int] | None:
+    """``{module: dim}`` for the Megatron linears of ``layer`` split over ``n_model`` devices, or
+    ``None`` when the block cannot run as one ``shard_map``: it does not declare
+    ``megatron_groups`` (modules that must be split together, e.g. q/k/v/o: local heads) or a
+    group is split only in part, or ``layer.megatron_heads_ok(n_model)`` is false."""
+    groups = getattr(layer, "megatron_groups", None)
+    if groups is None or not layer.megatron_heads_ok(n_model):
+        return None
+    dims = {}
+    for group in groups:
+        got = {m: megatron_dim(m, getattr(layer, m).kernel.shape, n_model) for m in group}
+        if len({d is None for d in got.values()}) > 1:
+            return None
+        dims.update({m: d for m, d in got.items() if d is not None})
+    return dims
+
+
+def split_block(call: Callable, layer, h, attention_mask, lora, masks, scale, *, dims: dict[str, int],
+                mesh: jax.sharding.Mesh):
+    """``call(layer, h, attention_mask, lora, masks, scale) -> h'`` (one transformer block, ``h``
+    ``[B, T, D]`` whole) run as ONE ``shard_map`` over ``"model"``: the split linears' kernels,
+    biases and LoRA factors enter as local shards (:func:`block_dims`), attention runs on the local
+    heads, each row-parallel linear ends in one ``psum``. Unlike :func:`split_linear` per linear,
+    the input gradient of ``h`` is reduced once per block (q/k/v's and gate/up's summed first)."""
+    from flax import nnx
+
+    P = jax.sharding.PartitionSpec
+    graphdef, state = nnx.split(layer)
+
+    def state_spec(path, x):
+        names = _names(path)
+        module = module_of_leaf(names)
+        if module not in dims:
+            return P()
+        d = dims[module]
+        if x.ndim == 2:          # the kernel
+            return P(None, "model") if d == 1 else P("model", None)
+        return P("model") if d == 1 else P()      # the bias
+
+    def factor_specs(key, f):
+        d = dims.get(key.rsplit(".", 1)[-1])
+        split = {1: ("b", P(None, "model")), 0: ("a", P("model", None))}.get(d)
+        return type(f)(**{n: (None if getattr(f, n) is None else split[1] if split and n == split[0] else P())
+                          for n in f._fields})
+
+    lead = (None,) * (h.ndim - 1)
+    specs = (jax.tree_util.tree_map_with_path(state_spec, state), P(*lead, None),
+             P(*(None,) * attention_mask.ndim),
+             None if lora is None else {k: factor_specs(k, f) for k, f in lora.items()},
+             None if masks is None else {k: P() for k in masks},
+             P())
+
+    def local(st, hh, am, lo, ma, sc):
+        token = _LOCAL.set(dims)
+        try:
+            return call(nnx.merge(graphdef, st), hh, am, lo, ma, sc)
+        finally:
+            _LOCAL.reset(token)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(*lead, None))(
+        state, h, attention_mask, lora, masks, jax.numpy.asarray(scale))

@@ -154,8 +154,8 @@ def base_partition_spec(path, shape, n_model: int, mode: str) -> jax.sharding.Pa
             if shape[d] % n_model == 0:
                 return P(*(["model" if i == d else None for i in range(2)]))
         return P()
-    module = next((n for n in reversed(names) if n in parallel.COLUMN + parallel.ROW), None)
-    if module is not None:
+    module = parallel.module_of_leaf(names)
+    if module in parallel.COLUMN + parallel.ROW:
         dim = parallel.megatron_dim(module, shape, n_model)
     elif any("embed" in n or n in ("wte", "lm_head") for n in names):
         dim = None if shape[0] % n_model else 0

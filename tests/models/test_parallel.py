@@ -1,6 +1,7 @@
-"""Megatron tensor parallelism (fedlora_jax.models.parallel): the explicit column/row-parallel
-linears give the unsplit model's values and LoRA gradients, per client under
-``vmap(spmd_axis_name="clients")``, on a ("clients", "model") mesh of 4 fake CPU devices."""
+"""Megatron tensor parallelism (fedlora_jax.models.parallel): a block as one shard_map, and each
+column/row-parallel linear as its own, give the unsplit model's values and LoRA gradients, per
+client under ``vmap(spmd_axis_name="clients")``, on a ("clients", "model") mesh of 4 fake CPU
+devices."""
 
 import os
 import subprocess
@@ -32,11 +33,15 @@ SCRIPT = textwrap.dedent(
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("clients", "model"))
     # (float32 with merged_lora="on": inside megatron() the split linears never fold, so this also
     # checks the unfolded path against the folded reference)
-    for dtype, merged, with_e in (("float32", "on", True), ("bfloat16", "off", False)):
-        cfg = LlamaConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=64,
+    # heads (4, 2): every block runs as one shard_map (parallel.split_block); heads (6, 3): 3 key/value
+    # heads do not split over 2, so each linear runs as its own shard_map (parallel.split_linear)
+    for dtype, merged, with_e, heads in (("float32", "on", True, (4, 2)), ("bfloat16", "off", False, (4, 2)),
+                                         ("float32", "off", True, (6, 3))):
+        cfg = LlamaConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=heads[0],
+                          num_kv_heads=heads[1], head_dim=8, intermediate_size=48, max_position_embeddings=64,
                           merged_lora=merged, dtype=dtype)
         model = LlamaLM(cfg, rngs=nnx.Rngs(0))
+        assert (parallel.block_dims(model.layers[0], 2) is None) == (heads == (6, 3))
         gd, base, head = split_for_round(model)
         shapes = {k: (v.in_features, v.out_features) for k, v in model.adapter_targets().items()}
 
@@ -63,7 +68,9 @@ SCRIPT = textwrap.dedent(
         placed = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.device_put(x, NamedSharding(mesh, base_partition_spec(p, x.shape, 2, "megatron"))),
             base)
-        assert placed["layers"][0]["q_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+        P = jax.sharding.PartitionSpec
+        assert placed["layers"][0]["q_proj"]["kernel"].sharding.spec == P(None, "model")
+        assert placed["layers"][0]["down_proj"]["kernel"].sharding.spec == P("model", None)
 
         def split(*args):
             with parallel.megatron(mesh):
@@ -80,7 +87,7 @@ SCRIPT = textwrap.dedent(
             assert np.abs(got - want).max() <= 4 * tol * scale, (dtype, merged, jax.tree_util.keystr(path))
             n += 1
         assert n == len(shapes) * (3 if with_e else 2), n
-        print(dtype, merged, with_e, "OK")
+        print(dtype, merged, with_e, heads, "OK")
     print("MEGATRON_OK")
     """
 )

@@ -81,6 +81,13 @@ def test_megatron_placement():
     assert base_partition_spec(path("layers", "0", "input_norm", "scale"), (64,), 2, "megatron") == P()
     assert base_partition_spec(path("layers", "0", "q_proj", "kernel"), (64, 127), 2, "megatron") == P()
     assert base_partition_spec(path("layers", "0", "q_proj", "kernel"), (64, 128), 1, "megatron") == P()
+    # NNX state paths end in "value", which is also BERT's value projection: the module is the name
+    # before "kernel" (a row-parallel o_proj once came out column-split through that "value")
+    assert base_partition_spec(path("layers", "0", "o_proj", "kernel", "value"), (128, 64), 2,
+                               "megatron-spmd") == P("model", None)
+    assert base_partition_spec(path("embed_tokens", "embedding", "value"), (1000, 64), 2, "megatron") == P("model", None)
+    assert base_partition_spec(path("layers", "0", "value", "kernel", "value"), (64, 64), 2, "megatron") == P(None, "model")
+    assert base_partition_spec(path("layers", "0", "output", "kernel", "value"), (256, 64), 2, "megatron") == P("model", None)
 
 
 def test_without_libtpu_the_error_says_what_to_install(monkeypatch):
