@@ -111,6 +111,8 @@ def run(which: str, out: Path, base_sharding: str) -> None:
             if line.strip():
                 done.add(json.loads(line).get("row_key"))
     for label, shape, topo, mesh, c, kw in rows(which):
+        if base_sharding != "megatron" and mesh and "model" in mesh:   # --base-sharding: a different row
+            kw = {"base_sharding": base_sharding, **kw}
         k = key_of(label, shape, topo, mesh, c, kw)
         if k in done:
             print(f"skip (done): {k}", file=sys.stderr)
