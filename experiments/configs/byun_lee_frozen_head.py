@@ -30,7 +30,9 @@ Runbook:
   runtime:  each run's ``wall_s`` in its summary.json, the total on the results page: 10-13 min
             per run on 2 cores shared with TPU compiles (2026-12-07). naive_zero_padding_s0's
             3,126 s include about 34 min during which the process was paused (SIGSTOP) while
-            the test suite ran: its real run time was about 18 min.
+            the test suite ran: its real run time was about 18 min. replication_s2's 1,939 s
+            (2026-12-07) likewise include 1,364 s paused while the test suite ran (about 10 min
+            of running).
 
 Setup: as ``byun_lee.py`` (MiniLM-L6, 10,000 AG News articles over 40 clients in two
 data-quality groups: 4 at Dirichlet(10) with rank 16, 36 at Dirichlet(0.3) with rank 4; 8
