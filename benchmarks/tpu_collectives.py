@@ -10,7 +10,7 @@ occurrence (NOT multiplied by loop trips: it says where, the totals say how much
     python benchmarks/tpu_collectives.py megatron-spmd > benchmarks/results/tpu_collectives_megatron-spmd.txt
     python benchmarks/tpu_collectives.py fsdp          > benchmarks/results/tpu_collectives_fsdp.txt
 
-``megatron`` runs the split linears as explicit ``shard_map``\ s (``fedlora_jax.models.parallel``);
+``megatron`` runs the split linears as explicit ``shard_map``s (``fedlora_jax.models.parallel``);
 ``megatron-spmd`` places the base the same way and leaves the partitioning to XLA.
 """
 

@@ -274,7 +274,7 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
         are sharded along it (the chunk axis), base weights replicated.
       megatron: with a mesh that also has a ``"model"`` axis and the frozen base placed by
         :func:`fedlora_jax.plan.base_partition_spec` (``"megatron"``): the model's linears
-        run as explicit column- / row-parallel ``shard_map``\ s with each client's LoRA
+        run as explicit column- / row-parallel ``shard_map``s with each client's LoRA
         factors split like the kernel (:mod:`fedlora_jax.models.parallel`), so the low-rank
         path adds no all-gather of the activations. Same values as without it.
       donate: donate the server state buffers to the round.

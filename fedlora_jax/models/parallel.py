@@ -2,21 +2,25 @@
 
 A base too large for one chip is split over a ``"model"`` axis (:func:`megatron_dim`):
 column-parallel modules (q/k/v/gate/up) split their output features, row-parallel ones (o/down)
-their input features. Left to XLA's SPMD partitioner, an adapted projection computes
-``x @ w`` split over ``model`` and the low-rank path ``(x @ a) @ b`` whole, and the partitioner
-all-gathers the ``[tokens, hidden]`` activations to add them (measured on the compiled TPU
-round: 128 of a Llama-3.2-1B round's 208 all-gathers). Inside :func:`megatron` every such
-linear runs as an explicit ``shard_map`` over ``"model"`` instead, with the LoRA factors split
-the same way as the kernel:
+their input features. Left to XLA's SPMD partitioner, an adapted projection's split base product
+meets its whole low-rank path ``(x @ a) @ b`` and the partitioner all-gathers ``[tokens, hidden]``
+activations around the matmuls. Inside :func:`megatron` the model runs Megatron explicitly, with
+each client's LoRA factors split like the kernel:
 
   column-parallel  ``y[:, j] = x @ w[:, j] + s ((x @ a) g) @ b[:, j]``   (``a`` whole, no collective)
   row-parallel     ``y = psum_j (x[:, j] @ w[j] + s ((x[:, j] @ a[j]) g) @ b)``   (one all-reduce)
 
-so an adapted layer costs what an unadapted Megatron layer costs: one all-reduce of the
-activations per row-parallel module forward (and per column-parallel module backward), plus
-rank-sized reductions of the factors' gradients. Values and gradients equal the unsplit linear
-(up to summation order); ``tests/plan/test_megatron.py`` checks both and counts the all-gathers
-in the compiled TPU round.
+- :func:`split_block`: a whole block (one that declares ``megatron_groups``, e.g. Llama's) as ONE
+  ``shard_map``: attention on the local heads, one ``psum`` per row-parallel linear, the block
+  input's gradient reduced once. Two all-reduces of the activations forward and two backward per
+  layer, as in Megatron-LM.
+- :func:`split_linear`: each linear as its own ``shard_map`` (blocks whose heads do not split
+  evenly, or that declare no groups).
+
+Values and LoRA gradients equal the unsplit model (``tests/models/test_parallel.py``); the
+collectives of the compiled TPU round are in ``benchmarks/README.md`` ("Bases larger than one
+chip"). Inside the ``shard_map``s the linears run without the merged-kernel fold and without the
+all-zero-mask ``cond`` (one straight-line program per shard; same values).
 
     with parallel.megatron(mesh):      # a Mesh with a "model" axis
         logits = model(ids, mask, lora=lora)   # inside jit / vmap(spmd_axis_name="clients")
@@ -53,7 +57,7 @@ def megatron_dim(module: str | None, shape: tuple[int, ...], n_model: int) -> in
 
 @contextlib.contextmanager
 def megatron(mesh: jax.sharding.Mesh) -> Iterator[None]:
-    """Trace the models' linears as explicit Megatron ``shard_map``\\ s over ``mesh``'s
+    """Trace the models' linears as explicit Megatron ``shard_map``s over ``mesh``'s
     ``"model"`` axis (see the module docstring). Active only while tracing inside it."""
     if "model" not in mesh.axis_names:
         raise ValueError(f"megatron tensor parallelism needs a mesh with a 'model' axis, got {mesh.axis_names}")
@@ -90,7 +94,7 @@ def split_linear(apply: Callable, x, w, bias, factors, mask, *, dim: int, mesh: 
     names = tuple(k for k, v in args.items() if v is not None)
 
     def local(*vals):
-        v = dict(zip(names, vals))
+        v = dict(zip(names, vals, strict=True))
         f = None if factors is None else type(factors)(**{n: v.get(n) for n in factors._fields})
         if dim == 1:
             return apply(v["x"], v["w"], v.get("bias"), f, v.get("mask"))

@@ -414,7 +414,7 @@ def plan_round(cfg, topology: str, *, mesh: str | dict | None = None, base_shard
       mesh: ``"clients=N[,model=M]"`` or a dict; default every chip on ``"clients"``.
       base_sharding: placement of the frozen base on a ``"model"`` axis (see
         :func:`base_partition_spec`; ``"megatron"`` also runs the split linears as explicit
-        ``shard_map``\ s, :mod:`fedlora_jax.models.parallel`); ignored without one.
+        ``shard_map``s, :mod:`fedlora_jax.models.parallel`); ignored without one.
       progress: stream for progress lines (``None``: silent).
       keep_hlo: also return the compiled program's text under ``"hlo_text"``.
 

@@ -11,13 +11,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from federated.test_round import fedavg_aggregator
+from helpers import tiny
 from jax.sharding import Mesh
 
 from fedlora_jax.federated import make_round
 from fedlora_jax.models import parallel
-
-from federated.test_round import fedavg_aggregator
-from helpers import tiny
 
 SCRIPT = textwrap.dedent(
     """
