@@ -273,10 +273,11 @@ def make_round(task: Task, algorithm, *, optimizer: optax.GradientTransformation
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis: client-stacked inputs
         are sharded along it (the chunk axis), base weights replicated.
       megatron: with a mesh that also has a ``"model"`` axis and the frozen base placed by
-        :func:`fedlora_jax.plan.base_partition_spec` (``"megatron"``): the model's linears
-        run as explicit column- / row-parallel ``shard_map``s with each client's LoRA
-        factors split like the kernel (:mod:`fedlora_jax.models.parallel`), so the low-rank
-        path adds no all-gather of the activations. Same values as without it.
+        :func:`fedlora_jax.plan.base_partition_spec` (``"megatron"``): each transformer
+        block runs as one ``shard_map`` over ``"model"`` (or, where its heads do not split,
+        each column- / row-parallel linear), with each client's LoRA factors split like the
+        kernel (:mod:`fedlora_jax.models.parallel`), so the low-rank path adds no all-gather
+        of the activations. Same values as without it.
       donate: donate the server state buffers to the round.
       client_state_on_host: the population's per-client state (``ServerState.clients``,
         leaves ``[K, ...]``) stays in host memory as NumPy arrays; each round sends only the

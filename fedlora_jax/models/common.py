@@ -105,7 +105,8 @@ class Dense(nnx.Module):
         skipped when the whole mask is zero (an unbatched mask; under ``vmap`` the cond
         becomes a select). Inside :func:`fedlora_jax.models.parallel.megatron` a kernel split
         over ``"model"`` (:func:`~fedlora_jax.models.parallel.megatron_dim` of the module named
-        by ``key``) runs as an explicit column- or row-parallel ``shard_map``."""
+        by ``key``) runs on its local shard inside its block's ``shard_map``, or as its own
+        column- or row-parallel ``shard_map``."""
         w = self.kernel[...]
         b = None if self.bias is None else self.bias[...]
         factors = mask = None

@@ -413,8 +413,8 @@ def plan_round(cfg, topology: str, *, mesh: str | dict | None = None, base_shard
       topology: a TPU topology name, e.g. ``"v5e:2x2"``, ``"v5p:2x2x1"``, ``"v6e:4x4"``.
       mesh: ``"clients=N[,model=M]"`` or a dict; default every chip on ``"clients"``.
       base_sharding: placement of the frozen base on a ``"model"`` axis (see
-        :func:`base_partition_spec`; ``"megatron"`` also runs the split linears as explicit
-        ``shard_map``s, :mod:`fedlora_jax.models.parallel`); ignored without one.
+        :func:`base_partition_spec`; ``"megatron"`` also runs each block as one explicit
+        ``shard_map``, :mod:`fedlora_jax.models.parallel`); ignored without one.
       progress: stream for progress lines (``None``: silent).
       keep_hlo: also return the compiled program's text under ``"hlo_text"``.
 
