@@ -126,7 +126,8 @@ def local_linear(apply: Callable, x, w, bias, factors, mask, *, dim: int | None)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def _names(path) -> list[str]:
+def leaf_names(path) -> list[str]:
+    """The names along a pytree key path (dict keys, attribute names, sequence indices)."""
     return [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", "")))) for p in path]
 
 
@@ -170,7 +171,7 @@ def split_block(call: Callable, layer, h, attention_mask, lora, masks, scale, *,
     graphdef, state = nnx.split(layer)
 
     def state_spec(path, x):
-        names = _names(path)
+        names = leaf_names(path)
         module = module_of_leaf(names)
         if module not in dims:
             return P()

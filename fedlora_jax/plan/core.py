@@ -131,10 +131,6 @@ def make_mesh(devices, axes: dict[str, int]) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(arr, tuple(axes))
 
 
-def _leaf_names(path) -> list[str]:
-    return [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", "")))) for p in path]
-
-
 def base_partition_spec(path, shape, n_model: int, mode: str) -> jax.sharding.PartitionSpec:
     """Where one frozen-base leaf goes on a ``"model"`` axis of ``n_model`` devices.
 
@@ -148,7 +144,7 @@ def base_partition_spec(path, shape, n_model: int, mode: str) -> jax.sharding.Pa
         raise ValueError(f"base sharding must be one of {BASE_SHARDINGS}, got {mode!r}")
     if mode == "replicated" or n_model == 1 or len(shape) != 2:
         return P()
-    names = _leaf_names(path)
+    names = parallel.leaf_names(path)
     if mode == "fsdp":
         for d in range(2):
             if shape[d] % n_model == 0:
