@@ -11,9 +11,9 @@ each client's LoRA factors split like the kernel:
   row-parallel     ``y = psum_j (x[:, j] @ w[j] + s ((x[:, j] @ a[j]) g) @ b)``   (one all-reduce)
 
 - :func:`split_block`: a whole block (one that declares ``megatron_groups``, e.g. Llama's) as ONE
-  ``shard_map``: attention on the local heads, one ``psum`` per row-parallel linear, the block
-  input's gradient reduced once. Two all-reduces of the activations forward and two backward per
-  layer, as in Megatron-LM.
+  ``shard_map``: attention on the local heads, one ``psum`` per row-parallel linear, and
+  backward one reduction each for the attention's and the MLP's input gradients. Two
+  all-reduces of the activations forward and two backward per layer, as in Megatron-LM.
 - :func:`split_linear`: each linear as its own ``shard_map`` (blocks whose heads do not split
   evenly, or that declare no groups).
 
@@ -164,7 +164,8 @@ def split_block(call: Callable, layer, h, attention_mask, lora, masks, scale, *,
     ``[B, T, D]`` whole) run as ONE ``shard_map`` over ``"model"``: the split linears' kernels,
     biases and LoRA factors enter as local shards (:func:`block_dims`), attention runs on the local
     heads, each row-parallel linear ends in one ``psum``. Unlike :func:`split_linear` per linear,
-    the input gradient of ``h`` is reduced once per block (q/k/v's and gate/up's summed first)."""
+    the attention's input gradient is reduced once (q/k/v's summed first), and so is the MLP's
+    (gate/up's)."""
     from flax import nnx
 
     P = jax.sharding.PartitionSpec
