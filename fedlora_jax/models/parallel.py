@@ -55,6 +55,25 @@ def megatron_dim(module: str | None, shape: tuple[int, ...], n_model: int) -> in
     return dim
 
 
+def megatron_spec(path, shape: tuple[int, ...], n_model: int) -> jax.sharding.PartitionSpec:
+    """Megatron placement of one frozen-base leaf (``path``: its pytree key path) over a
+    ``"model"`` axis of ``n_model`` devices: column-parallel kernels split by columns, row-parallel
+    ones by rows (:func:`megatron_dim`), embeddings over the vocabulary; everything else (and any
+    dimension that does not divide) whole."""
+    P = jax.sharding.PartitionSpec
+    if n_model <= 1 or len(shape) != 2:
+        return P()
+    names = leaf_names(path)
+    module = module_of_leaf(names)
+    if module in COLUMN + ROW:
+        dim = megatron_dim(module, shape, n_model)
+    elif any("embed" in n or n in ("wte", "lm_head") for n in names):
+        dim = None if shape[0] % n_model else 0
+    else:
+        dim = None
+    return P() if dim is None else P(*("model" if i == dim else None for i in range(2)))
+
+
 @contextlib.contextmanager
 def megatron(mesh: jax.sharding.Mesh) -> Iterator[None]:
     """Trace the models' linears as explicit Megatron ``shard_map``s over ``mesh``'s

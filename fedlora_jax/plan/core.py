@@ -144,22 +144,12 @@ def base_partition_spec(path, shape, n_model: int, mode: str) -> jax.sharding.Pa
         raise ValueError(f"base sharding must be one of {BASE_SHARDINGS}, got {mode!r}")
     if mode == "replicated" or n_model == 1 or len(shape) != 2:
         return P()
-    names = parallel.leaf_names(path)
     if mode == "fsdp":
         for d in range(2):
             if shape[d] % n_model == 0:
                 return P(*(["model" if i == d else None for i in range(2)]))
         return P()
-    module = parallel.module_of_leaf(names)
-    if module in parallel.COLUMN + parallel.ROW:
-        dim = parallel.megatron_dim(module, shape, n_model)
-    elif any("embed" in n or n in ("wte", "lm_head") for n in names):
-        dim = None if shape[0] % n_model else 0
-    else:
-        dim = None
-    if dim is None:
-        return P()
-    return P(*(["model" if i == dim else None for i in range(2)]))
+    return parallel.megatron_spec(path, shape, n_model)
 
 
 # ------------------------------------------------------------------ the config's round, abstractly

@@ -15,16 +15,17 @@ from federated.test_round import fedavg_aggregator
 from helpers import tiny
 from jax.sharding import Mesh
 
-from fedlora_jax.federated import make_round
+from fedlora_jax.federated import make_round, shard_base
 from fedlora_jax.models import parallel
 
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import Mesh
     from flax import nnx
     from fedlora_jax import lora as lora_lib
     from fedlora_jax.models import LlamaConfig, LlamaLM, parallel
+    from fedlora_jax.federated import shard_base
     from fedlora_jax.models.common import functional_forward, split_for_round
     from fedlora_jax.plan import base_partition_spec
     assert jax.device_count() == 4, jax.devices()
@@ -64,9 +65,10 @@ SCRIPT = textwrap.dedent(
             return jax.vmap(jax.value_and_grad(loss), in_axes=(0, 0, 0, 0, None), spmd_axis_name=spmd)
 
         ref_v, ref_g = jax.jit(per_client(None))(lora, masks, ids, am, base)
-        placed = jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.device_put(x, NamedSharding(mesh, base_partition_spec(p, x.shape, 2, "megatron"))),
-            base)
+        placed = shard_base(base, mesh, placement="megatron")
+        for (p, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(placed),
+                                  jax.tree_util.tree_leaves_with_path(base), strict=True):
+            assert x.sharding.spec == base_partition_spec(p, y.shape, 2, "megatron")   # fedlora plan's placement
         P = jax.sharding.PartitionSpec
         assert placed["layers"][0]["q_proj"]["kernel"].sharding.spec == P(None, "model")
         assert placed["layers"][0]["down_proj"]["kernel"].sharding.spec == P("model", None)
@@ -117,3 +119,5 @@ def test_megatron_needs_a_model_axis():
         make_round(tiny.TASK, fedavg_aggregator(), megatron=True)
     with pytest.raises(ValueError, match="'model' axis"):
         make_round(tiny.TASK, fedavg_aggregator(), mesh=mesh, megatron=True)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        shard_base({"w": np.zeros((2, 2))}, mesh, placement="rows")
