@@ -92,6 +92,19 @@ def active_mesh() -> jax.sharding.Mesh | None:
     return _MESH.get()
 
 
+def _kernel_spec(dim: int) -> jax.sharding.PartitionSpec:
+    """A ``[N, M]`` kernel split by columns (``dim == 1``) or rows (``dim == 0``) over ``"model"``."""
+    P = jax.sharding.PartitionSpec
+    return P(None, "model") if dim == 1 else P("model", None)
+
+
+def _factor_spec(name: str, dim: int | None) -> jax.sharding.PartitionSpec:
+    """A LoRA factor of a kernel split along ``dim``: the factor sharing that dimension (``b`` of
+    a column-parallel kernel, ``a`` of a row-parallel one) is split like it; the rest are whole."""
+    shares = (dim == 1 and name == "b") or (dim == 0 and name == "a")
+    return _kernel_spec(dim) if shares else jax.sharding.PartitionSpec()
+
+
 def split_linear(apply: Callable, x, w, bias, factors, mask, *, dim: int, mesh: jax.sharding.Mesh):
     """``apply(x, w, bias, factors, mask) -> y`` (any linear with an optional LoRA path; shapes
     ``x [..., N]``, ``w [N, M]``, ``bias [M] | None``, ``factors`` with ``a [N, R]``, ``b [R, M]``,
@@ -101,24 +114,19 @@ def split_linear(apply: Callable, x, w, bias, factors, mask, *, dim: int, mesh: 
     added to every batched operand's spec by ``shard_map``'s batching rule."""
     P = jax.sharding.PartitionSpec
     lead = (None,) * (x.ndim - 1)
-    split = "b" if dim == 1 else "a"            # the factor that shares the kernel's split dimension
     args = {"x": x, "w": w, "bias": bias, "mask": mask}
-    specs = {"x": P(*lead, None if dim == 1 else "model"), "w": P(None, "model") if dim == 1 else P("model", None),
+    specs = {"x": P(*lead, None if dim == 1 else "model"), "w": _kernel_spec(dim),
              "bias": P("model") if dim == 1 else P(), "mask": P()}
     if factors is not None:
         for name in factors._fields:
             if getattr(factors, name) is not None:
-                args[name] = getattr(factors, name)
-                specs[name] = (P(None, "model") if dim == 1 else P("model", None)) if name == split else P()
+                args[name], specs[name] = getattr(factors, name), _factor_spec(name, dim)
     names = tuple(k for k, v in args.items() if v is not None)
 
     def local(*vals):
         v = dict(zip(names, vals, strict=True))
         f = None if factors is None else type(factors)(**{n: v.get(n) for n in factors._fields})
-        if dim == 1:
-            return apply(v["x"], v["w"], v.get("bias"), f, v.get("mask"))
-        y = jax.lax.psum(apply(v["x"], v["w"], None, f, v.get("mask")), "model")
-        return y if v.get("bias") is None else y + v["bias"].astype(y.dtype)
+        return local_linear(apply, v["x"], v["w"], v.get("bias"), f, v.get("mask"), dim=dim)
 
     out_spec = P(*lead, "model") if dim == 1 else P(*lead, None)
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[n] for n in names), out_specs=out_spec,
@@ -197,14 +205,12 @@ def split_block(call: Callable, layer, h, attention_mask, lora, masks, scale, *,
             return P()
         d = dims[module]
         if x.ndim == 2:          # the kernel
-            return P(None, "model") if d == 1 else P("model", None)
+            return _kernel_spec(d)
         return P("model") if d == 1 else P()      # the bias
 
     def factor_specs(key, f):
         d = dims.get(key.rsplit(".", 1)[-1])
-        split = {1: ("b", P(None, "model")), 0: ("a", P("model", None))}.get(d)
-        return type(f)(**{n: (None if getattr(f, n) is None else split[1] if split and n == split[0] else P())
-                          for n in f._fields})
+        return type(f)(**{n: None if getattr(f, n) is None else _factor_spec(n, d) for n in f._fields})
 
     lead = (None,) * (h.ndim - 1)
     specs = (jax.tree_util.tree_map_with_path(state_spec, state), P(*lead, None),
