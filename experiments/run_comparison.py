@@ -93,6 +93,30 @@ def plan_runs(module, variant: str, seeds, overrides: list[str] | None = None
     return runs
 
 
+def select_runs(module, runs, seeds, only=None, sweep_values=None):
+    """The ``(name, config)`` of ``runs`` whose method label is in ``only`` (exact labels) and whose
+    SWEEP value, as written in the run name, is in ``sweep_values`` (``None``: no filter). Unknown
+    labels or values, or values for a config without a SWEEP, are refused."""
+    items = sweep_items(module)
+    labels = list(module.METHODS)
+    if only:
+        unknown = set(only) - set(labels)
+        if unknown:
+            raise ValueError(f"--only: unknown method labels {sorted(unknown)}; known {labels}")
+        labels = [m for m in labels if m in only]
+    if sweep_values:
+        if items == [(None, None)]:
+            raise ValueError("--sweep-values: this config has no SWEEP")
+        known = {str(v) for _, v in items}
+        unknown = set(sweep_values) - known
+        if unknown:
+            raise ValueError(f"--sweep-values: unknown values {sorted(unknown)}; known {sorted(known)}")
+        items = [(f, v) for f, v in items if str(v) in sweep_values]
+    # exact names: a prefix test would let "hafl_freeze" also select "hafl_freeze_balanced"
+    wanted = {run_name(m, s, f, v) for m in labels for s in seeds for f, v in items}
+    return [(n, c) for n, c in runs if n in wanted]
+
+
 def run_one(name: str, cfg: ExperimentConfig, out_root: str, cache_dir: str | None) -> tuple[str, float, dict]:
     """Run one experiment in a temp dir; copy only the small JSON files to ``out_root/name``."""
     from fedlora_jax.driver.run import run_experiment
@@ -134,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="run only these method labels")
+    p.add_argument("--sweep-values", nargs="*", default=None, metavar="VALUE",
+                   help="run only these values of the config's SWEEP field (as written in the run "
+                        "directory names, e.g. 0.1)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
                    help="override base-config fields of every run (e.g. lr=3e-3)")
@@ -144,11 +171,7 @@ def main(argv=None) -> int:
     out = Path(args.out or Path(__file__).parent / "results" / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(module, args.variant, seeds, args.set)
-    if args.only:
-        unknown = set(args.only) - set(module.METHODS)
-        if unknown:
-            raise ValueError(f"--only: unknown method labels {sorted(unknown)}; known {list(module.METHODS)}")
-        runs = [(n, c) for n, c in runs if any(n.startswith(f"{m}_") for m in args.only)]
+    runs = select_runs(module, runs, seeds, args.only, args.sweep_values)
     todo = [(n, c) for n, c in runs if not (out / n / "summary.json").exists()]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go -> {out}", flush=True)
     t0 = time.time()

@@ -133,3 +133,24 @@ def test_hypergrad_experiment_smoke_runs(tmp_path):
         res = json.loads(f.read_text())
         assert res["round_traces"] == 1 and len(res["history"]) == 2
         assert 0.0 <= res["final_test_accuracy"] <= 1.0
+
+
+def test_select_runs_exact_labels_and_sweep_values():
+    """--only takes exact labels (hafl_freeze does not select hafl_freeze_balanced) and
+    --sweep-values keeps only those SWEEP values; unknown ones are refused."""
+    skew = run_comparison.load_module(CONFIG_DIR / "hafl_rank_skew.py")
+    runs = run_comparison.plan_runs(skew, "smoke", (3, 4))
+    names = [n for n, _ in run_comparison.select_runs(skew, runs, (3, 4), only=["hafl_freeze"])]
+    assert names == ["hafl_freeze_s3", "hafl_freeze_s4"]
+    with pytest.raises(ValueError, match="no SWEEP"):
+        run_comparison.select_runs(skew, runs, (3, 4), sweep_values=["0.1"])
+    hafl = run_comparison.load_module(CONFIG_DIR / "hafl.py")
+    runs = run_comparison.plan_runs(hafl, "smoke", (3,))
+    names = [n for n, _ in run_comparison.select_runs(hafl, runs, (3,), only=["zero_padding"],
+                                                      sweep_values=["0.1"])]
+    assert names == ["zero_padding_dirichlet_alpha0.1_s3"]
+    assert len(run_comparison.select_runs(hafl, runs, (3,))) == len(runs)
+    with pytest.raises(ValueError, match="unknown values"):
+        run_comparison.select_runs(hafl, runs, (3,), sweep_values=["0.3"])
+    with pytest.raises(ValueError, match="unknown method labels"):
+        run_comparison.select_runs(hafl, runs, (3,), only=["hafl"])
