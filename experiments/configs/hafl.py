@@ -19,6 +19,15 @@ Runbook:
   command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/hafl.py
             (4 arms x 3 seeds x 2 alphas = 24 runs, resumable; results in
             experiments/results/hafl/; then python experiments/make_results.py)
+  seeds 3, 4: added 2026-12-07 (issue 32) after the 3-seed verdicts, for the arms of the claims that
+            3-5 paired seeds decide at the observed spread, and only those (no claim or margin
+            changed): alpha 0.1 hafl_freeze and zero_padding at seed 3 (distribution drop, 4 seeds
+            needed); alpha 0.5 hafl_freeze and hafl_truncate at seeds 3 and 4 (freezing vs
+            truncation, 5). The other claims need 30-700 seeds and were left at 3. Commands:
+            run_comparison.py --config experiments/configs/hafl.py --seeds 3 \
+              --sweep-values 0.1 --only hafl_freeze zero_padding
+            run_comparison.py --config experiments/configs/hafl.py --seeds 3 4 \
+              --sweep-values 0.5 --only hafl_freeze hafl_truncate
   hardware: CPU, 2 cores (no accelerator)
   runtime:  measured (2026-11/12, jax 0.10.2): 24 runs, 95.8 min of wall time in all, over the
             budget of about an hour; part of it with two comparisons sharing the 2 cores.
@@ -40,7 +49,7 @@ from fedlora_jax.driver.config import ExperimentConfig, select_variant
 sys.path.insert(0, str(Path(__file__).parent))
 from _base import ACCURACY_MARGIN_1000  # noqa: E402
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 SWEEP = {"dirichlet_alpha": (0.5, 0.1)}
 
 METHODS = {

@@ -20,6 +20,13 @@ Runbook:
   command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/legend.py
             (4 arms x 3 seeds = 12 runs, resumable; results in experiments/results/legend/;
             then python experiments/make_results.py)
+  seeds 3, 4: added 2026-12-07 (issue 32) after the 3-seed verdicts: "near the output beats the
+            bottom layers" needs 3-5 paired seeds and "adapters add to the head alone" has its mean
+            outside the margin with a 95% interval just crossing 0, so legend, bottom_control and
+            head_only run seeds 3 and 4; uniform_fedit's claims are decided (accuracy) or need
+            14-20 seeds (to target) and stay at 3. No claim or margin changed. Command:
+            run_comparison.py --config experiments/configs/legend.py --seeds 3 4 \
+              --only legend bottom_control head_only
   hardware: CPU, 2 cores (no accelerator); device times are SIMULATED by the cost model.
   runtime:  measured (2026-11/12, jax 0.10.2): 12 runs, 114.7 min of wall time in all, over the
             budget of about an hour; part of it with two comparisons sharing the 2 cores.
@@ -41,7 +48,7 @@ from fedlora_jax.driver.config import ExperimentConfig, select_variant
 sys.path.insert(0, str(Path(__file__).parent))
 from _base import ACCURACY_MARGIN_1000  # noqa: E402
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 
 METHODS = {
     "legend": {"algorithm": "legend", "algo": {"deadline": "between"}},
