@@ -91,6 +91,12 @@ METRIC_NAMES = (*SCALAR_METRICS, "slot_norm:<lo>:<hi>", "distributed_acc:<rank>"
 DIGITS = {"rounds_to_target": 1, "mb_to_target": 2, "sim_s_to_target": 1, "total_mb": 2, "total_sim_s": 1,
           "global_budget": 1}
 SLOT_BIN = 4
+#: Metrics read from test accuracy (the "accuracy claims" of issue 32's goal that a third be decided);
+#: the rest are costs (traffic, simulated time and energy) and mechanism diagnostics (slot norms).
+ACCURACY_METRICS = ("initial_acc", "final_acc", "last3_acc", "best_acc", "auc", "rounds_to_target", "diagnostic_drop",
+                    "distributed_acc", "distribution_drop")
+#: Verdicts that answer the claim (everything but "underpowered" and "pending").
+DECIDED = ("holds", "does not hold (reversed)", "does not hold", "equivalent")
 #: Every verdict :func:`judge_claim` gives, in the order the overview counts them.
 VERDICTS = ("holds", "does not hold (reversed)", "does not hold", "equivalent", "underpowered", "pending")
 CI_LEVEL = 0.95
@@ -985,10 +991,22 @@ def section(name: str, results: Path, config_dir: Path, plots: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def decided_text(claims: list[tuple[str, str]]) -> str:
+    """``claims``: ``[(metric, verdict), ...]``. One sentence: how many claims are decided (holds,
+    reversed, does not hold or equivalent), over all claims and over the accuracy claims
+    (:data:`ACCURACY_METRICS`), each with its share."""
+    def share(pairs):
+        k = sum(v in DECIDED for _, v in pairs)
+        return f"{k} of {len(pairs)} ({100 * k / len(pairs):.0f}%)" if pairs else "0 of 0"
+    acc = [(m, v) for m, v in claims if parse_metric(m)[0] in ACCURACY_METRICS]
+    return (f"Decided (holds, reversed, does not hold or equivalent): {share(claims)} of all claims, "
+            f"{share(acc)} of the accuracy claims (metrics read from test accuracy).")
+
+
 def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
     """One table of every claim's verdict over the comparisons with results (details in each
     comparison's section)."""
-    rows, counts = [], {}
+    rows, counts, judged = [], {}, []
     for name in names:
         if not (results / name).is_dir():
             continue
@@ -1003,6 +1021,7 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
                              tost_text(claim, res), f"±{_g(res['delta'])}", str(res["interval"]["n"]),
                              f"**{verdict_text(res)}**"])
                 counts[res["verdict"]] = counts.get(res["verdict"], 0) + 1
+                judged.append((claim["metric"], res["verdict"]))
     if not rows:
         return ""
     tally = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts)
@@ -1010,7 +1029,7 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
                       "Every claim of every comparison (arm − ref, paired by seed; the sections below give the "
                       "per-seed differences, the diagnostics, the reason for each margin and where the setting "
                       "differs from the paper).", "",
-                      f"{len(rows)} claims: {tally}.", "",
+                      f"{len(rows)} claims: {tally}. {decided_text(judged)}", "",
                       _md_table(["comparison", "setting", "claim", "metric", "mean difference [95% CI]", "90% CI",
                                  "margin", "seeds", "verdict"], rows), ""])
 

@@ -670,3 +670,17 @@ def test_pilot_rows_against_an_arm_and_against_the_initial_accuracy():
     assert make_results.pilot_rows(against_start, one)[1] is None
     assert make_results.pilot_rows(against_arm, {("lora", None): {1: groups[("lora", None)][1]},
                                                  ("head", None): groups[("head", None)]})[1] is False
+
+
+def test_decided_text_counts_decided_claims_overall_and_for_accuracy():
+    """Hand count: 6 claims, 3 decided (holds, equivalent, reversed); the accuracy ones are
+    last3_acc (holds), auc (underpowered), distribution_drop:2 (equivalent) and
+    rounds_to_target (pending): 2 of 4. total_mb (reversed) and slot_norm (underpowered) are not
+    accuracy claims."""
+    claims = [("last3_acc", "holds"), ("auc", "underpowered"), ("distribution_drop:2", "equivalent"),
+              ("rounds_to_target", "pending"), ("total_mb", "does not hold (reversed)"),
+              ("slot_norm:4:16", "underpowered")]
+    text = make_results.decided_text(claims)
+    assert "3 of 6 (50%) of all claims" in text
+    assert "2 of 4 (50%) of the accuracy claims" in text
+    assert "0 of 0" in make_results.decided_text([("total_mb", "holds")])
