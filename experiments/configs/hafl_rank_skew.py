@@ -25,7 +25,9 @@ Runbook:
             in every seed so that each claim here is paired within this comparison.
   hardware: CPU, 2 cores (no accelerator); about 3 min per run on quiet cores.
   seeds 3, 4: added 2026-12-07 (issue 32; `--seeds 3 4`) after the 3-seed verdicts: at the
-            observed spread 4-5 paired seeds decide both claims; no margin or claim changed.
+            observed spread 4-5 paired seeds decide the two balanced-arm claims; no margin or
+            claim changed. All four arms ran them (2.5-3 min per run on quiet cores); the
+            unbalanced two first, by a slip (they serve only the third claim, 58 seeds needed).
 """
 
 import dataclasses
