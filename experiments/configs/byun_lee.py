@@ -112,7 +112,15 @@ FINDINGS = (
     "first-aggregation diagnostic measured only seed 0, where a rank-16 client took part in round "
     "0: in seeds 1 and 2 the highest-rank participant had rank 4, and every arm gave it the same "
     "model (difference 0). A task where the encoder must change (a harder task, a weaker head, or "
-    "a frozen head) is what would let replication padding's kept slots matter.")
+    "a frozen head) is what would let replication padding's kept slots matter. Seeds 3 and 4 (2026-12-07, "
+    "for the claims that 4-5 seeds looked able to decide; no claim or margin changed): replication padding "
+    "learns faster than zero padding in all 5 seeds (AUC +0.005 / +0.002 / +0.008 / +0.023 / +0.014, "
+    "+0.011 [+0.0002, +0.0212]: holds, by about the margin), but its end point does not follow: seed 4's "
+    "curves swing with the sampled clients (replication 0.861 -> 0.795 -> 0.849 -> 0.780 over its last four "
+    "evaluations, zero padding 0.851 -> 0.719 -> 0.868 -> 0.784), and its last-3 gap of -0.023 (-0.035 vs "
+    "HetLoRA, -0.021 vs rank 4) widens every end-point interval: against zero padding -0.003 [-0.0155, "
+    "+0.0092] (90%), HetLoRA -0.010, rank 4 -0.003, each underpowered (6-8 paired seeds at this spread). "
+    "HetLoRA's claim was equivalent within +-0.01 at 4 seeds and is not at 5.")
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:
