@@ -125,7 +125,10 @@ FINDINGS = (
     "AdaLoRA's per-module ranks are FedARA's in every round but 3-5 rounds of the middle phase (at most 4 "
     "triplets apart in all) and identical at the end in every seed: its masked triplets restart from lambda ="
     " 0 each round, and by the final phase none has come back, so the two differ in what they send (89.32 "
-    "against 53.85 MB), not in what they keep.")
+    "against 53.85 MB), not in what they keep. Seed 3 (2026-12-07, FedARA and fixed r4 only, because 4 "
+    "paired seeds looked enough): FedARA vs fixed rank r4 at the same final budget +0.003, so over 4 seeds "
+    "+0.001 [-0.0065, +0.0082] (90%): equivalent within +-0.01; the importance-driven allocation buys no "
+    "accuracy over a fixed rank of the budget it ends at, and costs none.")
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:
