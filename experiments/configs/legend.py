@@ -107,7 +107,12 @@ FINDINGS = (
     "layer above it, one at the top only through its own, which is where the placement's saving comes from in "
     "the cost model. The head-only control (last-3 0.839; the adapters add +0.012 [-0.0019, +0.0250]) reaches "
     "the target in 19.2 simulated s, sooner than LEGEND's 21.3: the target (0.95 x uniform's last-3) is within "
-    "the head's reach, so time-to-target here mostly measures how fast the head trains.")
+    "the head's reach, so time-to-target here mostly measures how fast the head trains. Seeds 3 and 4 "
+    "(2026-12-07; LEGEND, the bottom-layer control and head only): near the output beats the bottom layers "
+    "in all 5 seeds (+0.002 / +0.010 / +0.004 / +0.020 / +0.022; +0.012 [+0.0004, +0.0228]: holds); "
+    "reaching the target sooner than the bottom layers stays underpowered (-29.0 s, but seed 3 is +3.5), "
+    "and the adapters' gain over the head alone vanishes (the head alone is 0.034 and 0.019 above LEGEND in "
+    "seeds 3 and 4: -0.004 over 5 seeds, underpowered, 15 seeds).")
 
 
 def get_config(variant: str = "full") -> ExperimentConfig:
