@@ -24,7 +24,7 @@ starts from the same frozen head):
 
 Runbook:
   command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/byun_lee_frozen_head.py
-            (4 arms x 3 seeds = 12 runs, resumable, seed-major; results in
+            (4 arms x 5 seeds = 20 runs, resumable, seed-major: seeds 0-2 first; results in
             experiments/results/byun_lee_frozen_head/; then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator)
   runtime:  each run's ``wall_s`` in its summary.json, the total on the results page: 10-13 min
@@ -34,6 +34,12 @@ Runbook:
             (2026-12-07) likewise include 1,364 s paused while the test suite ran (about 10 min
             of running), and homogeneous_r4_s2's 1,334 s about 1,170 s of pauses (suite and
             quickstart). Without pauses a run takes 7-13 min; the 12 runs about 2 h.
+  seeds 3, 4: added 2026-12-07 (issue 32: 5 paired seeds where 3 cannot decide; no claim or
+            margin changed) after the 3-seed verdicts left four of six claims underpowered.
+            Replication and zero padding first (three of the underpowered claims compare them),
+            then homogeneous_r4 and hetlora. Command:
+            run_comparison.py --config experiments/configs/byun_lee_frozen_head.py --seeds 3 4 \
+              --only replication naive_zero_padding homogeneous_r4 hetlora
 
 Setup: as ``byun_lee.py`` (MiniLM-L6, 10,000 AG News articles over 40 clients in two
 data-quality groups: 4 at Dirichlet(10) with rank 16, 36 at Dirichlet(0.3) with rank 4; 8

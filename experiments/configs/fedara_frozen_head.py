@@ -19,7 +19,7 @@ frozen.
 
 Runbook:
   command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/fedara_frozen_head.py
-            (4 arms x 3 seeds = 12 runs, resumable, seed-major; results in
+            (4 arms x 5 seeds = 20 runs, resumable, seed-major: seeds 0-2 first; results in
             experiments/results/fedara_frozen_head/; then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); device times and energy are SIMULATED.
   runtime:  not run yet; setting 1's arms took about 7-9 min each on quiet cores.

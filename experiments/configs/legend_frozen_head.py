@@ -17,7 +17,7 @@ frozen.
 
 Runbook:
   command:  .venv/bin/python experiments/run_comparison.py --config experiments/configs/legend_frozen_head.py
-            (3 arms x 3 seeds = 9 runs, resumable, seed-major; results in
+            (3 arms x 5 seeds = 15 runs, resumable, seed-major: seeds 0-2 ran first, 3-4 not yet; results in
             experiments/results/legend_frozen_head/; then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); device times are SIMULATED by the cost model.
   runtime:  measured 2026-12-07 (jax 0.10.2, 2 quiet cores but for legend_s0): 9 runs, 36.6 min of
