@@ -3,7 +3,11 @@
 Usage::
 
     python experiments/run_comparison.py --config experiments/configs/byun_lee.py \
-        [--variant full|smoke] [--seeds 0 1 2] [--out experiments/results/byun_lee] [--jobs 1]
+        [--variant full|smoke] [--seeds 0 1 2] [--out experiments/results/byun_lee] [--jobs 1] \
+        [--only replication hetlora] [--sweep-values 0.1]
+
+``--only`` keeps the runs of these exact method labels, ``--sweep-values`` those of these SWEEP
+values (as written in the run names); both together add some arms' later seeds to a comparison.
 
 A comparison config module defines ``get_config(variant) -> ExperimentConfig`` (the base),
 ``METHODS = {label: {"algorithm": ..., "algo": {...}, <other ExperimentConfig overrides>}}``,
