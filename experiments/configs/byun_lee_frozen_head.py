@@ -77,7 +77,12 @@ FINDINGS = (
     "(+0.004, underpowered, 6 seeds for +-0.01) although its high slots are as empty as zero "
     "padding's (0.035): its reweighting of the low slots recovers most of the accuracy without the "
     "high-rank clients' extra capacity. Every arm trains the same 30 MB of uplink (the claims on "
-    "time to target are in rounds: -3.3 rounds, underpowered, 9 seeds needed)."
+    "time to target are in rounds: -3.3 rounds, underpowered, 9 seeds needed). The 3-seed reading above was "
+    "superseded by seeds 3 and 4 (2026-12-07, replication and zero padding; homogeneous_r4 seed 3): the "
+    "paper's claims against zero padding hold over 5 seeds, each in every seed: replication padding ends "
+    "higher (+0.055 / +0.024 / +0.007 / +0.031 / +0.020; +0.027 [+0.0053, +0.0492]), reaches the target "
+    "sooner (-6.0 rounds [-10.65, -1.35]) and learns faster (AUC +0.069). Against everyone at rank 4 "
+    "(+0.028, 4 seeds) and HetLoRA (+0.004, 3 seeds) still underpowered."
 )
 
 
