@@ -1006,7 +1006,7 @@ def decided_text(claims: list[tuple[str, str]]) -> str:
 def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
     """One table of every claim's verdict over the comparisons with results (details in each
     comparison's section)."""
-    rows, counts, judged = [], {}, []
+    rows, judged = [], []
     for name in names:
         if not (results / name).is_dir():
             continue
@@ -1020,11 +1020,11 @@ def verdict_overview(results: Path, config_dir: Path, names=COMPARISONS) -> str:
                 rows.append([name, setting, claim["claim"], f"`{claim['metric']}`", ci_text(claim, res),
                              tost_text(claim, res), f"±{_g(res['delta'])}", str(res["interval"]["n"]),
                              f"**{verdict_text(res)}**"])
-                counts[res["verdict"]] = counts.get(res["verdict"], 0) + 1
                 judged.append((claim["metric"], res["verdict"]))
     if not rows:
         return ""
-    tally = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts)
+    counts = {v: sum(verdict == v for _, verdict in judged) for v in VERDICTS}
+    tally = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
     return "\n".join(["## Verdicts at a glance", "",
                       "Every claim of every comparison (arm − ref, paired by seed; the sections below give the "
                       "per-seed differences, the diagnostics, the reason for each margin and where the setting "
