@@ -40,6 +40,8 @@ Runbook:
             then homogeneous_r4 and hetlora. Command:
             run_comparison.py --config experiments/configs/byun_lee_frozen_head.py --seeds 3 4 \
               --only replication naive_zero_padding homogeneous_r4 hetlora
+            All 20 runs finished 2026-12-07 (hetlora seeds 3-4 and homogeneous_r4 seed 4 last,
+            4.6-5.0 min each on quiet cores).
 
 Setup: as ``byun_lee.py`` (MiniLM-L6, 10,000 AG News articles over 40 clients in two
 data-quality groups: 4 at Dirichlet(10) with rank 16, 36 at Dirichlet(0.3) with rank 4; 8
@@ -62,7 +64,7 @@ _base = load_base("byun_lee")
 globals().update(frozen_head(_base, drop_metrics=("diagnostic_drop",)))
 
 
-#: The reading of the 12 runs (written 2026-12-07, after them).
+#: The reading of the runs (written 2026-12-07 after the first 12, extended after each later batch).
 FINDINGS = (
     "With the head frozen the adapters carry the whole gain (0.28 before training, 0.78-0.81 last-3), "
     "and the mechanism shows up in the learning curve: replication padding learns faster than zero "
@@ -82,7 +84,13 @@ FINDINGS = (
     "paper's claims against zero padding hold over 5 seeds, each in every seed: replication padding ends "
     "higher (+0.055 / +0.024 / +0.007 / +0.031 / +0.020; +0.027 [+0.0053, +0.0492]), reaches the target "
     "sooner (-6.0 rounds [-10.65, -1.35]) and learns faster (AUC +0.069). Against everyone at rank 4 "
-    "(+0.028, 4 seeds) and HetLoRA (+0.004, 3 seeds) still underpowered."
+    "(+0.028, 4 seeds) and HetLoRA (+0.004, 3 seeds) still underpowered. With all 20 runs (5 seeds "
+    "of every arm, 2026-12-07): the high-rank clients' extra slots help, replication padding ends above "
+    "everyone at rank 4 in every seed (+0.053 / +0.025 / +0.005 / +0.030 / +0.033; +0.029 [+0.0081, "
+    "+0.0506], holds), the paper's point that the high-rank clients' information is worth keeping. "
+    "Against HetLoRA the sign flips with the seed (+0.017 / +0.003 / -0.007 / -0.013 / -0.026; -0.005 "
+    "[-0.0254, +0.0146], underpowered, 9 seeds for +-0.01): HetLoRA's norm weighting matches replication "
+    "padding's accuracy without keeping the high slots."
 )
 
 
