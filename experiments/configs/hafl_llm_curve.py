@@ -21,8 +21,9 @@ Runbook:
             (2 arms x 3 seeds = 6 runs, resumable, seed-major; results in
             experiments/results/hafl_llm_curve/; then python experiments/make_results.py)
   hardware: CPU, 2 cores (no accelerator); SmolLM2-135M in float32.
-  runtime:  not run yet; estimated 20-25 min per run on quiet cores from setting 1 (680-774 s for
-            6 rounds and two evaluations of 1,000 articles): about 2-2.5 h for the 6 runs.
+  runtime:  measured 2026-12-07 (jax 0.10.2, 2 quiet cores): hafl_freeze seed 0, 905 s (15.1 min; zero_padding 896 s),
+            12 rounds and 5 evaluations of 600 articles plus the rank-2 evaluation; the 6 runs
+            about 1.5 h. Seed 0 of both arms ran first (2026-12-07); seeds 1-2 are next.
 """
 
 import dataclasses
